@@ -1,0 +1,384 @@
+"""The epoch loop: train, evaluate, record metrics, checkpoint; resumable and reproducible.
+
+The loop knows nothing of how K-FAC computes its factors: it calls ``accumulate_mc_fisher`` after
+each forward (a no-op unless the MC Fisher is on) and ``step`` between backward and the SGD step.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from bigbatch.augment.mixup import BatchMixer, MixedTargets, mixed_correct, mixed_cross_entropy
+from bigbatch.config import Config, validate_against_data
+from bigbatch.data import ImageDataset, load_dataset
+from bigbatch.data.batches import BatchLoader, channel_stats
+from bigbatch.errors import TrainingError
+from bigbatch.models import build_model, has_batchnorm
+from bigbatch.optim.schedules import LRSchedule
+from bigbatch.train.checkpoint import (
+    CHECKPOINT_NAME,
+    atomic_torch_save,
+    atomic_write_json,
+    load_checkpoint,
+    read_jsonl,
+    write_jsonl,
+)
+
+# Config keys that may differ between a checkpoint and the run resuming it.
+RESUMABLE_CHANGES = {"run.epochs", "run.output_dir", "run.threads", "run.device", "train.progress", "data.cache_dir", "data.path"}
+# Micro-batch size that keeps LeNet-5's activations in cache on CPU (see BENCHMARKS.md).
+CPU_MICRO_BATCH = 256
+
+
+@dataclass
+class ParallelContext:
+    """Where this process sits in a data-parallel job; a single process is rank 0 of 1."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_gradients(self, model: nn.Module) -> float:  # returns seconds spent
+        return 0.0
+
+    def broadcast_parameters(self, model: nn.Module) -> None:
+        pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise TrainingError(f"run.device '{name}' is not a torch device; use auto, cpu or cuda") from None
+
+
+def load_run_dataset(cfg: Config) -> ImageDataset:
+    return load_dataset(
+        cfg.data.format,
+        cfg.data.path,
+        download=cfg.data.download,
+        train_limit=cfg.data.train_limit or None,
+        test_limit=cfg.data.test_limit or None,
+        cache_dir=cfg.data.cache_dir or None,
+        seed=cfg.run.seed,
+    )
+
+
+def micro_batch_size(cfg: Config, model: nn.Module, device: torch.device, local_batch: int) -> int:
+    if cfg.train.micro_batch_size:
+        return min(cfg.train.micro_batch_size, local_batch)
+    # BatchNorm statistics depend on the batch, so splitting would change the maths: never split then.
+    if device.type == "cpu" and not has_batchnorm(model):
+        return min(CPU_MICRO_BATCH, local_batch)
+    return local_batch
+
+
+def forward_backward(
+    model: nn.Module,
+    x: torch.Tensor,
+    targets: MixedTargets,
+    micro: int,
+    label_smoothing: float = 0.0,
+    kfac: Any = None,
+) -> tuple[float, float]:
+    """Accumulate the gradient of the batch-mean loss in micro-batches; returns (loss sum, hits).
+
+    Each micro-batch's mean loss is weighted by its share of the batch, so the accumulated gradient
+    equals the full-batch gradient up to float rounding (tests check this).
+    """
+    n = x.shape[0]
+    loss_sum = 0.0
+    hits = 0.0
+    for start in range(0, n, micro):
+        size = min(micro, n - start)
+        logits = model(x.narrow(0, start, size))
+        part = targets.narrow(start, size)
+        if kfac is not None:
+            kfac.accumulate_mc_fisher(logits)
+        loss = mixed_cross_entropy(logits, part, label_smoothing)
+        (loss * (size / n)).backward()
+        loss_sum += loss.item() * size
+        hits += float(mixed_correct(logits.detach(), part))
+    return loss_sum, hits
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    hits = torch.zeros((), dtype=torch.int64, device=device)
+    count = 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        hits += (logits.argmax(1) == y).sum()
+        count += y.shape[0]
+    model.train(was_training)
+    return {"loss": float(loss_sum) / count, "acc": float(hits) / count}
+
+
+def _flatten_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {f"{s}.{k}": v for s, section in cfg.items() for k, v in section.items()}
+
+
+def _check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    a, b = _flatten_config(saved), _flatten_config(current)
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        details = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed)
+        raise TrainingError(
+            f"cannot resume '{path}': the config changed ({details}); "
+            "resume with the original config or use a new run.name"
+        )
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _progress_enabled(mode: str, is_main: bool) -> bool:
+    if not is_main or mode == "off":
+        return False
+    return mode == "on" or sys.stderr.isatty()
+
+
+class Trainer:
+    """One run: ``Trainer(cfg).fit(resume=...)`` returns the metrics rows (one per epoch)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        dataset: ImageDataset | None = None,
+        parallel: ParallelContext | None = None,
+    ):
+        self.cfg = cfg
+        self.parallel = parallel or ParallelContext()
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        self.device = resolve_device(cfg.run.device)
+        self.dataset = dataset if dataset is not None else load_run_dataset(cfg)
+        ds = self.dataset
+        validate_against_data(cfg, ds.num_train, ds.num_test, self.parallel.world_size)
+        self.run_dir = cfg.run_dir()
+
+        _seed_everything(cfg.run.seed)
+        self.model = build_model(cfg.model.name, ds.channels, ds.image_size, ds.num_classes).to(self.device)
+        self.parallel.broadcast_parameters(self.model)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(),
+            lr=cfg.optimizer.lr,
+            momentum=cfg.optimizer.momentum,
+            weight_decay=cfg.optimizer.weight_decay,
+            nesterov=cfg.optimizer.nesterov,
+        )
+        self.kfac = self._build_kfac() if cfg.optimizer.name == "kfac" else None
+        self.schedule = LRSchedule(
+            base_lr=cfg.optimizer.lr,
+            decay_epochs=tuple(cfg.schedule.decay_epochs),
+            decay_factor=cfg.schedule.decay_factor,
+            warmup_epochs=cfg.schedule.warmup_epochs,
+            warmup_start_factor=cfg.schedule.warmup_start_factor,
+            batch_size=cfg.train.batch_size,
+            base_batch_size=cfg.schedule.base_batch_size,
+            linear_scaling=cfg.schedule.linear_scaling,
+        )
+        mean, std = channel_stats(ds.train_images)
+        common = dict(mean=mean, std=std)
+        self.train_loader = BatchLoader(
+            ds.train_images, ds.train_labels, cfg.train.batch_size, shuffle=True, seed=cfg.run.seed,
+            augment=cfg.augment.crop_flip, crop_padding=cfg.augment.crop_padding,
+            rank=self.parallel.rank, world_size=self.parallel.world_size, drop_last=cfg.train.drop_last, **common,
+        )
+        eval_bs = min(cfg.train.eval_batch_size, ds.num_test)
+        self.test_loader = BatchLoader(ds.test_images, ds.test_labels, eval_bs, shuffle=False, **common)
+        n_eval = min(cfg.train.train_eval_examples, ds.num_train)
+        self.train_eval_loader = (
+            BatchLoader(ds.train_images[:n_eval], ds.train_labels[:n_eval], min(eval_bs, n_eval), shuffle=False, **common)
+            if n_eval
+            else None
+        )
+        self.mixer = BatchMixer(cfg.augment.mixup_alpha, cfg.augment.cutmix_alpha, seed=cfg.run.seed)
+        local_batch = math.ceil(cfg.train.batch_size / self.parallel.world_size)
+        self.micro_batch = micro_batch_size(cfg, self.model, self.device, local_batch)
+
+    def _build_kfac(self) -> Any:
+        from bigbatch.optim.kfac import KFACPreconditioner
+
+        k = self.cfg.kfac
+        return KFACPreconditioner(
+            self.model,
+            damping=k.damping,
+            factor_decay=k.factor_decay,
+            factor_interval=k.factor_interval,
+            inverse_interval=k.inverse_interval,
+            kl_clip=k.kl_clip,
+            fisher_type=k.fisher_type,
+            pi_damping=k.pi_damping,
+            inverse_method=k.inverse_method,
+            stats_fraction=k.stats_fraction,
+            skip_layers=tuple(k.skip_layers),
+            seed=self.cfg.run.seed,
+        )
+
+    # -- state ---------------------------------------------------------------------------------
+    def _state(self, epoch: int, step: int, train_time: float, wall_time: float) -> dict[str, Any]:
+        return {
+            "epoch": epoch,
+            "step": step,
+            "train_time": train_time,
+            "wall_time": wall_time,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "kfac": self.kfac.state_dict() if self.kfac is not None else None,
+            "rng": _rng_state(),
+            "config": self.cfg.to_dict(),
+        }
+
+    def _restore(self) -> tuple[int, int, float, float, list[dict[str, Any]]]:
+        path = self.run_dir / CHECKPOINT_NAME
+        state = load_checkpoint(path)
+        _check_compatible(state["config"], self.cfg.to_dict(), path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.kfac is not None:
+            self.kfac.load_state_dict(state["kfac"])
+        _set_rng_state(state["rng"])
+        # Epochs logged after the last checkpoint are re-run, so drop their rows.
+        rows = [r for r in read_jsonl(self.run_dir / "metrics.jsonl") if r["epoch"] <= state["epoch"]]
+        return state["epoch"], state["step"], state["train_time"], state["wall_time"], rows
+
+    # -- loop ----------------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> list[dict[str, Any]]:
+        cfg, main = self.cfg, self.parallel.is_main
+        start_epoch, step, train_time, wall_time, rows = 0, 0, 0.0, 0.0, []
+        if resume and (self.run_dir / CHECKPOINT_NAME).exists():
+            start_epoch, step, train_time, wall_time, rows = self._restore()
+        elif main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_jsonl(self.run_dir / "metrics.jsonl", [])
+        if main:
+            atomic_write_json(self.run_dir / "config.json", cfg.to_dict())
+        show = _progress_enabled(cfg.train.progress, main)
+        steps_per_epoch = len(self.train_loader)
+
+        for epoch in range(start_epoch, cfg.run.epochs):
+            wall_start = time.perf_counter()
+            self.train_loader.set_epoch(epoch)
+            self.mixer.set_epoch(epoch)
+            if self.kfac is not None:
+                self.kfac.reset_timings()
+            self.model.train()
+            loss_sum, hits, seen, comm_time = 0.0, 0.0, 0, 0.0
+            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.run.epochs}", disable=not show,
+                       leave=False, dynamic_ncols=True)
+            train_start = time.perf_counter()
+            for i, (x, y) in enumerate(self.train_loader):
+                lr = self.schedule.lr_at(epoch, i / steps_per_epoch)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                x, targets = self.mixer(x, y)
+                self.optimizer.zero_grad(set_to_none=True)
+                batch_loss, batch_hits = forward_backward(
+                    self.model, x, targets, self.micro_batch, cfg.augment.label_smoothing, self.kfac
+                )
+                if not math.isfinite(batch_loss):
+                    self._fail_non_finite(epoch, i, batch_loss)
+                comm_time += self.parallel.all_reduce_gradients(self.model)
+                if self.kfac is not None:
+                    self.kfac.step(lr=lr)
+                self.optimizer.step()
+                step += 1
+                loss_sum += batch_loss
+                hits += batch_hits
+                seen += x.shape[0]
+                bar.update()
+                if show and i % 10 == 0:
+                    bar.set_postfix(loss=f"{batch_loss / x.shape[0]:.3f}", lr=f"{lr:.2e}")
+            bar.close()
+            epoch_train_time = time.perf_counter() - train_start
+            train_time += epoch_train_time
+
+            row: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "step": step,
+                "lr": lr,
+                "train_loss": loss_sum / seen,
+                "train_acc": hits / seen,
+                "epoch_time": epoch_train_time,
+                "train_time": train_time,
+                "images_per_sec": seen * self.parallel.world_size / epoch_train_time,
+            }
+            test = evaluate(self.model, self.test_loader, self.device)
+            row.update(test_loss=test["loss"], test_acc=test["acc"])
+            if self.train_eval_loader is not None:
+                clean = evaluate(self.model, self.train_eval_loader, self.device)
+                row.update(train_eval_loss=clean["loss"], train_eval_acc=clean["acc"])
+            if comm_time:
+                row["communication_time"] = comm_time
+            if self.kfac is not None:
+                row.update({f"kfac_{k}_time": v for k, v in self.kfac.timings.items()})
+                row.update({f"kfac_{k}": v for k, v in self.kfac.health.items()})
+            wall_time += time.perf_counter() - wall_start
+            row["wall_time"] = wall_time
+            rows.append(row)
+            if main:
+                if (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.run.epochs:
+                    # Checkpoint before metrics: a crash in between re-runs this epoch on resume.
+                    atomic_torch_save(self.run_dir / CHECKPOINT_NAME, self._state(epoch + 1, step, train_time, wall_time))
+                write_jsonl(self.run_dir / "metrics.jsonl", rows)
+                if show:
+                    tqdm.write(_epoch_summary(row))
+        if main:
+            from bigbatch.report.plots import plot_run_curves
+
+            plot_run_curves(rows, self.run_dir / "curves.png", title=cfg.run.name)
+        return rows
+
+    def _fail_non_finite(self, epoch: int, index: int, loss: float) -> None:
+        path = self.run_dir / CHECKPOINT_NAME
+        kept = f"the last good checkpoint is kept at '{path}'" if path.exists() else "no checkpoint was written yet"
+        raise TrainingError(
+            f"non-finite training loss ({loss}) at epoch {epoch + 1}, batch {index + 1}; {kept}. "
+            "Lower optimizer.lr (or raise kfac.damping / add warm-up) and run again"
+            + (" with --resume." if path.exists() else ".")
+        )
+
+
+def _epoch_summary(row: dict[str, Any]) -> str:
+    return (
+        f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
+        f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.4f} | {row['epoch_time']:.1f}s "
+        f"({row['images_per_sec']:.0f} img/s)"
+    )
