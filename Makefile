@@ -14,7 +14,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/bigbatch train configs/demo.toml --set data.path=$(DATA)
+	$(BIN)/bigbatch train configs/demo.toml --resume --set data.path=$(DATA) --set run.name=demo-lenet5-sgd-$(basename $(notdir $(DATA)))
 
 test: $(BIN)/.installed
 	$(BIN)/pytest

@@ -23,13 +23,39 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg)
-    rows = trainer.fit(resume=args.resume)
+    rows = trainer.fit(resume=args.resume, overwrite=args.overwrite)
     if trainer.parallel.is_main:
         last = rows[-1]
         print(
             f"finished {cfg.run.name}: test acc {last['test_acc']:.4f}, test loss {last['test_loss']:.4f} "
             f"after {last['epoch']} epochs ({last['train_time']:.0f}s training)\nresults in {trainer.run_dir}/"
         )
+    return 0
+
+
+def _study_report(study, command: str) -> Path:
+    from bigbatch.report.report import load_run, write_report
+
+    runs = [r for r in (load_run(run.run_dir, run.label) for run in study.runs) if r is not None]
+    if not runs:
+        raise BigbatchError(f"no run of study '{study.name}' has metrics yet under {study.output_dir}; run `bigbatch reproduce` first")
+    missing = len(study.runs) - len(runs)
+    notes = study.description + (f"\n\n**{missing} of {len(study.runs)} runs have no results yet.**" if missing else "")
+    return write_report(runs, study.output_dir / "report", title=f"Study: {study.name}", target=study.target_accuracy,
+                        command=command, notes=notes.strip())
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from bigbatch.experiments.grid import load_study, run_study
+
+    if not args.config:
+        raise BigbatchError("reproduce needs a study config, e.g. bigbatch reproduce configs/quick.toml")
+    study = load_study(args.config, args.overrides, seeds=args.seeds)
+    print(f"study {study.name}: {len(study.runs)} runs under {study.output_dir}/", flush=True)
+    if not args.report_only:
+        run_study(study)
+    report = _study_report(study, " ".join(["bigbatch reproduce", args.config, *(f"--set {o}" for o in args.overrides)]))
+    print(f"report: {report}")
     return 0
 
 
@@ -52,7 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one run from a config")
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint if there is one")
+    p.add_argument("--overwrite", action="store_true", help="start again from scratch over an existing run directory")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("reproduce", help="run (or resume) every run of a study config, then write its report")
+    _add_config_args(p)
+    p.add_argument("--seeds", type=int, nargs="+", help="run these seeds instead of the study's [study] seeds")
+    p.add_argument("--report-only", action="store_true", help="only rebuild the report from existing runs")
+    p.set_defaults(func=cmd_reproduce)
     p = sub.add_parser("report", help="redraw the loss/accuracy curves of run directories")
     p.add_argument("run_dirs", nargs="+")
     p.set_defaults(func=cmd_report)

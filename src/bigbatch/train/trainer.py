@@ -32,12 +32,11 @@ from bigbatch.train.checkpoint import (
     atomic_torch_save,
     atomic_write_json,
     load_checkpoint,
-    read_jsonl,
     write_jsonl,
 )
 
 # Config keys that may differ between a checkpoint and the run resuming it.
-RESUMABLE_CHANGES = {"run.epochs", "run.output_dir", "run.threads", "run.device", "train.progress", "data.cache_dir", "data.path"}
+RESUMABLE_CHANGES = {"run.epochs", "run.output_dir", "run.threads", "run.device", "train.progress", "data.cache_dir"}
 # Micro-batch size that keeps LeNet-5's activations in cache on CPU (see BENCHMARKS.md).
 CPU_MICRO_BATCH = 256
 
@@ -77,7 +76,6 @@ def load_run_dataset(cfg: Config) -> ImageDataset:
         train_limit=cfg.data.train_limit or None,
         test_limit=cfg.data.test_limit or None,
         cache_dir=cfg.data.cache_dir or None,
-        seed=cfg.run.seed,
     )
 
 
@@ -252,9 +250,10 @@ class Trainer:
         )
 
     # -- state ---------------------------------------------------------------------------------
-    def _state(self, epoch: int, step: int, train_time: float, wall_time: float) -> dict[str, Any]:
+    def _state(self, epoch: int, step: int, train_time: float, wall_time: float, rows: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "epoch": epoch,
+            "metrics": rows,
             "step": step,
             "train_time": train_time,
             "wall_time": wall_time,
@@ -274,21 +273,25 @@ class Trainer:
         if self.kfac is not None:
             self.kfac.load_state_dict(state["kfac"])
         _set_rng_state(state["rng"])
-        # Epochs logged after the last checkpoint are re-run, so drop their rows.
-        rows = [r for r in read_jsonl(self.run_dir / "metrics.jsonl") if r["epoch"] <= state["epoch"]]
-        return state["epoch"], state["step"], state["train_time"], state["wall_time"], rows
+        # The checkpoint carries the metrics up to its epoch: rows logged after it are re-run.
+        return state["epoch"], state["step"], state["train_time"], state["wall_time"], list(state["metrics"])
 
     # -- loop ----------------------------------------------------------------------------------
-    def fit(self, resume: bool = False) -> list[dict[str, Any]]:
+    def fit(self, resume: bool = False, overwrite: bool = False) -> list[dict[str, Any]]:
         cfg, main = self.cfg, self.parallel.is_main
         start_epoch, step, train_time, wall_time, rows = 0, 0, 0.0, 0.0, []
-        if resume and (self.run_dir / CHECKPOINT_NAME).exists():
+        checkpoint = self.run_dir / CHECKPOINT_NAME
+        if resume and checkpoint.exists():
             start_epoch, step, train_time, wall_time, rows = self._restore()
-        elif main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_jsonl(self.run_dir / "metrics.jsonl", [])
+        elif checkpoint.exists() and not overwrite:
+            raise TrainingError(
+                f"'{self.run_dir}' already holds a run; pass --resume to continue it, --overwrite to start "
+                "it again from scratch, or choose another run.name"
+            )
         if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.run_dir / "config.json", cfg.to_dict())
+            write_jsonl(self.run_dir / "metrics.jsonl", rows)
         show = _progress_enabled(cfg.train.progress, main)
         steps_per_epoch = len(self.train_loader)
 
@@ -356,7 +359,7 @@ class Trainer:
             if main:
                 if (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.run.epochs:
                     # Checkpoint before metrics: a crash in between re-runs this epoch on resume.
-                    atomic_torch_save(self.run_dir / CHECKPOINT_NAME, self._state(epoch + 1, step, train_time, wall_time))
+                    atomic_torch_save(self.run_dir / CHECKPOINT_NAME, self._state(epoch + 1, step, train_time, wall_time, rows))
                 write_jsonl(self.run_dir / "metrics.jsonl", rows)
                 if show:
                     tqdm.write(_epoch_summary(row))

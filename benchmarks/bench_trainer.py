@@ -1,0 +1,114 @@
+"""Trainer speed vs a minimal hand-written PyTorch loop, side by side in one process.
+
+Times training epochs (evaluation excluded) of LeNet-5 on CIFAR-10 at batch 128 and 2048 for:
+  plain      the shortest correct loop: pre-normalized float tensors, one forward/backward per batch
+  plain-mb   the same loop with the batch split into micro-batches (gradients identical)
+  bigbatch   bigbatch's Trainer (uint8 dataset, per-batch normalization, metrics, progress off)
+and prints ratios. Usage:
+
+    .venv/bin/python benchmarks/bench_trainer.py [--data PATH] [--epochs 2] [--train-limit N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from bigbatch.config import load_config
+from bigbatch.data import load_dataset
+from bigbatch.data.batches import channel_stats
+from bigbatch.models import build_model
+from bigbatch.train.trainer import CPU_MICRO_BATCH, Trainer
+
+
+def plain_epoch(images: torch.Tensor, labels: torch.Tensor, batch: int, micro: int, seed: int) -> float:
+    torch.manual_seed(seed)
+    model = build_model("lenet5", images.shape[1], tuple(images.shape[2:]), 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    perm = torch.randperm(images.shape[0])
+    start = time.perf_counter()
+    for s in range(0, images.shape[0], batch):
+        idx = perm[s : s + batch]
+        x, y = images[idx], labels[idx]
+        opt.zero_grad(set_to_none=True)
+        n = x.shape[0]
+        for k in range(0, n, micro):
+            xs, ys = x[k : k + micro], y[k : k + micro]
+            (F.cross_entropy(model(xs), ys) * (xs.shape[0] / n)).backward()
+        opt.step()
+    return time.perf_counter() - start
+
+
+def trainer_epochs(data: str, batch: int, epochs: int, train_limit: int, out: str) -> list[float]:
+    cfg = load_config(None, [
+        f"data.path={data}", f"train.batch_size={batch}", f"run.epochs={epochs}", "train.train_eval_examples=0",
+        "train.progress=off", f"run.output_dir={out}", f"run.name=bench{batch}", f"data.train_limit={train_limit}",
+        "data.test_limit=1000",
+    ])
+    rows = Trainer(cfg).fit()
+    return [r["epoch_time"] for r in rows]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="../shared/data/cifar10-jpeg.zip")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--train-limit", type=int, default=0)
+    args = parser.parse_args()
+
+    ds = load_dataset("auto", args.data, train_limit=args.train_limit or None, cache_dir=".cache/bigbatch")
+    mean, std = channel_stats(ds.train_images)
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    images = ((ds.train_images.float() / 255) - m) / s
+    n = images.shape[0]
+    print(f"LeNet-5 on {ds.name}: {n} training images, {torch.get_num_threads()} threads, micro-batch {CPU_MICRO_BATCH}")
+
+    results: dict[tuple[str, int], float] = {}
+    with tempfile.TemporaryDirectory() as out:
+        for batch in (128, 2048):
+            micro = min(CPU_MICRO_BATCH, batch)
+            # Interleave so that machine noise hits every variant alike; keep the median.
+            plain, plain_mb, ours = [], [], []
+            for e in range(args.epochs):
+                plain.append(plain_epoch(images, ds.train_labels, batch, batch, e))
+                plain_mb.append(plain_epoch(images, ds.train_labels, batch, micro, e))
+            ours = trainer_epochs(args.data, batch, args.epochs, args.train_limit, out)
+            results[("plain", batch)] = statistics.median(plain)
+            results[("plain-mb", batch)] = statistics.median(plain_mb)
+            results[("bigbatch", batch)] = statistics.median(ours)
+
+    print("\n| loop | batch | epoch s | us/image |")
+    print("|---|---|---|---|")
+    for (name, batch), t in results.items():
+        print(f"| {name} | {batch} | {t:.2f} | {1e6 * t / n:.1f} |")
+    print("\nratios (same run):")
+    for batch in (128, 2048):
+        print(f"  batch {batch}: bigbatch / plain-mb = {results[('bigbatch', batch)] / results[('plain-mb', batch)]:.3f}, "
+              f"bigbatch / plain = {results[('bigbatch', batch)] / results[('plain', batch)]:.3f}")
+    for name in ("plain", "bigbatch"):
+        print(f"  {name}: per-image time at 2048 / at 128 = {results[(name, 2048)] / results[(name, 128)]:.3f}")
+    print(f"  peak resident memory of a 1-epoch `bigbatch train` at batch 2048: {child_peak_rss_mib(args.data):.0f} MiB")
+
+
+def child_peak_rss_mib(data: str) -> float:
+    """Peak RSS of a real CLI run in its own process (this process holds extra float copies)."""
+    with tempfile.TemporaryDirectory() as out:
+        subprocess.run(
+            [sys.executable, "-m", "bigbatch", "train", "--set", f"data.path={data}", "--set", "run.epochs=1",
+             "--set", "train.batch_size=2048", "--set", f"run.output_dir={out}", "--set", "train.progress=off"],
+            check=True, stdout=subprocess.DEVNULL,
+        )
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+if __name__ == "__main__":
+    main()

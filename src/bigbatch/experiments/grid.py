@@ -1,0 +1,151 @@
+"""Studies: expand a study config into runs, run or resume each, collect their results.
+
+A study file is TOML with three parts:
+
+    [study]                  name, output_dir, seeds = [0, 1], target_accuracy = 0.5
+    [base]                   config sections shared by every run, e.g. [base.optimizer] momentum = 0.9
+    [[runs]]                 one table per run: name = "...", then config sections as inline tables,
+                             e.g. optimizer = { name = "kfac", lr = 8e-3 }
+    [grid]                   optional axes crossed with every run: "augment.label_smoothing" = [0.0, 0.1]
+
+Each run's config is base <- run <- grid point <- seed <- command-line overrides, validated like a
+``bigbatch train`` config before anything starts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from bigbatch.config import Config, config_from_dict, merge_overrides, read_toml, validate
+from bigbatch.errors import ConfigError
+from bigbatch.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, read_jsonl
+
+STUDY_KEYS = {"name", "output_dir", "seeds", "target_accuracy", "description"}
+
+
+@dataclass
+class Study:
+    name: str
+    output_dir: Path
+    seeds: list[int]
+    target_accuracy: float
+    runs: list["StudyRun"] = field(default_factory=list)
+    description: str = ""
+
+
+@dataclass
+class StudyRun:
+    label: str  # the run's name without seed suffix: seeds of one label are aggregated
+    seed: int
+    config: Config
+
+    @property
+    def run_dir(self) -> Path:
+        return self.config.run_dir()
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _slug(value: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "", str(value))
+
+
+def load_study(path: str | Path, overrides: Iterable[str] = (), seeds: list[int] | None = None) -> Study:
+    raw = read_toml(path)
+    unknown = set(raw) - {"study", "base", "runs", "grid"}
+    if unknown:
+        raise ConfigError(f"study file '{path}' has unknown top-level tables {sorted(unknown)}; use study, base, runs, grid")
+    meta = raw.get("study", {})
+    bad = set(meta) - STUDY_KEYS
+    if bad:
+        raise ConfigError(f"unknown key(s) {sorted(bad)} in [study] of '{path}'; valid: {sorted(STUDY_KEYS)}")
+    name = meta.get("name", Path(path).stem)
+    study = Study(
+        name=name,
+        output_dir=Path(meta.get("output_dir", f"runs/{name}")),
+        seeds=list(seeds or meta.get("seeds", [0])),
+        target_accuracy=float(meta.get("target_accuracy", 0.5)),
+        description=meta.get("description", ""),
+    )
+    if not study.seeds or not all(isinstance(s, int) for s in study.seeds):
+        raise ConfigError(f"[study] seeds in '{path}' must be a non-empty list of integers, e.g. seeds = [0, 1, 2]")
+    runs = raw.get("runs", [])
+    if not runs:
+        raise ConfigError(f"study file '{path}' defines no [[runs]]")
+    grid = raw.get("grid", {})
+    axes = [(key, values if isinstance(values, list) else [values]) for key, values in grid.items()]
+    seen: set[str] = set()
+    for run in runs:
+        run = dict(run)
+        label = run.pop("name", None)
+        if not label:
+            raise ConfigError(f"every [[runs]] entry in '{path}' needs a name")
+        base = _deep_merge(raw.get("base", {}), run)
+        for point in itertools.product(*(values for _, values in axes)):
+            point_label = label + "".join(f"-{key.split('.')[-1]}{_slug(v)}" for (key, _), v in zip(axes, point))
+            point_overrides = [f"{key}={_toml_value(v)}" for (key, _), v in zip(axes, point)]
+            for seed in study.seeds:
+                run_name = point_label if len(study.seeds) == 1 else f"{point_label}-s{seed}"
+                if run_name in seen:
+                    raise ConfigError(f"study '{path}' has two runs named '{run_name}'; names must be unique")
+                seen.add(run_name)
+                merged = merge_overrides(base, [*point_overrides, *overrides])
+                merged = _deep_merge(merged, {"run": {"name": run_name, "seed": seed, "output_dir": str(study.output_dir / "runs")}})
+                try:
+                    cfg = config_from_dict(merged)
+                    validate(cfg)
+                except ConfigError as exc:
+                    raise ConfigError(f"run '{run_name}' of study '{path}': {exc}") from None
+                study.runs.append(StudyRun(point_label, seed, cfg))
+    return study
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(value)
+
+
+def run_status(run: StudyRun) -> str:
+    """'done', 'partial' (a checkpoint before the last epoch) or 'new'."""
+    path = run.run_dir / CHECKPOINT_NAME
+    if not path.exists():
+        return "new"
+    rows = read_jsonl(run.run_dir / "metrics.jsonl")
+    if rows and rows[-1]["epoch"] >= run.config.run.epochs and load_checkpoint(path)["epoch"] >= run.config.run.epochs:
+        return "done"
+    return "partial"
+
+
+def run_study(study: Study) -> list[StudyRun]:
+    """Run every run of the study in order: finished runs are skipped, interrupted ones resumed."""
+    from bigbatch.train.trainer import Trainer
+
+    datasets: dict[tuple[Any, ...], Any] = {}
+    for i, run in enumerate(study.runs, 1):
+        status = run_status(run)
+        tag = f"[{i}/{len(study.runs)}] {run.config.run.name}"
+        if status == "done":
+            print(f"{tag}: finished earlier, skipped", flush=True)
+            continue
+        print(f"{tag}: {'resuming' if status == 'partial' else 'starting'}", flush=True)
+        d = run.config.data
+        # Runs of a study share one in-memory copy of the dataset.
+        key = (d.format, d.path, d.train_limit, d.test_limit)
+        trainer = Trainer(run.config, datasets.get(key))
+        datasets[key] = trainer.dataset
+        rows = trainer.fit(resume=True)
+        last = rows[-1]
+        print(f"{tag}: test acc {last['test_acc']:.4f} after {last['epoch']} epochs, {last['train_time']:.0f}s", flush=True)
+    return study.runs

@@ -1,0 +1,159 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bigbatch.cli import main as cli_main
+from bigbatch.config import load_config
+from bigbatch.data import load_dataset
+from bigbatch.errors import ConfigError, TrainingError
+from bigbatch.train.checkpoint import load_checkpoint, read_jsonl
+from bigbatch.train.trainer import Trainer
+
+CIFAR_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.zip"
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return load_dataset("synthetic", None, train_limit=600, test_limit=200, seed=0)
+
+
+def _cfg(tmp_path, *overrides):
+    return load_config(None, [
+        "data.format=synthetic", f"run.output_dir={tmp_path}", "run.name=t", "run.epochs=3",
+        "train.batch_size=64", "train.progress=off", "train.train_eval_examples=200", "optimizer.lr=0.05",
+        *overrides,
+    ])
+
+
+def _params(trainer):
+    return [p.detach().clone() for p in trainer.model.parameters()]
+
+
+def _strip_times(rows):
+    return [{k: v for k, v in r.items() if "time" not in k and k != "images_per_sec"} for r in rows]
+
+
+def test_same_seed_same_metrics(tmp_path, synthetic):
+    a = Trainer(_cfg(tmp_path / "a", "augment.crop_flip=true", "augment.mixup_alpha=0.5"), synthetic).fit()
+    b = Trainer(_cfg(tmp_path / "b", "augment.crop_flip=true", "augment.mixup_alpha=0.5"), synthetic).fit()
+    assert _strip_times(a) == _strip_times(b)
+    c = Trainer(_cfg(tmp_path / "c", "run.seed=1", "augment.mixup_alpha=0.5"), synthetic).fit()
+    assert _strip_times(a) != _strip_times(c)
+
+
+def test_run_directory_contents(tmp_path, synthetic):
+    rows = Trainer(_cfg(tmp_path), synthetic).fit()
+    run = tmp_path / "t"
+    assert json.loads((run / "config.json").read_text())["train"]["batch_size"] == 64
+    assert read_jsonl(run / "metrics.jsonl") == json.loads(json.dumps(rows))
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["step"] == 3 * 10  # ceil(600 / 64) updates per epoch
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "train_eval_acc", "epoch_time", "images_per_sec", "lr"):
+        assert key in rows[0]
+    assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 3
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("extra", [(), ("augment.mixup_alpha=0.7", "augment.crop_flip=true", "schedule.decay_epochs=[2]")])
+def test_resume_equals_uninterrupted(tmp_path, synthetic, extra):
+    full = Trainer(_cfg(tmp_path / "full", *extra), synthetic)
+    full_rows = full.fit()
+    part = Trainer(_cfg(tmp_path / "part", "run.epochs=1", *extra), synthetic)
+    part.fit()
+    resumed = Trainer(_cfg(tmp_path / "part", *extra), synthetic)
+    rows = resumed.fit(resume=True)
+    assert _strip_times(rows) == _strip_times(full_rows)
+    for a, b in zip(_params(resumed), _params(full)):
+        assert torch.equal(a, b)
+
+
+def test_existing_run_needs_resume_or_overwrite(tmp_path, synthetic):
+    Trainer(_cfg(tmp_path, "run.epochs=1"), synthetic).fit()
+    with pytest.raises(TrainingError, match="--resume"):
+        Trainer(_cfg(tmp_path, "run.epochs=1"), synthetic).fit()
+    Trainer(_cfg(tmp_path, "run.epochs=1"), synthetic).fit(overwrite=True)
+    with pytest.raises(TrainingError, match="config changed.*optimizer.lr"):
+        Trainer(_cfg(tmp_path, "run.epochs=2", "optimizer.lr=0.1"), synthetic).fit(resume=True)
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, synthetic):
+    Trainer(_cfg(tmp_path, "run.epochs=1"), synthetic).fit()
+    before = load_checkpoint(tmp_path / "t" / "checkpoint.pt")
+    trainer = Trainer(_cfg(tmp_path, "run.epochs=3"), synthetic)
+    with torch.no_grad():
+        pass
+    original_step = trainer.optimizer.step
+
+    def poisoned_step(*args, **kwargs):  # a real divergence: parameters become inf
+        original_step(*args, **kwargs)
+        with torch.no_grad():
+            trainer.model.fc3.weight.fill_(float("inf"))
+
+    trainer.optimizer.step = poisoned_step
+    with pytest.raises(TrainingError, match="non-finite training loss.*last good checkpoint"):
+        trainer.fit(resume=True)
+    after = load_checkpoint(tmp_path / "t" / "checkpoint.pt")
+    assert after["epoch"] == 1
+    for k, v in before["model"].items():
+        assert torch.equal(v, after["model"][k])
+
+
+def test_batch_larger_than_dataset_rejected(tmp_path, synthetic):
+    with pytest.raises(ConfigError, match="train.batch_size.*only 600 examples"):
+        Trainer(_cfg(tmp_path, "train.batch_size=601"), synthetic)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert cli_main(["train", "--set", "train.batchsize=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bigbatch: error: unknown config key 'train.batchsize'") and "Traceback" not in err
+    assert cli_main(["train", "--set", f"data.path={tmp_path / 'missing.zip'}", "--set", "data.format=image-folder"]) == 2
+    assert "missing.zip" in capsys.readouterr().err
+
+
+def _run_cli(args, **kwargs):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "bigbatch", "train", *args], env=env, **kwargs)
+
+
+def test_sigkill_mid_epoch_loses_at_most_that_epoch(tmp_path):
+    args = ["--set", "data.format=synthetic", "--set", "data.train_limit=3000", "--set", "data.test_limit=200",
+            "--set", f"run.output_dir={tmp_path}", "--set", "run.name=k", "--set", "run.epochs=4",
+            "--set", "train.batch_size=16", "--set", "train.progress=off", "--set", "run.threads=1"]
+    run = tmp_path / "k"
+    proc = _run_cli(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "checkpoint.pt").exists():
+        time.sleep(0.05)
+    time.sleep(0.3)  # now inside epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = load_checkpoint(run / "checkpoint.pt")
+    assert 1 <= state["epoch"] < 4
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] in (
+        list(range(1, state["epoch"] + 1)), list(range(1, state["epoch"])))
+    resumed = subprocess.run([sys.executable, "-m", "bigbatch", "train", *args, "--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    uninterrupted = tmp_path / "u"
+    done = subprocess.run([sys.executable, "-m", "bigbatch", "train", *args, "--set", "run.name=u"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert _strip_times(read_jsonl(run / "metrics.jsonl")) == _strip_times(read_jsonl(uninterrupted / "metrics.jsonl"))
+
+
+@pytest.mark.skipif(not CIFAR_ZIP.exists(), reason="shared CIFAR-10 zip not present")
+def test_end_to_end_cifar_subset_beats_chance(tmp_path):
+    cfg = load_config(None, [
+        f"data.path={CIFAR_ZIP}", "data.train_limit=3000", "data.test_limit=1000", f"run.output_dir={tmp_path}",
+        "run.epochs=4", "train.batch_size=32", "optimizer.lr=0.02", "train.progress=off", "data.cache_dir=",
+    ])
+    rows = Trainer(cfg).fit()
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert rows[-1]["test_acc"] > 0.2  # chance is 0.1
