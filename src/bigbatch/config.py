@@ -21,7 +21,7 @@ MODELS = ("lenet5", "resnet20", "resnet32", "resnet44", "resnet56")
 OPTIMIZERS = ("sgd", "kfac")
 FISHER_TYPES = ("empirical", "mc")
 INVERSE_METHODS = ("eigen", "inverse")
-PROGRESS_MODES = ("auto", "on", "off")
+PROGRESS_MODES = ("auto", "on", "off")  # also the choices of train.channels_last
 
 
 @dataclass
@@ -72,6 +72,8 @@ class TrainConfig:
     drop_last: bool = False
     checkpoint_every: int = 1
     progress: str = "auto"
+    # NHWC activations: "auto" turns them on for the CPU, where oneDNN convolutions are faster on them.
+    channels_last: str = "auto"
 
 
 @dataclass
@@ -264,6 +266,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.train.train_eval_examples >= 0, "train.train_eval_examples", "must be >= 0")
     _require(cfg.train.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
     _choice(cfg.train.progress, "train.progress", PROGRESS_MODES)
+    _choice(cfg.train.channels_last, "train.channels_last", PROGRESS_MODES)
     _choice(cfg.optimizer.name, "optimizer.name", OPTIMIZERS)
     _require(cfg.optimizer.lr > 0, "optimizer.lr", f"must be > 0, got {cfg.optimizer.lr}")
     _require(0 <= cfg.optimizer.momentum < 1, "optimizer.momentum", "must be in [0, 1)")
