@@ -1,4 +1,4 @@
-"""The ``bigbatch`` command: train | report (more subcommands join as they are built)."""
+"""The ``bigbatch`` command: train | reproduce | landscape | sharpness | report."""
 
 from __future__ import annotations
 
@@ -59,6 +59,35 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_landscape(args: argparse.Namespace) -> int:
+    from bigbatch.analysis.commands import landscape
+
+    written = landscape(
+        args.run_dirs, start=args.range[0], stop=args.range[1], points=args.points, normalization=args.normalization,
+        seed=args.seed, train_examples=args.train_examples, test_examples=args.test_examples,
+        interpolate=args.interpolate, two_d=args.two_d, out=args.out,
+    )
+    print("wrote:\n  " + "\n  ".join(map(str, written)))
+    return 0
+
+
+def cmd_sharpness(args: argparse.Namespace) -> int:
+    import json
+
+    from bigbatch.analysis.commands import sharpness
+
+    path = sharpness(
+        args.run_dir, examples=args.examples, top_k=args.top_k, lanczos_steps=args.lanczos_steps,
+        trace_samples=args.trace_samples, epsilon=args.epsilon, ascent_steps=args.ascent_steps, seed=args.seed,
+    )
+    result = json.loads(path.read_text())
+    print(f"top Hessian eigenvalues {['%.4g' % v for v in result['top_eigenvalues']]}, "
+          f"trace {result['trace']:.4g} ± {result['trace_stderr']:.2g}, "
+          f"epsilon-sharpness {result['epsilon_sharpness']:.4g} (eps={args.epsilon:g}) on {result['settings']['examples']} "
+          f"training examples\nwrote {path}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from bigbatch.report.plots import plot_run_curves
     from bigbatch.train.checkpoint import read_jsonl
@@ -85,6 +114,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", help="run these seeds instead of the study's [study] seeds")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from existing runs")
     p.set_defaults(func=cmd_reproduce)
+    p = sub.add_parser("landscape", help="1-D/2-D loss landscape around trained runs, or interpolation between two")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--range", type=float, nargs=2, default=(-0.5, 1.5), metavar=("START", "STOP"))
+    p.add_argument("--points", type=int, default=41)
+    p.add_argument("--normalization", choices=("none", "filter"), default="none",
+                   help="none: plain Gaussian direction (the seed); filter: Li et al. 2018 filter-wise normalization")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random direction (the same for every run)")
+    p.add_argument("--train-examples", type=int, default=0, help="0: the whole training set")
+    p.add_argument("--test-examples", type=int, default=0, help="0: the whole test set")
+    p.add_argument("--interpolate", action="store_true", help="linear path between two runs' solutions instead")
+    p.add_argument("--two-d", action="store_true", help="a 2-D contour over two random directions")
+    p.add_argument("--out", help="where the overlay or interpolation plot goes (default: beside the runs)")
+    p.set_defaults(func=cmd_landscape)
+    p = sub.add_parser("sharpness", help="top Hessian eigenvalues, Hessian trace and epsilon-sharpness of a run")
+    p.add_argument("run_dir")
+    p.add_argument("--examples", type=int, default=10000, help="training examples the loss is measured on")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--lanczos-steps", type=int, default=20)
+    p.add_argument("--trace-samples", type=int, default=20)
+    p.add_argument("--epsilon", type=float, default=1e-3)
+    p.add_argument("--ascent-steps", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_sharpness)
     p = sub.add_parser("report", help="redraw the loss/accuracy curves of run directories")
     p.add_argument("run_dirs", nargs="+")
     p.set_defaults(func=cmd_report)

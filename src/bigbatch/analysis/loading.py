@@ -1,0 +1,71 @@
+"""What every analysis needs from a run directory: the trained model and its data, never a trainer."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from bigbatch.config import Config, config_from_dict
+from bigbatch.data import ImageDataset, load_dataset
+from bigbatch.data.batches import BatchLoader, channel_stats
+from bigbatch.errors import BigbatchError
+from bigbatch.models import build_model
+from bigbatch.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+
+Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+
+
+@dataclass
+class TrainedRun:
+    run_dir: Path
+    config: Config
+    model: nn.Module
+    dataset: ImageDataset
+    mean: list[float]
+    std: list[float]
+    epoch: int
+
+    def batches(self, split: str, examples: int = 0, batch_size: int = 1000, dtype: torch.dtype = torch.float32) -> Batches:
+        """A re-iterable over the first ``examples`` (0: all) clean, normalized examples of a split."""
+        images = self.dataset.train_images if split == "train" else self.dataset.test_images
+        labels = self.dataset.train_labels if split == "train" else self.dataset.test_labels
+        if examples:
+            images, labels = images[:examples], labels[:examples]
+        loader = BatchLoader(images, labels, min(batch_size, len(labels)), mean=self.mean, std=self.std, shuffle=False)
+
+        def iterate() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+            for x, y in loader:
+                yield x.to(dtype).contiguous(memory_format=torch.channels_last), y
+
+        return iterate
+
+
+_DATASETS: dict[tuple, ImageDataset] = {}
+
+
+def load_trained_run(run_dir: str | Path, dataset: ImageDataset | None = None) -> TrainedRun:
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.exists():
+        raise BigbatchError(f"'{run_dir}' is not a bigbatch run directory (no config.json); pass the directory of a finished run")
+    cfg = config_from_dict(json.loads(config_path.read_text()))
+    state = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    d = cfg.data
+    key = (d.format, d.path, d.train_limit, d.test_limit)
+    if dataset is None:
+        dataset = _DATASETS.get(key)
+    if dataset is None:
+        dataset = load_dataset(d.format, d.path, train_limit=d.train_limit or None, test_limit=d.test_limit or None,
+                               cache_dir=d.cache_dir or None)
+        _DATASETS[key] = dataset
+    model = build_model(cfg.model.name, dataset.channels, dataset.image_size, dataset.num_classes)
+    model.load_state_dict(state["model"])
+    # NHWC is the fast layout for CPU convolutions (see the trainer); the maths is unchanged.
+    model = model.to(memory_format=torch.channels_last).eval()
+    mean, std = channel_stats(dataset.train_images)
+    return TrainedRun(run_dir, cfg, model, dataset, mean, std, state["epoch"])
