@@ -19,11 +19,16 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from bigbatch.config import load_config
+    from bigbatch.train.distributed import init_parallel, shutdown_parallel
     from bigbatch.train.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
-    trainer = Trainer(cfg)
-    rows = trainer.fit(resume=args.resume, overwrite=args.overwrite)
+    parallel = init_parallel(cfg.run.dist_timeout)
+    try:
+        trainer = Trainer(cfg, parallel=parallel)
+        rows = trainer.fit(resume=args.resume, overwrite=args.overwrite)
+    finally:
+        shutdown_parallel()
     if trainer.parallel.is_main:
         last = rows[-1]
         print(

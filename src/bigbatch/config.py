@@ -33,6 +33,8 @@ class RunConfig:
     device: str = "auto"
     # 0 keeps torch's default thread count.
     threads: int = 0
+    # Seconds a rank waits in a collective before giving up on a dead or hung peer.
+    dist_timeout: float = 300.0
 
 
 @dataclass
@@ -245,6 +247,7 @@ def validate(cfg: Config) -> None:
     """Reject values that cannot work; checks needing the dataset size live in :func:`validate_against_data`."""
     _require(cfg.run.epochs >= 1, "run.epochs", f"must be >= 1, got {cfg.run.epochs}")
     _require(cfg.run.threads >= 0, "run.threads", "must be >= 0 (0 keeps torch's default)")
+    _require(cfg.run.dist_timeout > 0, "run.dist_timeout", "must be > 0 seconds")
     _require(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", "must be a non-empty name without '/'")
     _choice(cfg.data.format, "data.format", DATA_FORMATS)
     _require(cfg.data.train_limit >= 0, "data.train_limit", "must be >= 0 (0 means the whole training set)")

@@ -10,7 +10,6 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from bigbatch.data.batches import BatchLoader, channel_stats
 from bigbatch.errors import TrainingError
 from bigbatch.models import build_model, has_batchnorm
 from bigbatch.optim.schedules import LRSchedule
+from bigbatch.train.distributed import ParallelContext
 from bigbatch.train.checkpoint import (
     CHECKPOINT_NAME,
     atomic_torch_save,
@@ -36,27 +36,9 @@ from bigbatch.train.checkpoint import (
 )
 
 # Config keys that may differ between a checkpoint and the run resuming it.
-RESUMABLE_CHANGES = {"run.epochs", "run.output_dir", "run.threads", "run.device", "train.progress", "data.cache_dir"}
+RESUMABLE_CHANGES = {"run.epochs", "run.output_dir", "run.threads", "run.device", "run.dist_timeout", "train.progress", "data.cache_dir"}
 # Micro-batch size that keeps LeNet-5's activations in cache on CPU (see BENCHMARKS.md).
 CPU_MICRO_BATCH = 256
-
-
-@dataclass
-class ParallelContext:
-    """Where this process sits in a data-parallel job; a single process is rank 0 of 1."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce_gradients(self, model: nn.Module) -> float:  # returns seconds spent
-        return 0.0
-
-    def broadcast_parameters(self, model: nn.Module) -> None:
-        pass
 
 
 def resolve_device(name: str) -> torch.device:
@@ -125,8 +107,13 @@ def forward_backward(
 
 @torch.inference_mode()
 def evaluate(
-    model: nn.Module, loader: BatchLoader, device: torch.device, memory_format: torch.memory_format = torch.contiguous_format
+    model: nn.Module,
+    loader: BatchLoader,
+    device: torch.device,
+    memory_format: torch.memory_format = torch.contiguous_format,
+    parallel: ParallelContext | None = None,
 ) -> dict[str, float]:
+    """Mean loss and top-1 accuracy; with several ranks each evaluates its shard and the sums are reduced."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -139,7 +126,8 @@ def evaluate(
         hits += (logits.argmax(1) == y).sum()
         count += y.shape[0]
     model.train(was_training)
-    return {"loss": float(loss_sum) / count, "acc": float(hits) / count}
+    total_loss, total_hits, total = (parallel or ParallelContext()).all_sum([float(loss_sum), float(hits), float(count)])
+    return {"loss": total_loss / total, "acc": total_hits / total}
 
 
 def _flatten_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -230,12 +218,15 @@ class Trainer:
             augment=cfg.augment.crop_flip, crop_padding=cfg.augment.crop_padding,
             rank=self.parallel.rank, world_size=self.parallel.world_size, drop_last=cfg.train.drop_last, **common,
         )
-        eval_bs = min(cfg.train.eval_batch_size, ds.num_test)
-        self.test_loader = BatchLoader(ds.test_images, ds.test_labels, eval_bs, shuffle=False, **common)
+        # Evaluation shards: each rank takes its part of every evaluation batch.
+        shard = dict(rank=self.parallel.rank, world_size=self.parallel.world_size, **common)
+        eval_bs = max(min(cfg.train.eval_batch_size, ds.num_test), self.parallel.world_size)
+        self.test_loader = BatchLoader(ds.test_images, ds.test_labels, eval_bs, shuffle=False, **shard)
         n_eval = min(cfg.train.train_eval_examples, ds.num_train)
         self.train_eval_loader = (
-            BatchLoader(ds.train_images[:n_eval], ds.train_labels[:n_eval], min(eval_bs, n_eval), shuffle=False, **common)
-            if n_eval
+            BatchLoader(ds.train_images[:n_eval], ds.train_labels[:n_eval], max(min(eval_bs, n_eval), self.parallel.world_size),
+                        shuffle=False, **shard)
+            if n_eval >= self.parallel.world_size
             else None
         )
         self.mixer = BatchMixer(cfg.augment.mixup_alpha, cfg.augment.cutmix_alpha, seed=cfg.run.seed)
@@ -314,7 +305,8 @@ class Trainer:
             if self.kfac is not None:
                 self.kfac.reset_timings()
             self.model.train()
-            loss_sum, hits, seen, comm_time = 0.0, 0.0, 0, 0.0
+            loss_sum, hits, seen = 0.0, 0.0, 0
+            comm_start, bytes_start = self.parallel.communication_time, self.parallel.bytes_communicated
             bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.run.epochs}", disable=not show,
                        leave=False, dynamic_ncols=True)
             train_start = time.perf_counter()
@@ -325,22 +317,25 @@ class Trainer:
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 x, targets = self.mixer(x, y)
                 self.optimizer.zero_grad(set_to_none=True)
-                batch_loss, batch_hits = forward_backward(
+                local_loss, local_hits = forward_backward(
                     self.model, x, targets, self.micro_batch, cfg.augment.label_smoothing, self.mc_fisher, self.memory_format
+                )
+                # One collective averages gradients and sums the step's metrics over ranks.
+                batch_loss, batch_hits, batch_size = self.parallel.reduce_step(
+                    self.model, x.shape[0], [local_loss, local_hits, float(x.shape[0])]
                 )
                 if not math.isfinite(batch_loss):
                     self._fail_non_finite(epoch, i, batch_loss)
-                comm_time += self.parallel.all_reduce_gradients(self.model)
                 if self.kfac is not None:
                     self.kfac.step(lr=lr)
                 self.optimizer.step()
                 step += 1
                 loss_sum += batch_loss
                 hits += batch_hits
-                seen += x.shape[0]
+                seen += int(batch_size)
                 bar.update()
                 if show and i % 10 == 0:
-                    bar.set_postfix(loss=f"{batch_loss / x.shape[0]:.3f}", lr=f"{lr:.2e}")
+                    bar.set_postfix(loss=f"{batch_loss / batch_size:.3f}", lr=f"{lr:.2e}")
             bar.close()
             epoch_train_time = time.perf_counter() - train_start
             train_time += epoch_train_time
@@ -353,15 +348,17 @@ class Trainer:
                 "train_acc": hits / seen,
                 "epoch_time": epoch_train_time,
                 "train_time": train_time,
-                "images_per_sec": seen * self.parallel.world_size / epoch_train_time,
+                "images_per_sec": seen / epoch_train_time,
             }
-            test = evaluate(self.model, self.test_loader, self.device, self.memory_format)
+            test = evaluate(self.model, self.test_loader, self.device, self.memory_format, self.parallel)
             row.update(test_loss=test["loss"], test_acc=test["acc"])
             if self.train_eval_loader is not None:
-                clean = evaluate(self.model, self.train_eval_loader, self.device, self.memory_format)
+                clean = evaluate(self.model, self.train_eval_loader, self.device, self.memory_format, self.parallel)
                 row.update(train_eval_loss=clean["loss"], train_eval_acc=clean["acc"])
-            if comm_time:
-                row["communication_time"] = comm_time
+            if self.parallel.world_size > 1:
+                row["world_size"] = self.parallel.world_size
+                row["communication_time"] = self.parallel.communication_time - comm_start
+                row["bytes_communicated"] = self.parallel.bytes_communicated - bytes_start
             if self.kfac is not None:
                 row.update({f"kfac_{k}_time": v for k, v in self.kfac.timings.items()})
                 row.update({f"kfac_{k}": v for k, v in self.kfac.health.items()})
