@@ -9,7 +9,7 @@ from bigbatch.config import Config
 from bigbatch.errors import ConfigError
 from bigbatch.experiments.grid import load_study, run_status, run_study
 from bigbatch.report.report import aggregate, degradation, load_run, summarize, write_report
-from bigbatch.train.checkpoint import atomic_torch_save, write_jsonl
+from bigbatch.train.checkpoint import read_jsonl, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,7 +110,7 @@ name = "two"
     stamp = (study.runs[0].run_dir / "checkpoint.pt").stat().st_mtime_ns
     run_study(study)  # both finished: nothing is retrained
     assert (study.runs[0].run_dir / "checkpoint.pt").stat().st_mtime_ns == stamp
-    rows = json.loads("[" + ",".join((study.runs[1].run_dir / "metrics.jsonl").read_text().split()) + "]")
+    rows = read_jsonl(study.runs[1].run_dir / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2]
 
 
