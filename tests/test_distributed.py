@@ -1,0 +1,96 @@
+"""Real 2-process gloo runs of `bigbatch train`, compared with a single process on the same global batch."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from bigbatch.train.checkpoint import load_checkpoint, read_jsonl
+
+COMMON = [
+    "data.format=synthetic", "data.train_limit=600", "data.test_limit=200", "train.batch_size=64",
+    "train.progress=off", "train.train_eval_examples=200", "run.threads=1", "optimizer.lr=0.05",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _args(out, name, extra, flags=()):
+    sets = [*COMMON, f"run.output_dir={out}", f"run.name={name}", *extra]
+    return [sys.executable, "-m", "bigbatch", "train", *flags] + [a for s in sets for a in ("--set", s)]
+
+
+def _launch(out, name, extra, world_size, port, flags=()):
+    procs = []
+    for rank in range(world_size):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen(_args(out, name, extra, flags), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def _finish(procs, timeout=240):
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    return outs
+
+
+def _compare(tmp_path, extra, epochs):
+    extra = [*extra, f"run.epochs={epochs}"]
+    single = subprocess.run(_args(tmp_path, "single", extra), capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert single.returncode == 0, single.stderr
+    _finish(_launch(tmp_path, "two", extra, 2, _free_port()))
+    a, b = read_jsonl(tmp_path / "single" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    assert len(a) == len(b) == epochs
+    for ra, rb in zip(a, b):
+        assert rb["world_size"] == 2 and rb["bytes_communicated"] > 0
+        for key in ("train_loss", "train_acc", "test_loss", "test_acc", "train_eval_loss", "step"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), key
+    pa = load_checkpoint(tmp_path / "single" / "checkpoint.pt")["model"]
+    pb = load_checkpoint(tmp_path / "two" / "checkpoint.pt")["model"]
+    for k in pa:
+        torch.testing.assert_close(pb[k], pa[k], rtol=1e-4, atol=1e-5)
+    assert not (tmp_path / "two" / "checkpoint.pt.tmp").exists()
+
+
+def test_one_sgd_step_on_two_ranks_equals_one_process(tmp_path):
+    # 601 examples would leave an uneven last batch; one step of 64 examples, then compare weights.
+    _compare(tmp_path, ["data.train_limit=64"], epochs=1)
+
+
+def test_short_sgd_run_on_two_ranks_equals_one_process(tmp_path):
+    # 600 / 64: the last batch (24 examples) is split 12/12; crop/flip randomness is drawn globally.
+    _compare(tmp_path, ["augment.crop_flip=true"], epochs=2)
+
+
+def test_killed_rank_ends_the_other_with_a_clear_error(tmp_path):
+    extra = ["run.epochs=50", "run.dist_timeout=20", "data.train_limit=3000", "train.batch_size=32"]
+    procs = _launch(tmp_path, "kill", extra, 2, _free_port())
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "kill" / "checkpoint.pt").exists():
+        time.sleep(0.1)
+    assert (tmp_path / "kill" / "checkpoint.pt").exists(), procs[0].stderr.read() if procs[0].poll() is not None else "no checkpoint"
+    procs[1].send_signal(signal.SIGKILL)
+    start = time.time()
+    _, err = procs[0].communicate(timeout=60)
+    assert procs[0].returncode == 2
+    assert time.time() - start < 40
+    assert "Another rank died or hung" in err and "--resume" in err
+    assert "Traceback" not in err
+    # The last checkpoint survives and a restarted job resumes from it.
+    epoch = load_checkpoint(tmp_path / "kill" / "checkpoint.pt")["epoch"]
+    assert epoch >= 1
+    procs[1].communicate()
+    resumed = _launch(tmp_path, "kill", [*extra[1:], f"run.epochs={epoch + 1}"], 2, _free_port(), flags=["--resume"])
+    _finish(resumed)
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "kill" / "metrics.jsonl")] == list(range(1, epoch + 2))
