@@ -8,13 +8,12 @@ Times training epochs (evaluation excluded) of LeNet-5 on CIFAR-10 at batch 128 
   bigbatch   bigbatch's Trainer (uint8 dataset, per-batch normalization, metrics, progress off)
 and prints ratios. Usage:
 
-    .venv/bin/python benchmarks/bench_trainer.py [--data PATH] [--epochs 2] [--train-limit N]
+    .venv/bin/python benchmarks/bench_trainer.py [--data PATH] [--epochs 5] [--train-limit N]
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from bigbatch.config import load_config
 from bigbatch.data import load_dataset
 from bigbatch.data.batches import channel_stats
 from bigbatch.models import build_model
+from bigbatch.train.checkpoint import read_jsonl
 from bigbatch.train.trainer import CPU_MICRO_BATCH, Trainer
 
 
@@ -53,20 +53,18 @@ def plain_epoch(
     return time.perf_counter() - start
 
 
-def trainer_epochs(data: str, batch: int, epochs: int, train_limit: int, out: str) -> list[float]:
+def make_trainer(data: str, batch: int, train_limit: int, out: str) -> Trainer:
     cfg = load_config(None, [
-        f"data.path={data}", f"train.batch_size={batch}", f"run.epochs={epochs}", "train.train_eval_examples=0",
-        "train.progress=off", f"run.output_dir={out}", f"run.name=bench{batch}", f"data.train_limit={train_limit}",
-        "data.test_limit=1000",
+        f"data.path={data}", f"train.batch_size={batch}", "train.train_eval_examples=0", "train.progress=off",
+        f"run.output_dir={out}", f"run.name=bench{batch}", f"data.train_limit={train_limit}", "data.test_limit=1000",
     ])
-    rows = Trainer(cfg).fit()
-    return [r["epoch_time"] for r in rows]
+    return Trainer(cfg)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data/cifar10-jpeg.zip")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--train-limit", type=int, default=0)
     args = parser.parse_args()
 
@@ -82,13 +80,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         for batch in (128, 2048):
             micro = min(CPU_MICRO_BATCH, batch)
+            trainer = make_trainer(args.data, batch, args.train_limit, out)
+            variants = {
+                "plain": lambda e: plain_epoch(images, ds.train_labels, batch, batch, e),
+                "plain-mb": lambda e: plain_epoch(images, ds.train_labels, batch, micro, e),
+                "plain-tuned": lambda e: plain_epoch(images, ds.train_labels, batch, micro, e, channels_last=True),
+                "bigbatch": lambda e: trainer.train_epoch(e)["epoch_time"],
+            }
+            times: dict[str, list[float]] = {name: [] for name in variants}
+            for name, run in variants.items():
+                run(0)  # warm-up (oneDNN primitives, allocator), not timed
             # Interleave so that machine noise hits every variant alike; keep the median.
-            times: dict[str, list[float]] = {"plain": [], "plain-mb": [], "plain-tuned": []}
             for e in range(args.epochs):
-                times["plain"].append(plain_epoch(images, ds.train_labels, batch, batch, e))
-                times["plain-mb"].append(plain_epoch(images, ds.train_labels, batch, micro, e))
-                times["plain-tuned"].append(plain_epoch(images, ds.train_labels, batch, micro, e, channels_last=True))
-            times["bigbatch"] = trainer_epochs(args.data, batch, args.epochs, args.train_limit, out)
+                for name, run in variants.items():
+                    times[name].append(run(e + 1))
             for name, values in times.items():
                 results[(name, batch)] = statistics.median(values)
 
@@ -107,14 +112,15 @@ def main() -> None:
 
 
 def child_peak_rss_mib(data: str) -> float:
-    """Peak RSS of a real CLI run in its own process (this process holds extra float copies)."""
+    """Peak RSS of a real CLI run in its own process, as it records it (this process holds float copies)."""
     with tempfile.TemporaryDirectory() as out:
         subprocess.run(
             [sys.executable, "-m", "bigbatch", "train", "--set", f"data.path={data}", "--set", "run.epochs=1",
-             "--set", "train.batch_size=2048", "--set", f"run.output_dir={out}", "--set", "train.progress=off"],
+             "--set", "train.batch_size=2048", "--set", f"run.output_dir={out}", "--set", "run.name=rss",
+             "--set", "train.progress=off"],
             check=True, stdout=subprocess.DEVNULL,
         )
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        return read_jsonl(f"{out}/rss/metrics.jsonl")[-1]["max_rss_mib"]
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import resource
 import sys
 import time
 from pathlib import Path
@@ -296,60 +297,16 @@ class Trainer:
             atomic_write_json(self.run_dir / "config.json", cfg.to_dict())
             write_jsonl(self.run_dir / "metrics.jsonl", rows)
         show = _progress_enabled(cfg.train.progress, main)
-        steps_per_epoch = len(self.train_loader)
 
         for epoch in range(start_epoch, cfg.run.epochs):
             wall_start = time.perf_counter()
-            self.train_loader.set_epoch(epoch)
-            self.mixer.set_epoch(epoch)
+            comm_start, bytes_start = self.parallel.communication_time, self.parallel.bytes_communicated
             if self.kfac is not None:
                 self.kfac.reset_timings()
-            self.model.train()
-            loss_sum, hits, seen = 0.0, 0.0, 0
-            comm_start, bytes_start = self.parallel.communication_time, self.parallel.bytes_communicated
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.run.epochs}", disable=not show,
-                       leave=False, dynamic_ncols=True)
-            train_start = time.perf_counter()
-            for i, (x, y) in enumerate(self.train_loader):
-                lr = self.schedule.lr_at(epoch, i / steps_per_epoch)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                x, targets = self.mixer(x, y)
-                self.optimizer.zero_grad(set_to_none=True)
-                local_loss, local_hits = forward_backward(
-                    self.model, x, targets, self.micro_batch, cfg.augment.label_smoothing, self.mc_fisher, self.memory_format
-                )
-                # One collective averages gradients and sums the step's metrics over ranks.
-                batch_loss, batch_hits, batch_size = self.parallel.reduce_step(
-                    self.model, x.shape[0], [local_loss, local_hits, float(x.shape[0])]
-                )
-                if not math.isfinite(batch_loss):
-                    self._fail_non_finite(epoch, i, batch_loss)
-                if self.kfac is not None:
-                    self.kfac.step(lr=lr)
-                self.optimizer.step()
-                step += 1
-                loss_sum += batch_loss
-                hits += batch_hits
-                seen += int(batch_size)
-                bar.update()
-                if show and i % 10 == 0:
-                    bar.set_postfix(loss=f"{batch_loss / batch_size:.3f}", lr=f"{lr:.2e}")
-            bar.close()
-            epoch_train_time = time.perf_counter() - train_start
-            train_time += epoch_train_time
-
-            row: dict[str, Any] = {
-                "epoch": epoch + 1,
-                "step": step,
-                "lr": lr,
-                "train_loss": loss_sum / seen,
-                "train_acc": hits / seen,
-                "epoch_time": epoch_train_time,
-                "train_time": train_time,
-                "images_per_sec": seen / epoch_train_time,
-            }
+            row = self.train_epoch(epoch, step, show)
+            step = row["step"]
+            train_time += row["epoch_time"]
+            row["train_time"] = train_time
             test = evaluate(self.model, self.test_loader, self.device, self.memory_format, self.parallel)
             row.update(test_loss=test["loss"], test_acc=test["acc"])
             if self.train_eval_loader is not None:
@@ -364,6 +321,7 @@ class Trainer:
                 row.update({f"kfac_{k}": v for k, v in self.kfac.health.items()})
             wall_time += time.perf_counter() - wall_start
             row["wall_time"] = wall_time
+            row["max_rss_mib"] = peak_rss_mib()
             rows.append(row)
             if main:
                 if (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.run.epochs:
@@ -378,6 +336,55 @@ class Trainer:
             plot_run_curves(rows, self.run_dir / "curves.png", title=cfg.run.name)
         return rows
 
+    def train_epoch(self, epoch: int, step: int = 0, show: bool = False) -> dict[str, Any]:
+        """One pass over the training set (no evaluation); returns its metrics and the new step count."""
+        cfg = self.cfg
+        self.train_loader.set_epoch(epoch)
+        self.mixer.set_epoch(epoch)
+        self.model.train()
+        steps_per_epoch = len(self.train_loader)
+        loss_sum, hits, seen = 0.0, 0.0, 0
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.run.epochs}", disable=not show,
+                   leave=False, dynamic_ncols=True)
+        start = time.perf_counter()
+        for i, (x, y) in enumerate(self.train_loader):
+            lr = self.schedule.lr_at(epoch, i / steps_per_epoch)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, targets = self.mixer(x, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            local_loss, local_hits = forward_backward(
+                self.model, x, targets, self.micro_batch, cfg.augment.label_smoothing, self.mc_fisher, self.memory_format
+            )
+            # One collective averages gradients and sums the step's metrics over ranks.
+            batch_loss, batch_hits, batch_size = self.parallel.reduce_step(
+                self.model, x.shape[0], [local_loss, local_hits, float(x.shape[0])]
+            )
+            if not math.isfinite(batch_loss):
+                self._fail_non_finite(epoch, i, batch_loss)
+            if self.kfac is not None:
+                self.kfac.step(lr=lr)
+            self.optimizer.step()
+            step += 1
+            loss_sum += batch_loss
+            hits += batch_hits
+            seen += int(batch_size)
+            bar.update()
+            if show and i % 10 == 0:
+                bar.set_postfix(loss=f"{batch_loss / batch_size:.3f}", lr=f"{lr:.2e}")
+        bar.close()
+        elapsed = time.perf_counter() - start
+        return {
+            "epoch": epoch + 1,
+            "step": step,
+            "lr": lr,
+            "train_loss": loss_sum / seen,
+            "train_acc": hits / seen,
+            "epoch_time": elapsed,
+            "images_per_sec": seen / elapsed,
+        }
+
     def _fail_non_finite(self, epoch: int, index: int, loss: float) -> None:
         path = self.run_dir / CHECKPOINT_NAME
         kept = f"the last good checkpoint is kept at '{path}'" if path.exists() else "no checkpoint was written yet"
@@ -386,6 +393,17 @@ class Trainer:
             "Lower optimizer.lr (or raise kfac.damping / add warm-up) and run again"
             + (" with --resume." if path.exists() else ".")
         )
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process; VmHWM, unlike ru_maxrss, does not count a parent's pages before exec."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _epoch_summary(row: dict[str, Any]) -> str:

@@ -1,0 +1,157 @@
+"""Per-layer K-FAC math: the two Kronecker factors of one Linear or Conv2d layer, and its gradient.
+
+Scale convention (one place for it; tests check it against brute force):
+
+    A = E_n[ mean_t  a_{n,t} a_{n,t}^T ]        a = layer input (im2col patch for conv), with a 1 appended
+                                                when the layer has a bias (bias = homogeneous coordinate)
+    G = E_n[ sum_t   g_{n,t} g_{n,t}^T ]        g = gradient of example n's OWN loss with respect to the
+                                                layer's pre-activation output at location t
+
+E_n is the mean over the examples that contribute statistics; t runs over the spatial locations of a
+conv layer's output (one location for Linear). The Fisher block of the layer's flattened
+[weight | bias] gradient (row-major: output unit major) is approximated by kron(G, A): exact for one
+example at one location, and for conv layers it is the KFC approximation of Grosse & Martens (2016),
+F ~ |T| * Omega (x) Gamma, with A = Omega and G = |T| * Gamma. Both factors are means over examples,
+so they do not depend on the batch size, and the same damping means the same thing at batch 128 and
+at batch 2048.
+
+The backpropagated loss is the MEAN over the N examples that passed through the model since the last
+K-FAC step (the trainer weights each micro-batch's mean loss by n_mb / N), so the output gradient
+seen by a hook is g / N: the hooks accumulate raw sums and the preconditioner multiplies G by N^2.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Examples per im2col chunk: keeps the patch matrix of a LeNet-size layer within a few MB of cache.
+IM2COL_CHUNK = 32
+
+
+class LayerFactors:
+    """Accumulates raw factor sums of one layer between K-FAC steps and maps its gradient to a matrix."""
+
+    def __init__(self, name: str, module: nn.Module):
+        self.name = name
+        self.module = module
+        self.has_bias = module.bias is not None
+        self.a_sum: torch.Tensor | None = None
+        self.g_sum: torch.Tensor | None = None
+        self.count = 0  # examples that contributed statistics since the last step
+
+    # -- statistics (subclasses) -----------------------------------------------------------------
+    def a_contribution(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def g_contribution(self, grad_output: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def a_dim(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def g_dim(self) -> int:
+        return self.module.weight.shape[0]
+
+    def add_input(self, x: torch.Tensor) -> None:
+        a = self.a_contribution(x.detach())
+        self.a_sum = a if self.a_sum is None else self.a_sum.add_(a)
+        self.count += x.shape[0]
+
+    def add_output_grad(self, grad_output: torch.Tensor) -> None:
+        g = self.g_contribution(grad_output.detach())
+        self.g_sum = g if self.g_sum is None else self.g_sum.add_(g)
+
+    def reset(self) -> None:
+        self.a_sum, self.g_sum, self.count = None, None, 0
+
+    # -- gradient as a matrix [g_dim, a_dim] -----------------------------------------------------
+    def grad_matrix(self) -> torch.Tensor:
+        w = self.module.weight.grad.reshape(self.g_dim, -1)
+        if self.has_bias:
+            w = torch.cat([w, self.module.bias.grad.reshape(-1, 1)], dim=1)
+        return w
+
+    def set_grad_matrix(self, m: torch.Tensor) -> None:
+        weight = self.module.weight
+        if self.has_bias:
+            self.module.bias.grad.copy_(m[:, -1])
+            m = m[:, :-1]
+        weight.grad.copy_(m.reshape(weight.shape))
+
+    def has_grad(self) -> bool:
+        return self.module.weight.grad is not None and (not self.has_bias or self.module.bias.grad is not None)
+
+
+def _homogeneous_outer(rows: torch.Tensor, with_ones: bool) -> torch.Tensor:
+    """sum_i [r_i; 1][r_i; 1]^T for the rows r_i of ``rows``, without materializing the ones column."""
+    top = rows.t() @ rows
+    if not with_ones:
+        return top
+    d = rows.shape[1]
+    out = rows.new_empty(d + 1, d + 1)
+    out[:d, :d] = top
+    col = rows.sum(0)
+    out[:d, d] = col
+    out[d, :d] = col
+    out[d, d] = rows.shape[0]
+    return out
+
+
+class LinearFactors(LayerFactors):
+    @property
+    def a_dim(self) -> int:
+        return self.module.in_features + int(self.has_bias)
+
+    def a_contribution(self, x: torch.Tensor) -> torch.Tensor:
+        return _homogeneous_outer(x.reshape(-1, x.shape[-1]), self.has_bias)
+
+    def g_contribution(self, grad_output: torch.Tensor) -> torch.Tensor:
+        g = grad_output.reshape(-1, grad_output.shape[-1])
+        return g.t() @ g
+
+
+class Conv2dFactors(LayerFactors):
+    def __init__(self, name: str, module: nn.Conv2d):
+        if module.groups != 1:
+            raise ValueError(f"K-FAC supports Conv2d with groups=1 only; skip layer '{name}' with skip_layers")
+        if module.padding_mode != "zeros" or module.padding == "same":
+            # Reflect/circular padding and 'same' change the patches that unfold would see.
+            raise ValueError(f"K-FAC needs numeric zero padding on Conv2d '{name}'; skip it with skip_layers")
+        super().__init__(name, module)
+
+    @property
+    def a_dim(self) -> int:
+        m = self.module
+        return m.in_channels * m.kernel_size[0] * m.kernel_size[1] + int(self.has_bias)
+
+    def a_contribution(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        padding = 0 if m.padding == "valid" else m.padding
+        out = None
+        locations = None
+        for start in range(0, x.shape[0], IM2COL_CHUNK):
+            chunk = x[start : start + IM2COL_CHUNK]
+            patches = F.unfold(chunk, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
+            locations = patches.shape[2]
+            rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+            part = _homogeneous_outer(rows, self.has_bias)
+            out = part if out is None else out.add_(part)
+        assert out is not None and locations is not None
+        return out.div_(locations)  # mean over locations, sum over examples
+
+    def g_contribution(self, grad_output: torch.Tensor) -> torch.Tensor:
+        # [n, c, h, w] -> rows g_{n,t}: sum over examples and locations.
+        g = grad_output.permute(0, 2, 3, 1).reshape(-1, grad_output.shape[1])
+        return g.t() @ g
+
+
+def make_layer_factors(name: str, module: nn.Module) -> LayerFactors | None:
+    if isinstance(module, nn.Linear):
+        return LinearFactors(name, module)
+    if isinstance(module, nn.Conv2d):
+        return Conv2dFactors(name, module)
+    return None

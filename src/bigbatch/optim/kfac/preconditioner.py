@@ -1,0 +1,363 @@
+"""K-FAC preconditioner that sits beside a torch.optim optimizer:
+
+    loss.backward(); kfac.step(lr=lr); optimizer.step()
+
+``step`` replaces the gradients of every registered Linear/Conv2d layer with (F + damping)^-1 grad,
+F = kron(G, A) per layer (see layers.py for the scale convention). Momentum, weight decay and the LR
+schedule stay the optimizer's: weight decay is added by SGD after preconditioning.
+
+Schedules: statistics are collected on steps where ``step_count % factor_interval == 0`` and folded
+into running averages F <- decay * F + (1 - decay) * F_batch (the weight ``decay`` is on the OLD
+value; the first batch initializes F). Eigendecompositions (or inverses) are recomputed on steps where
+``step_count % inverse_interval == 0``. Damping:
+  * inverse_method="eigen", pi_damping=False (default): exact Tikhonov damping of the Kronecker
+    product, (G (x) A + damping I)^-1, through the eigenvalues g_i a_j + damping;
+  * pi_damping=True: the factored split (G + pi sqrt(d) I) (x) (A + sqrt(d)/pi I) of Martens & Grosse
+    (2015, sec 6.3), pi = sqrt((tr A / dim A) / (tr G / dim G)); "inverse" always uses this split
+    (with pi = 1 unless pi_damping).
+KL-clipping (Ba et al. 2017) scales all preconditioned gradients by
+min(1, sqrt(kl_clip / (lr^2 sum_layers <F^-1 g, g>))).
+
+Fisher types: "empirical" uses the gradients of whatever loss the user backpropagates (Mixup's
+mixed-target loss included); "mc" samples labels from the model's own softmax (seeded) and takes one
+extra backward per micro-batch on statistics steps: call ``accumulate_mc_fisher(logits)`` after each
+forward, before the loss's backward.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import warnings
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bigbatch.optim.kfac.layers import LayerFactors, make_layer_factors
+
+FISHER_TYPES = ("empirical", "mc")
+INVERSE_METHODS = ("eigen", "inverse")
+TIMING_PARTS = ("statistics", "eigendecomposition", "preconditioning", "communication")
+HEALTH_COUNTERS = ("nonfinite_factors", "eigh_retries", "eigh_failures", "nonfinite_updates")
+
+
+class LayerState:
+    """Running factors and their decompositions for one layer."""
+
+    def __init__(self, factors: LayerFactors):
+        self.factors = factors
+        self.A: torch.Tensor | None = None
+        self.G: torch.Tensor | None = None
+        # eigen: (QA, dA, QG, dG); inverse: (A_inv, G_inv)
+        self.decomposition: tuple[torch.Tensor, ...] | None = None
+
+
+class KFACPreconditioner:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        damping: float = 1e-3,
+        factor_decay: float = 0.95,
+        factor_interval: int = 10,
+        inverse_interval: int = 100,
+        kl_clip: float = 1e-3,
+        fisher_type: str = "empirical",
+        pi_damping: bool = False,
+        inverse_method: str = "eigen",
+        skip_layers: Iterable[str] = (),
+        stats_fraction: float = 1.0,
+        seed: int = 0,
+        factor_dtype: torch.dtype = torch.float32,
+    ):
+        _check(damping > 0, "damping", "must be > 0")
+        _check(0 <= factor_decay < 1, "factor_decay", "must be in [0, 1)")
+        _check(factor_interval >= 1, "factor_interval", "must be >= 1")
+        _check(inverse_interval >= 1, "inverse_interval", "must be >= 1")
+        _check(kl_clip >= 0, "kl_clip", "must be >= 0 (0 disables KL-clipping)")
+        _check(fisher_type in FISHER_TYPES, "fisher_type", f"must be one of {FISHER_TYPES}")
+        _check(inverse_method in INVERSE_METHODS, "inverse_method", f"must be one of {INVERSE_METHODS}")
+        _check(0 < stats_fraction <= 1, "stats_fraction", "must be in (0, 1]")
+        self.damping = damping
+        self.factor_decay = factor_decay
+        self.factor_interval = factor_interval
+        self.inverse_interval = inverse_interval
+        self.kl_clip = kl_clip
+        self.fisher_type = fisher_type
+        self.pi_damping = pi_damping
+        self.inverse_method = inverse_method
+        self.stats_fraction = stats_fraction
+        self.factor_dtype = factor_dtype
+        self.mc_generator = torch.Generator().manual_seed(seed)
+
+        patterns = [re.compile(p) for p in skip_layers]
+        self.layers: dict[str, LayerState] = {}
+        for name, module in model.named_modules():
+            if any(p.fullmatch(name) for p in patterns):
+                continue
+            factors = make_layer_factors(name, module)
+            if factors is not None:
+                self.layers[name] = LayerState(factors)
+        if not self.layers:
+            warnings.warn("KFACPreconditioner found no Linear or Conv2d layer to precondition", stacklevel=2)
+
+        self.steps = 0
+        self.examples_seen = 0  # examples through the model since the last step (all, not only sampled)
+        self.timings = dict.fromkeys(TIMING_PARTS, 0.0)
+        self.health = dict.fromkeys(HEALTH_COUNTERS, 0)
+        self._mc_outputs: list[tuple[LayerFactors, torch.Tensor]] = []
+        self._warned_missing = False
+        self._handles = [
+            state.factors.module.register_forward_hook(self._forward_hook(state.factors)) for state in self.layers.values()
+        ]
+        self._handles.append(model.register_forward_pre_hook(self._count_examples))
+
+    def _count_examples(self, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        if model.training and torch.is_grad_enabled() and self.collecting:
+            self.examples_seen += inputs[0].shape[0]
+
+    # -- hooks -----------------------------------------------------------------------------------
+    @property
+    def collecting(self) -> bool:
+        return self.steps % self.factor_interval == 0
+
+    def _forward_hook(self, factors: LayerFactors):
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            if not (module.training and torch.is_grad_enabled() and self.collecting):
+                return
+            start = time.perf_counter()
+            x = inputs[0]
+            k = self._sampled_rows(x.shape[0])
+            factors.add_input(x[:k])
+            if self.fisher_type == "empirical":
+                output.register_hook(lambda grad: self._grad_hook(factors, grad, k))
+            else:
+                self._mc_outputs.append((factors, output))
+            self.timings["statistics"] += time.perf_counter() - start
+
+        return hook
+
+    def _grad_hook(self, factors: LayerFactors, grad: torch.Tensor, k: int) -> None:
+        start = time.perf_counter()
+        factors.add_output_grad(grad[:k])
+        self.timings["statistics"] += time.perf_counter() - start
+
+    def accumulate_mc_fisher(self, logits: torch.Tensor) -> None:
+        """MC Fisher: backprop a loss with labels sampled from softmax(logits) to the layer outputs only."""
+        if self.fisher_type != "mc" or not self._mc_outputs:
+            self._mc_outputs.clear()
+            return
+        start = time.perf_counter()
+        with torch.no_grad():
+            probs = torch.softmax(logits.detach().float(), dim=1)
+            sampled = torch.multinomial(probs.cpu(), 1, generator=self.mc_generator).squeeze(1).to(logits.device)
+        # A sum of per-example losses: each output gradient is already that example's own gradient.
+        loss = F.cross_entropy(logits, sampled, reduction="sum")
+        outputs = [o for _, o in self._mc_outputs]
+        grads = torch.autograd.grad(loss, outputs, retain_graph=True)
+        for (factors, out), grad in zip(self._mc_outputs, grads):
+            factors.add_output_grad(grad[: self._sampled_rows(out.shape[0])])
+        self._mc_outputs.clear()
+        self.timings["statistics"] += time.perf_counter() - start
+
+    def _sampled_rows(self, n: int) -> int:
+        return max(1, math.ceil(n * self.stats_fraction))
+
+    # -- the step --------------------------------------------------------------------------------
+    def step(self, lr: float | None = None) -> None:
+        if self.collecting:
+            start = time.perf_counter()
+            batch = self._batch_factors()
+            self.timings["statistics"] += time.perf_counter() - start
+            self.reduce_factors(batch)
+            start = time.perf_counter()
+            self._update_running_factors(batch)
+            self.timings["statistics"] += time.perf_counter() - start
+        if self.steps % self.inverse_interval == 0 or any(
+            s.decomposition is None and s.A is not None for s in self.layers.values()
+        ):
+            self.compute_decompositions([s for s in self.layers.values() if s.A is not None])
+        start = time.perf_counter()
+        self._precondition(lr)
+        self.timings["preconditioning"] += time.perf_counter() - start
+        self.steps += 1
+        self.examples_seen = 0
+        for state in self.layers.values():
+            state.factors.reset()
+
+    def _batch_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+        """Per layer: (A sum, G sum, contributing examples), G scaled to per-example gradients."""
+        out = {}
+        missing = []
+        # Empirical: hooks saw g / N for a mean loss over N examples, so sum(g g^T) = N^2 * raw sum.
+        scale = float(self.examples_seen) ** 2 if self.fisher_type == "empirical" else 1.0
+        for name, state in self.layers.items():
+            f = state.factors
+            if f.a_sum is None or f.g_sum is None or f.count == 0:
+                missing.append(name)
+                continue
+            out[name] = (f.a_sum.to(self.factor_dtype), f.g_sum.to(self.factor_dtype) * scale, float(f.count))
+        if missing and not self._warned_missing:
+            warnings.warn(
+                f"K-FAC layers recorded no statistics this step: {', '.join(missing)} (not used in forward, or no "
+                "backward reached them); they keep their raw gradients. Skip them with skip_layers to silence this.",
+                stacklevel=3,
+            )
+            self._warned_missing = True
+        return out
+
+    def reduce_factors(self, batch: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+        """Hook for data parallelism: sum the factor sums and counts over ranks (no-op in one process)."""
+
+    def _update_running_factors(self, batch: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+        for name, (a_sum, g_sum, count) in batch.items():
+            state = self.layers[name]
+            a, g = a_sum / count, g_sum / count
+            if not (torch.isfinite(a).all() and torch.isfinite(g).all()):
+                self.health["nonfinite_factors"] += 1
+                continue
+            if state.A is None:
+                state.A, state.G = a, g
+            else:
+                state.A.mul_(self.factor_decay).add_(a, alpha=1 - self.factor_decay)
+                state.G.mul_(self.factor_decay).add_(g, alpha=1 - self.factor_decay)
+
+    # -- decompositions ------------------------------------------------------------------------
+    def compute_decompositions(self, states: list[LayerState]) -> None:
+        """Hook for data parallelism (assign layers to ranks, broadcast); here every layer locally."""
+        start = time.perf_counter()
+        for state in states:
+            self.decompose(state)
+        self.timings["eigendecomposition"] += time.perf_counter() - start
+
+    def decompose(self, state: LayerState) -> None:
+        assert state.A is not None and state.G is not None
+        if self.inverse_method == "eigen":
+            qa_da = self._robust_eigh(state.A)
+            qg_dg = self._robust_eigh(state.G)
+            if qa_da is None or qg_dg is None:
+                self.health["eigh_failures"] += 1
+                return  # keep the previous eigenbasis (or none: raw gradient)
+            state.decomposition = (*qa_da, *qg_dg)
+        else:
+            pi = self._pi(state.A, state.G) if self.pi_damping else 1.0
+            root = math.sqrt(self.damping)
+            a_inv = self._robust_inverse(state.A, root / pi)
+            g_inv = self._robust_inverse(state.G, root * pi)
+            if a_inv is None or g_inv is None:
+                self.health["eigh_failures"] += 1
+                return
+            state.decomposition = (a_inv, g_inv)
+
+    def _robust_eigh(self, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """eigh in the factor dtype; on failure retry in float64, then with growing jitter."""
+        for attempt, (dtype, jitter) in enumerate(
+            [(m.dtype, 0.0), (torch.float64, 0.0), (torch.float64, 1e-6), (torch.float64, 1e-3)]
+        ):
+            try:
+                x = m.to(dtype)
+                if jitter:
+                    x = x + jitter * max(float(x.diagonal().abs().mean()), 1e-12) * torch.eye(x.shape[0], dtype=dtype, device=x.device)
+                d, q = torch.linalg.eigh(x)
+                if torch.isfinite(d).all() and torch.isfinite(q).all():
+                    if attempt:
+                        self.health["eigh_retries"] += 1
+                    # Tiny negative eigenvalues are round-off of a PSD matrix.
+                    return q.to(m.dtype), d.clamp_min(0).to(m.dtype)
+            except (RuntimeError, torch.linalg.LinAlgError):
+                pass
+        return None
+
+    def _robust_inverse(self, m: torch.Tensor, damping: float) -> torch.Tensor | None:
+        eye = torch.eye(m.shape[0], dtype=torch.float64, device=m.device)
+        for dtype, extra in ((m.dtype, 1.0), (torch.float64, 1.0), (torch.float64, 10.0)):
+            try:
+                inv = torch.linalg.inv(m.to(dtype) + damping * extra * eye.to(dtype))
+                if torch.isfinite(inv).all():
+                    if dtype != m.dtype or extra != 1.0:
+                        self.health["eigh_retries"] += 1
+                    return inv.to(m.dtype)
+            except (RuntimeError, torch.linalg.LinAlgError):
+                pass
+        return None
+
+    @staticmethod
+    def _pi(a: torch.Tensor, g: torch.Tensor) -> float:
+        ta = float(a.diagonal().mean())
+        tg = float(g.diagonal().mean())
+        if ta <= 0 or tg <= 0 or not math.isfinite(ta / tg):
+            return 1.0
+        return math.sqrt(ta / tg)
+
+    def _solve(self, state: LayerState, v: torch.Tensor) -> torch.Tensor:
+        """(F + damping)^-1 v for the layer's gradient matrix v [g_dim, a_dim]."""
+        assert state.decomposition is not None
+        if self.inverse_method == "inverse":
+            a_inv, g_inv = state.decomposition
+            return g_inv @ v @ a_inv
+        qa, da, qg, dg = state.decomposition
+        if self.pi_damping:
+            pi = self._pi(state.A, state.G)
+            root = math.sqrt(self.damping)
+            denom = torch.outer(dg + root * pi, da + root / pi)
+        else:
+            denom = torch.outer(dg, da) + self.damping
+        return qg @ ((qg.t() @ v @ qa) / denom) @ qa.t()
+
+    def _precondition(self, lr: float | None) -> None:
+        updates: list[tuple[LayerState, torch.Tensor, torch.Tensor]] = []
+        for state in self.layers.values():
+            if state.decomposition is None or not state.factors.has_grad():
+                continue
+            v = state.factors.grad_matrix()
+            x = self._solve(state, v.to(self.factor_dtype)).to(v.dtype)
+            if not torch.isfinite(x).all():
+                self.health["nonfinite_updates"] += 1
+                continue  # keep the raw gradient for this layer
+            updates.append((state, x, v))
+        nu = 1.0
+        if self.kl_clip > 0 and lr is not None and updates:
+            vg_sum = sum(float((x * v).sum()) for _, x, v in updates) * lr**2
+            if vg_sum > 0:
+                nu = min(1.0, math.sqrt(self.kl_clip / vg_sum))
+        for state, x, _ in updates:
+            state.factors.set_grad_matrix(x * nu if nu != 1.0 else x)
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    def reset_timings(self) -> None:
+        self.timings = dict.fromkeys(TIMING_PARTS, 0.0)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "health": dict(self.health),
+            "mc_generator": self.mc_generator.get_state(),
+            "layers": {
+                name: {"A": s.A, "G": s.G, "decomposition": s.decomposition} for name, s in self.layers.items()
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unknown = set(state["layers"]) - set(self.layers)
+        if unknown:
+            raise ValueError(f"K-FAC state has layers {sorted(unknown)} that this model does not register")
+        self.steps = state["steps"]
+        self.health.update(state["health"])
+        self.mc_generator.set_state(state["mc_generator"])
+        for name, s in state["layers"].items():
+            layer = self.layers[name]
+            layer.A, layer.G = s["A"], s["G"]
+            layer.decomposition = tuple(s["decomposition"]) if s["decomposition"] is not None else None
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"KFACPreconditioner argument {name} {message}")
