@@ -111,10 +111,13 @@ def test_image_folder_roundtrip(tmp_path, mode, as_zip):
     channels = 1 if mode == "L" else 3
     assert ds.train_images.shape == (6, channels, 24, 20) and ds.test_images.shape == (4, channels, 24, 20)
     assert ds.classes == ["cat", "dog"]
-    assert ds.train_labels.tolist() == [0, 0, 0, 1, 1, 1]
-    expected = arrays[("train", "dog", 1)]
-    got = ds.train_images[4].numpy()
-    assert np.array_equal(got[0] if mode == "L" else got.transpose(1, 2, 0), expected)  # PNG is lossless
+    assert sorted(ds.train_labels.tolist()) == [0, 0, 0, 1, 1, 1]  # stored in a fixed shuffled order
+    assert torch.equal(load_dataset("auto", path).train_labels, ds.train_labels)
+    for (split, cls, i), expected in arrays.items():  # every image is there, pixel-exact (PNG is lossless)
+        images, labels = (ds.train_images, ds.train_labels) if split == "train" else (ds.test_images, ds.test_labels)
+        want = torch.from_numpy(expected).reshape(24, 20, channels).permute(2, 0, 1)
+        hits = [j for j in range(len(labels)) if torch.equal(images[j], want)]
+        assert len(hits) == 1 and labels[hits[0]] == ds.classes.index(cls)
 
 
 def test_image_folder_corrupt_and_mismatched_files_are_named(tmp_path):

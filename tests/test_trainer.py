@@ -37,7 +37,7 @@ def _params(trainer):
 
 
 def _strip_times(rows):
-    return [{k: v for k, v in r.items() if "time" not in k and k != "images_per_sec"} for r in rows]
+    return [{k: v for k, v in r.items() if "time" not in k and k not in ("images_per_sec", "max_rss_mib")} for r in rows]
 
 
 def test_same_seed_same_metrics(tmp_path, synthetic):

@@ -101,13 +101,13 @@ class ScheduleConfig:
 
 @dataclass
 class KFACConfig:
-    damping: float = 1e-3
+    damping: float = 1e-2
     factor_decay: float = 0.95
     factor_interval: int = 10
     inverse_interval: int = 100
     kl_clip: float = 1e-3
     fisher_type: str = "empirical"
-    pi_damping: bool = True
+    pi_damping: bool = False
     inverse_method: str = "eigen"
     stats_fraction: float = 1.0
     skip_layers: list[str] = field(default_factory=list)

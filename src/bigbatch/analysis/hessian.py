@@ -59,7 +59,7 @@ def loss_and_gradient(model: nn.Module, batches: Batches) -> tuple[float, Vector
     for x, y in batches():
         loss = F.cross_entropy(model(x), y, reduction="sum")
         grad = [g + d for g, d in zip(grad, torch.autograd.grad(loss, params))]
-        loss_sum += float(loss)
+        loss_sum += float(loss.detach())
         total += y.shape[0]
     return loss_sum / total, [g / total for g in grad]
 

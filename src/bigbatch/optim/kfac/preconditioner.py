@@ -60,7 +60,7 @@ class KFACPreconditioner:
         self,
         model: nn.Module,
         *,
-        damping: float = 1e-3,
+        damping: float = 1e-2,
         factor_decay: float = 0.95,
         factor_interval: int = 10,
         inverse_interval: int = 100,
