@@ -58,7 +58,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     study = load_study(args.config, args.overrides, seeds=args.seeds)
     print(f"study {study.name}: {len(study.runs)} runs under {study.output_dir}/", flush=True)
     if not args.report_only:
-        run_study(study)
+        run_study(study, jobs=args.jobs)
     report = _study_report(study, " ".join(["bigbatch reproduce", args.config, *(f"--set {o}" for o in args.overrides)]))
     print(f"report: {report}")
     return 0
@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--seeds", type=int, nargs="+", help="run these seeds instead of the study's [study] seeds")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from existing runs")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, each on its share of the CPU threads")
     p.set_defaults(func=cmd_reproduce)
     p = sub.add_parser("landscape", help="1-D/2-D loss landscape around trained runs, or interpolation between two")
     p.add_argument("run_dirs", nargs="+")
