@@ -1,0 +1,154 @@
+"""K-FAC overhead, per part, against SGD and against ASDL's KfacGradientMaker, measured in one run.
+
+For LeNet-5 on CIFAR-10 at batch 128 and 2048:
+  * bigbatch epochs (Trainer.train_epoch): SGD, K-FAC at its defaults, K-FAC with statistics and
+    eigendecompositions every step; K-FAC's per-part times (statistics, eigendecomposition,
+    preconditioning) from its own timers;
+  * per-step times of bigbatch K-FAC and ASDL K-FAC (empirical Fisher, the same damping, matching
+    intervals), both in plain NCHW without micro-batching so the comparison is like for like.
+
+    .venv/bin/pip install asdfghjkl   # optional: without it the ASDL rows are skipped
+    .venv/bin/python benchmarks/bench_kfac.py [--data PATH] [--steps 30]
+
+ASDL calls torch.cuda.nvtx, which a CPU-only torch lacks: the ranges are replaced by no-ops here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from bigbatch.config import load_config
+from bigbatch.data import load_dataset
+from bigbatch.data.batches import BatchLoader, channel_stats
+from bigbatch.models import build_model
+from bigbatch.optim.kfac import KFACPreconditioner
+from bigbatch.train.trainer import Trainer
+
+
+def trainer_epoch(data: str, batch: int, out: str, extra: list[str], epochs: int) -> tuple[float, dict[str, float]]:
+    cfg = load_config(None, [
+        f"data.path={data}", f"train.batch_size={batch}", "train.train_eval_examples=0", "train.progress=off",
+        f"run.output_dir={out}", "run.name=bench", "data.test_limit=1000", *extra,
+    ])
+    trainer = Trainer(cfg)
+    trainer.train_epoch(0)  # warm-up
+    times, parts = [], []
+    for e in range(epochs):
+        if trainer.kfac is not None:
+            trainer.kfac.reset_timings()
+        times.append(trainer.train_epoch(e + 1)["epoch_time"])
+        parts.append(dict(trainer.kfac.timings) if trainer.kfac is not None else {})
+    median = statistics.median(times)
+    return median, parts[times.index(median)]
+
+
+def _patch_nvtx() -> None:
+    import torch.cuda.nvtx as nvtx
+
+    nvtx.range_push = lambda *a, **k: None
+    nvtx.range_pop = lambda *a, **k: None
+
+
+def step_timer(name: str, batches: list[tuple[torch.Tensor, torch.Tensor]], interval: int) -> Callable[[], float]:
+    """Seconds per step (median over the batches) of one K-FAC implementation at equal settings."""
+    torch.manual_seed(0)
+    model = build_model("lenet5", 3, (32, 32), 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    if name == "bigbatch":
+        kfac = KFACPreconditioner(model, damping=1e-2, factor_decay=0.95, factor_interval=interval,
+                                  inverse_interval=interval * 10 if interval > 1 else 1, kl_clip=0.0)
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> None:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            kfac.step(lr=0.001)
+            opt.step()
+    else:
+        _patch_nvtx()
+        from asdl.precondition import KfacGradientMaker, PreconditioningConfig
+
+        config = PreconditioningConfig(
+            data_size=batches[0][0].shape[0], damping=1e-2, ema_decay=0.05,
+            curvature_upd_interval=interval, preconditioner_upd_interval=interval * 10 if interval > 1 else 1,
+        )
+        gm = KfacGradientMaker(model, config, fisher_type="fisher_emp")
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> None:
+            opt.zero_grad()
+            dummy = gm.setup_model_call(model, x)
+            gm.setup_loss_call(F.cross_entropy, dummy, y)
+            gm.forward_and_backward()
+            opt.step()
+
+    def run() -> float:
+        step(*batches[0])  # warm-up
+        times = []
+        for x, y in batches:
+            start = time.perf_counter()
+            step(x, y)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="../shared/data/cifar10-jpeg.zip")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args()
+    try:
+        import asdl  # noqa: F401
+
+        have_asdl = True
+    except ImportError:
+        have_asdl = False
+
+    ds = load_dataset("auto", args.data, cache_dir=".cache/bigbatch")
+    mean, std = channel_stats(ds.train_images)
+    print(f"LeNet-5 on {ds.name}, {torch.get_num_threads()} threads; times are medians\n")
+    print("| batch | variant | epoch s | vs SGD | statistics s | eigendecomposition s | preconditioning s |")
+    print("|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as out:
+        for batch in (128, 2048):
+            variants = {
+                "SGD": ["optimizer.name=sgd"],
+                "K-FAC defaults (10/100)": ["optimizer.name=kfac"],
+                "K-FAC every step (1/1)": ["optimizer.name=kfac", "kfac.factor_interval=1", "kfac.inverse_interval=1"],
+            }
+            if batch == 2048:
+                variants["K-FAC paper LB (1/10, 1/4 of batch)"] = [
+                    "optimizer.name=kfac", "kfac.factor_interval=1", "kfac.inverse_interval=10", "kfac.stats_fraction=0.25"]
+            sgd = None
+            for name, extra in variants.items():
+                t, parts = trainer_epoch(args.data, batch, out, extra, args.epochs)
+                sgd = sgd or t
+                print(f"| {batch} | {name} | {t:.2f} | {t / sgd:.2f}x | {parts.get('statistics', 0):.2f} | "
+                      f"{parts.get('eigendecomposition', 0):.2f} | {parts.get('preconditioning', 0):.2f} |", flush=True)
+
+    if not have_asdl:
+        print("\nASDL (pip install asdfghjkl) not installed: per-step comparison skipped")
+        return
+    print("\nPer step, plain NCHW loop, no micro-batching, empirical Fisher, damping 1e-2:\n")
+    print("| batch | intervals (stats/inverse) | bigbatch ms/step | ASDL ms/step | ASDL / bigbatch |")
+    print("|---|---|---|---|---|")
+    for batch in (128, 2048):
+        loader = BatchLoader(ds.train_images, ds.train_labels, batch, mean=mean, std=std, shuffle=True)
+        batches = [b for _, b in zip(range(args.steps), loader)]
+        for interval in (1, 10):
+            ours = step_timer("bigbatch", batches, interval)()
+            theirs = step_timer("asdl", batches, interval)()
+            label = "1/1" if interval == 1 else "10/100"
+            print(f"| {batch} | {label} | {1e3 * ours:.1f} | {1e3 * theirs:.1f} | {theirs / ours:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
