@@ -111,6 +111,8 @@ class KFACConfig:
     inverse_method: str = "eigen"
     stats_fraction: float = 1.0
     skip_layers: list[str] = field(default_factory=list)
+    # Data-parallel runs all-reduce only each factor's upper triangle (about half the bytes).
+    upper_triangle: bool = True
 
 
 @dataclass

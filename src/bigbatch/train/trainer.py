@@ -236,10 +236,16 @@ class Trainer:
 
     def _build_kfac(self) -> Any:
         from bigbatch.optim.kfac import KFACPreconditioner
+        from bigbatch.optim.kfac.distributed import DistributedKFACPreconditioner
 
         k = self.cfg.kfac
-        return KFACPreconditioner(
+        extra: dict[str, Any] = {}
+        kind: Any = KFACPreconditioner
+        if self.parallel.world_size > 1:
+            kind, extra = DistributedKFACPreconditioner, {"upper_triangle": k.upper_triangle}
+        return kind(
             self.model,
+            **extra,
             damping=k.damping,
             factor_decay=k.factor_decay,
             factor_interval=k.factor_interval,
@@ -317,6 +323,9 @@ class Trainer:
                 row["communication_time"] = self.parallel.communication_time - comm_start
                 row["bytes_communicated"] = self.parallel.bytes_communicated - bytes_start
             if self.kfac is not None:
+                if self.parallel.world_size > 1:
+                    row["kfac_factor_bytes"] = self.kfac.factor_bytes
+                    self.kfac.factor_bytes = 0
                 row.update({f"kfac_{k}_time": v for k, v in self.kfac.timings.items()})
                 row.update({f"kfac_{k}": v for k, v in self.kfac.health.items()})
             wall_time += time.perf_counter() - wall_start

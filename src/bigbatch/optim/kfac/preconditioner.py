@@ -266,7 +266,7 @@ class KFACPreconditioner:
                     if attempt:
                         self.health["eigh_retries"] += 1
                     # Tiny negative eigenvalues are round-off of a PSD matrix.
-                    return q.to(m.dtype), d.clamp_min(0).to(m.dtype)
+                    return q.to(m.dtype).contiguous(), d.clamp_min(0).to(m.dtype)
             except (RuntimeError, torch.linalg.LinAlgError):
                 pass
         return None
