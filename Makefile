@@ -13,14 +13,17 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
 
+# The seed's 8-run grid for 5 epochs (two runs at a time), then its report.
 demo: $(BIN)/.installed
-	$(BIN)/bigbatch train configs/demo.toml --resume --set data.path=$(DATA) --set run.name=demo-lenet5-sgd-$(basename $(notdir $(DATA)))
+	$(BIN)/bigbatch reproduce configs/quick.toml --jobs 2 --set data.path=$(DATA) \
+		--output-dir runs/quick-$(basename $(basename $(notdir $(DATA))))
 
 test: $(BIN)/.installed
 	$(BIN)/pytest
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_trainer.py
+	$(BIN)/python benchmarks/bench_kfac.py
 
 clean:
 	rm -rf runs .cache

@@ -55,7 +55,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     if not args.config:
         raise BigbatchError("reproduce needs a study config, e.g. bigbatch reproduce configs/quick.toml")
-    study = load_study(args.config, args.overrides, seeds=args.seeds)
+    study = load_study(args.config, args.overrides, seeds=args.seeds, output_dir=args.output_dir)
     print(f"study {study.name}: {len(study.runs)} runs under {study.output_dir}/", flush=True)
     if not args.report_only:
         run_study(study, jobs=args.jobs)
@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", help="run these seeds instead of the study's [study] seeds")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from existing runs")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, each on its share of the CPU threads")
+    p.add_argument("--output-dir", help="put the study's runs and report here instead of its [study] output_dir")
     p.set_defaults(func=cmd_reproduce)
     p = sub.add_parser("landscape", help="1-D/2-D loss landscape around trained runs, or interpolation between two")
     p.add_argument("run_dirs", nargs="+")

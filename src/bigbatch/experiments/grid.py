@@ -63,7 +63,9 @@ def _slug(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "", str(value))
 
 
-def load_study(path: str | Path, overrides: Iterable[str] = (), seeds: list[int] | None = None) -> Study:
+def load_study(
+    path: str | Path, overrides: Iterable[str] = (), seeds: list[int] | None = None, output_dir: str | None = None
+) -> Study:
     raw = read_toml(path)
     unknown = set(raw) - {"study", "base", "runs", "grid"}
     if unknown:
@@ -75,7 +77,7 @@ def load_study(path: str | Path, overrides: Iterable[str] = (), seeds: list[int]
     name = meta.get("name", Path(path).stem)
     study = Study(
         name=name,
-        output_dir=Path(meta.get("output_dir", f"runs/{name}")),
+        output_dir=Path(output_dir or meta.get("output_dir", f"runs/{name}")),
         seeds=list(seeds or meta.get("seeds", [0])),
         target_accuracy=float(meta.get("target_accuracy", 0.5)),
         description=meta.get("description", ""),
