@@ -149,12 +149,18 @@ def test_report_from_fake_runs(tmp_path):
     assert deg[("SGD", True)]["degradation"] == pytest.approx(0.04)
     assert deg[("SGD", True)]["reduction_by_smoothing"] == pytest.approx(0.06)
     assert deg[("K-FAC", False)]["degradation"] == pytest.approx(0.08)
-    assert "| SGD | Mixup a=0.7 | 128 | 2048 | 62.00 | 58.00 | 4.00 |" in text
+    assert "| SGD | Mixup a=0.9 (SB) / Mixup a=0.7 (LB) | 128 | 2048 | 62.00 | 58.00 | 4.00 |" in text
     summary = {r["run"]: r for r in csv.DictReader((tmp_path / "report" / "summary.csv").open())}
     assert float(summary["sb-sgd"]["generalization_gap"]) == pytest.approx(0.2)
     assert float(summary["lb-sgd"]["epochs_to_target"]) == 3
     assert float(summary["lb-kfac"]["updates_to_target"]) == 2 * (50000 // 2048)
     assert float(summary["sb-kfac"]["time_to_target_s"]) == 20.0
+    assert "## Flatness" not in text
+    (tmp_path / "runs" / "lb-kfac" / "sharpness.json").write_text(json.dumps(
+        {"top_eigenvalues": [12.5, 3.0], "trace": 80.0, "epsilon_sharpness": 4.25}))
+    results[5] = load_run(tmp_path / "runs" / "lb-kfac")
+    text = write_report(results, tmp_path / "report", title="T", target=0.5).read_text()
+    assert "| lb-kfac | 12.5 | 80 | 4.25 |" in text
     pngs = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
     assert "test_vs_epoch_no-smoothing.png" in pngs and "test_vs_time_kfac.png" in pngs
     assert "test_vs_step_large-batch.png" in pngs

@@ -136,8 +136,9 @@ def degradation(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         sb = min(group, key=lambda g: g["batch_size"])
         lb = max(group, key=lambda g: g["batch_size"])
+        label = sb["smoothing"] if sb["smoothing"] == lb["smoothing"] else f"{sb['smoothing']} (SB) / {lb['smoothing']} (LB)"
         out.append({
-            "optimizer": opt, "smoothing": lb["smoothing"] if smoothed else "none", "smoothed": smoothed,
+            "optimizer": opt, "smoothing": label, "smoothed": smoothed,
             "small_batch": sb["batch_size"], "large_batch": lb["batch_size"],
             "small_batch_test_acc": sb["final_test_acc"], "large_batch_test_acc": lb["final_test_acc"],
             "degradation": sb["final_test_acc"] - lb["final_test_acc"],
