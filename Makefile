@@ -5,7 +5,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 DATA ?= ../shared/data/cifar10-jpeg.zip
 
-.PHONY: demo test bench clean
+.PHONY: demo dist-demo test bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,12 @@ $(BIN)/.installed: pyproject.toml
 demo: $(BIN)/.installed
 	$(BIN)/bigbatch reproduce configs/quick.toml --jobs 2 --set data.path=$(DATA) \
 		--output-dir runs/quick-$(basename $(basename $(notdir $(DATA))))
+
+# Two data-parallel processes (gloo, one thread each) training LeNet-5 at batch 2048 with K-FAC.
+dist-demo: $(BIN)/.installed
+	$(BIN)/torchrun --nproc_per_node=2 -m bigbatch train configs/demo.toml --resume --set data.path=$(DATA) \
+		--set run.threads=1 --set train.batch_size=2048 --set optimizer.name=kfac --set optimizer.lr=0.004 \
+		--set run.name=dist-demo-$(basename $(basename $(notdir $(DATA))))
 
 test: $(BIN)/.installed
 	$(BIN)/pytest

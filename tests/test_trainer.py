@@ -62,7 +62,11 @@ def test_run_directory_contents(tmp_path, synthetic):
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("extra", [(), ("augment.mixup_alpha=0.7", "augment.crop_flip=true", "schedule.decay_epochs=[2]")])
+@pytest.mark.parametrize("extra", [
+    (),
+    ("augment.mixup_alpha=0.7", "augment.crop_flip=true", "schedule.decay_epochs=[2]"),
+    ("optimizer.name=kfac", "kfac.factor_interval=2", "kfac.inverse_interval=3", "kfac.fisher_type=mc", "schedule.warmup_epochs=1"),
+])
 def test_resume_equals_uninterrupted(tmp_path, synthetic, extra):
     full = Trainer(_cfg(tmp_path / "full", *extra), synthetic)
     full_rows = full.fit()
