@@ -46,7 +46,8 @@ def trainer_epoch(data: str, batch: int, out: str, extra: list[str], epochs: int
         times.append(trainer.train_epoch(e + 1)["epoch_time"])
         parts.append(dict(trainer.kfac.timings) if trainer.kfac is not None else {})
     median = statistics.median(times)
-    return median, parts[times.index(median)]
+    closest = min(range(len(times)), key=lambda i: abs(times[i] - median))
+    return median, parts[closest]
 
 
 def _patch_nvtx() -> None:

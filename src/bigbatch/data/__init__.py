@@ -1,29 +1,44 @@
-"""Datasets, each loaded once into memory as uint8 tensors: ``load_dataset(format, path, ...)``."""
+"""Datasets, each loaded once into memory as uint8 tensors: ``load_dataset(format, path, ...)``.
+
+One entry point for every format, so the config names a dataset with two strings (data.format,
+data.path) and everything downstream sees the same ``ImageDataset``. Decoded file datasets can be
+cached (``cache_dir``): decoding the 60,000-image JPEG zip costs seconds on every run, reading the
+cached tensors a fraction of a second.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
-from bigbatch.data.cifar10 import download_cifar10, find_cifar10, load_cifar10
+from bigbatch.data.cifar10 import FOLDER_NAME, GET_HINT, download_cifar10, find_cifar10, is_archive_name, load_cifar10
 from bigbatch.data.dataset import DatasetError, ImageDataset, apply_limits
 from bigbatch.data.folder import load_image_folder
-from bigbatch.data.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_PATH, FILES, find_idx_file, load_idx
-from bigbatch.data.synthetic import make_synthetic
+from bigbatch.data.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_HINT, FASHION_MNIST_PATH, FILES, find_idx_file, load_idx
+from bigbatch.data.synthetic import DEFAULT_TEST, DEFAULT_TRAIN, make_synthetic
 
 DATASET_FORMATS = ("cifar10", "image-folder", "idx", "fashion-mnist", "synthetic")
+CACHE_VERSION = 2  # bump when a loader's output changes, so old cache files are not reused
+MISSING_HINTS = {
+    "cifar10": GET_HINT,
+    "fashion-mnist": FASHION_MNIST_HINT,
+    "image-folder": "point data.path at a directory or .zip holding train/<class>/ and test/<class>/ image folders",
+    "idx": f"point data.path at a folder holding {', '.join(FILES.values())} (each may be .gz)",
+}
 
 
 def detect_format(path: Path) -> str:
-    if path.is_file() and path.suffix.lower() == ".zip":
+    """The format a path holds: a .zip or a folder with train/ is an image folder, and so on."""
+    if path.suffix.lower() == ".zip":
         return "image-folder"
-    if find_cifar10(path) is not None:
+    if is_archive_name(path) or path.name == FOLDER_NAME or find_cifar10(path) is not None:
         return "cifar10"
-    if path.is_dir() and (path / "train").is_dir() and (path / "test").is_dir():
+    if path.is_dir() and (path / "train").is_dir():
         return "image-folder"
     if path.is_dir() and find_idx_file(path, FILES["train_images"]) is not None:
         return "idx"
@@ -33,45 +48,69 @@ def detect_format(path: Path) -> str:
             "folder (directory or .zip), or a directory of IDX files"
         )
     raise DatasetError(
-        f"cannot tell what dataset '{path}' is; set data.format to one of {', '.join(DATASET_FORMATS)}"
+        f"cannot tell what dataset '{path}' holds (no .zip, train/ folder, CIFAR-10 batches or IDX files); "
+        f"set data.format to one of {', '.join(DATASET_FORMATS)}"
     )
 
 
-def _load_uncached(fmt: str, path: Path, download: bool, train_limit: int | None, test_limit: int | None) -> ImageDataset:
-    if fmt == "cifar10":
-        if find_cifar10(path) is None and download:
-            download_cifar10(path if path.suffix == "" else path.parent)
-        return apply_limits(load_cifar10(path), train_limit, test_limit)
-    if fmt == "image-folder":
-        # Limits are applied while listing, so unneeded images are never decoded.
-        return load_image_folder(path, train_limit, test_limit)
-    if fmt == "fashion-mnist":
-        return apply_limits(load_idx(path, FASHION_MNIST_CLASSES, "fashion-mnist"), train_limit, test_limit)
-    return apply_limits(load_idx(path), train_limit, test_limit)
+def _fingerprint(path: Path) -> str:
+    """Size and mtime of the file, or of every file under the directory: changes when the data does."""
+    if path.is_file():
+        stat = path.stat()
+        return f"{stat.st_size}:{stat.st_mtime_ns}"
+    digest = hashlib.sha1()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            stat = os.stat(os.path.join(root, name))
+            digest.update(f"{os.path.relpath(os.path.join(root, name), path)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
-def _cache_file(cache_dir: Path, fmt: str, path: Path, train_limit: int | None, test_limit: int | None) -> Path:
-    stat = path.stat()
-    key = f"{fmt}|{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{train_limit}|{test_limit}"
-    return cache_dir / f"{fmt}-{path.stem}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
+def cache_file(cache_dir: Path, fmt: str, source: Path, train_limit: int | None, test_limit: int | None) -> Path:
+    """Where the decoded tensors of ``source`` with these limits are cached."""
+    key = f"v{CACHE_VERSION}|{fmt}|{source.resolve()}|{_fingerprint(source)}|{train_limit}|{test_limit}"
+    return cache_dir / f"{fmt}-{source.name.split('.')[0]}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
 
 
 def _read_cache(file: Path) -> ImageDataset | None:
     try:
         return ImageDataset(**torch.load(file, weights_only=True))
-    except Exception:  # a damaged or stale cache is rebuilt, never fatal
+    except Exception:  # a damaged, partial or foreign cache file is rebuilt, never fatal
         return None
 
 
 def _write_cache(file: Path, ds: ImageDataset) -> None:
-    file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=file.parent, suffix=".tmp")
+    """Temp file in the same directory, then an atomic rename: readers never see half a file."""
+    tmp = None
     try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            torch.save(ds.__dict__, f)
+            torch.save(dict(vars(ds)), f)
         os.replace(tmp, file)
-    except OSError:
-        Path(tmp).unlink(missing_ok=True)
+    except Exception as exc:  # a cache that cannot be written only costs speed
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        warnings.warn(f"could not write the dataset cache '{file}' ({exc}); the next run decodes the data again", stacklevel=3)
+
+
+def _load_uncached(fmt: str, source: Path, train_limit: int | None, test_limit: int | None) -> ImageDataset:
+    if fmt == "image-folder":
+        return load_image_folder(source, train_limit, test_limit)  # limits applied before decoding
+    if fmt == "cifar10":
+        ds = load_cifar10(source)
+    elif fmt == "fashion-mnist":
+        ds = load_idx(source, FASHION_MNIST_CLASSES, "fashion-mnist", FASHION_MNIST_HINT)
+    else:
+        ds = load_idx(source)
+    return apply_limits(ds, train_limit, test_limit)
+
+
+def _check_limit(name: str, value: int | None) -> int | None:
+    if value is not None and value < 0:
+        raise DatasetError(f"{name} is {value}; use a positive count, or 0 / None for the whole split")
+    return value or None
 
 
 def load_dataset(
@@ -84,37 +123,48 @@ def load_dataset(
     cache_dir: str | Path | None = None,
     seed: int = 0,
 ) -> ImageDataset:
-    """Load a dataset by format ("auto" detects it from the path); limits take class-balanced subsets.
+    """Load a dataset by format ("auto" detects it from the path).
 
-    With ``cache_dir``, decoded tensors of file-based datasets are kept there (keyed by path, size,
-    mtime and limits) so that later runs skip decoding.
+    ``train_limit``/``test_limit`` take class-balanced subsets (the first examples of each class
+    in file order; 0 or None means all). ``download`` fetches CIFAR-10 when no local copy exists.
+    With ``cache_dir``, decoded tensors of file datasets are kept there, keyed by path, size,
+    mtime and limits. ``seed`` only matters for "synthetic", which ignores ``path`` and makes
+    3x32x32 images of 10 classes (train_limit/test_limit examples, default 2000/500).
     """
+    train_limit, test_limit = _check_limit("train_limit", train_limit), _check_limit("test_limit", test_limit)
+    if format not in DATASET_FORMATS and format != "auto":
+        raise DatasetError(f"unknown dataset format '{format}'; set data.format to one of auto, {', '.join(DATASET_FORMATS)}")
     if format == "synthetic":
-        return make_synthetic(train_limit or 2000, test_limit or 500, seed=seed)
+        return make_synthetic(train_limit or DEFAULT_TRAIN, test_limit or DEFAULT_TEST, seed=seed)
     if format == "fashion-mnist" and not path:
         path = FASHION_MNIST_PATH
     if path is None or str(path) == "":
-        raise DatasetError(f"data.path is empty; point it at the {format} dataset")
-    path = Path(path)
-    if format == "auto":
-        format = detect_format(path)
-    if format not in DATASET_FORMATS:
-        raise DatasetError(f"unknown dataset format '{format}'; choose one of auto, {', '.join(DATASET_FORMATS)}")
-    if not path.exists() and not (format == "cifar10" and download):
-        hint = {
-            "cifar10": "pass --set data.download=true when online, or point data.path at cifar-10-python.tar.gz",
-            "fashion-mnist": "run `apt-get install dataset-fashion-mnist` or point data.path at the IDX files",
-        }.get(format, "point data.path at the dataset")
-        raise DatasetError(f"dataset path '{path}' does not exist; {hint}")
-    cache = _cache_file(Path(cache_dir), format, path, train_limit, test_limit) if cache_dir and path.exists() else None
-    if cache is not None and cache.exists():
+        hint = MISSING_HINTS.get(format, "point data.path at the dataset, or set data.format=synthetic")
+        raise DatasetError(f"data.path is empty, so there is no {format} dataset to load; {hint}")
+    path = Path(path).expanduser()
+    fmt = detect_format(path) if format == "auto" else format
+    if fmt == "cifar10":
+        found = find_cifar10(path)
+        if found is None and download:
+            # A path naming the archive gets the archive; a folder (or a batches folder's parent) gets it inside.
+            found = download_cifar10(path if is_archive_name(path) else path.parent if path.name == FOLDER_NAME else path)
+        if found is None:
+            what = "does not exist" if not path.exists() else f"holds neither {FOLDER_NAME}/ nor cifar-10-python.tar.gz"
+            raise DatasetError(f"CIFAR-10 path '{path}' {what}; {GET_HINT}")
+        source = found
+    else:
+        if not path.exists():
+            raise DatasetError(f"{fmt} dataset path '{path}' does not exist; {MISSING_HINTS[fmt]}")
+        source = path
+    cache = cache_file(Path(cache_dir), fmt, source, train_limit, test_limit) if cache_dir else None
+    if cache is not None and cache.is_file():
         cached = _read_cache(cache)
         if cached is not None:
             return cached
-    ds = _load_uncached(format, path, download, train_limit, test_limit)
+    ds = _load_uncached(fmt, source, train_limit, test_limit)
     if cache is not None:
         _write_cache(cache, ds)
     return ds
 
 
-__all__ = ["DATASET_FORMATS", "DatasetError", "ImageDataset", "load_dataset"]
+__all__ = ["DATASET_FORMATS", "DatasetError", "ImageDataset", "detect_format", "load_dataset", "make_synthetic"]

@@ -1,8 +1,13 @@
 """In-memory batches: per-epoch shuffling, per-rank sharding, crop/flip augmentation, normalization.
 
 Randomness depends only on (seed, epoch), so a run resumed at an epoch boundary sees exactly the
-batches it would have seen, and the ranks of a data-parallel job together see exactly the
-single-process batch: every random draw is made for the whole global batch, then sliced.
+batches it would have seen, with no RNG state in the checkpoint. The ranks of a data-parallel job
+together see exactly the single-process batch: every random draw (the permutation, each example's
+crop offset and flip) is made for the whole global batch, then each rank takes its contiguous part.
+
+Everything stays uint8 until the last step (indexing and cropping move a quarter of the bytes),
+and the work is done on whichever device holds the images; the random draws are always made on
+the CPU so that a run gives the same batches on every device.
 """
 
 from __future__ import annotations
@@ -11,41 +16,59 @@ import math
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 
 
-def channel_stats(images_u8: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std on the [0, 1] scale, in float64 chunks (no float copy of the dataset)."""
+def channel_stats(images_u8: torch.Tensor, chunk: int = 8192) -> tuple[list[float], list[float]]:
+    """Per-channel mean and (population) std on the [0, 1] scale.
+
+    Computed from per-channel histograms of the 256 pixel values, chunk by chunk: exact integer
+    counts, no float copy of the dataset. A constant channel gets std 1 (normalization then only
+    centres it instead of dividing by zero).
+    """
+    if images_u8.dtype != torch.uint8 or images_u8.dim() != 4 or images_u8.shape[0] == 0:
+        raise ValueError(f"channel_stats needs uint8 images [N, C, H, W] with N >= 1, got {images_u8.dtype} {tuple(images_u8.shape)}")
     channels = images_u8.shape[1]
-    total = torch.zeros(channels, dtype=torch.float64)
-    total_sq = torch.zeros(channels, dtype=torch.float64)
+    counts = torch.zeros(channels, 256, dtype=torch.int64, device=images_u8.device)
     for start in range(0, images_u8.shape[0], chunk):
-        x = images_u8[start : start + chunk].to(torch.float64).transpose(0, 1).reshape(channels, -1)
-        total += x.sum(1)
-        total_sq += (x * x).sum(1)
-    count = images_u8.shape[0] * images_u8[0, 0].numel()
-    mean = total / count
-    std = (total_sq / count - mean * mean).clamp_min(1e-12).sqrt()
-    return [float(m) / 255 for m in mean], [float(s) / 255 for s in std]
+        part = images_u8[start : start + chunk]
+        for c in range(channels):
+            counts[c] += torch.bincount(part[:, c].reshape(-1), minlength=256)
+    counts = counts.cpu().double()
+    values = torch.arange(256, dtype=torch.float64) / 255
+    n = counts.sum(1)
+    mean = counts @ values / n
+    var = (counts @ (values * values) / n - mean * mean).clamp_min(0)
+    std = torch.where(var > 1e-12, var.sqrt(), torch.ones_like(var))
+    return mean.tolist(), std.tolist()
 
 
 def crop_flip(images: torch.Tensor, padding: int, shifts: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
     """Random crop with zero padding and horizontal flip for a whole batch at once.
 
     ``shifts`` [b, 2] holds each crop's (row, column) offset in [0, 2 * padding] inside the padded
-    image; ``flips`` [b] says which crops are mirrored.
+    image (``padding`` is the centred, unshifted crop); ``flips`` [b] says which crops are mirrored.
+    One gather over the padded batch does both: each output pixel reads from its example's shifted
+    (and, if flipped, column-reversed) window, an index shared by all channels.
     """
     b, c, h, w = images.shape
-    padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
-    rows = shifts[:, 0:1] + torch.arange(h)  # [b, h]
-    base = torch.arange(w)
-    cols = shifts[:, 1:2] + torch.where(flips[:, None], w - 1 - base, base)  # [b, w]
-    batch_idx = torch.arange(b)[:, None, None, None]
-    chan_idx = torch.arange(c)[None, :, None, None]
-    return padded[batch_idx, chan_idx, rows[:, None, :, None], cols[:, None, None, :]]
+    padded = F.pad(images, (padding, padding, padding, padding))
+    width = w + 2 * padding
+    shifts, flips = shifts.to(images.device), flips.to(images.device)
+    cols = torch.arange(w, device=images.device)
+    cols = torch.where(flips[:, None], w - 1 - cols, cols) + shifts[:, 1:2]  # [b, w]
+    rows = torch.arange(h, device=images.device) + shifts[:, 0:1]  # [b, h]
+    index = (rows[:, :, None] * width + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+    return padded.view(b, c, -1).gather(2, index).view(b, c, h, w)
 
 
 class BatchLoader:
-    """Iterates (x float32 normalized [b, C, H, W], y int64 [b]) over this rank's part of each batch."""
+    """Iterates (x float32 normalized [b, C, H, W], y int64 [b]) over this rank's part of each batch.
+
+    ``len(loader)`` is the number of global batches per epoch; every rank yields that many (a rank's
+    part of a short last batch can be smaller, or empty when that batch has fewer examples than
+    there are ranks; ``drop_last`` drops the short batch).
+    """
 
     def __init__(
         self,
@@ -63,24 +86,32 @@ class BatchLoader:
         world_size: int = 1,
         drop_last: bool = False,
     ):
-        n = labels.shape[0]
+        n = int(labels.shape[0])
+        if images_u8.dtype != torch.uint8 or images_u8.dim() != 4 or images_u8.shape[0] != n:
+            raise ValueError(f"BatchLoader needs uint8 images [N, C, H, W] and N labels, got {images_u8.dtype} {tuple(images_u8.shape)} and {n} labels")
         if not 1 <= batch_size <= n:
             raise ValueError(f"batch size {batch_size} must be between 1 and the number of examples ({n})")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} of world size {world_size} is invalid; need world_size >= 1 and 0 <= rank < world_size")
         if batch_size < world_size:
-            raise ValueError(f"batch size {batch_size} is smaller than the {world_size} ranks sharing it")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+            raise ValueError(f"batch size {batch_size} is smaller than the {world_size} ranks sharing it; each rank needs at least one example")
+        channels = images_u8.shape[1]
+        if len(mean) != channels or len(std) != channels or min(std) <= 0:
+            raise ValueError(f"mean and std need one value per channel ({channels}) and std > 0, got mean {mean}, std {std}")
+        if crop_padding < 0:
+            raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
         self.images, self.labels = images_u8, labels
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.augment, self.crop_padding = augment, crop_padding
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
-        channels = images_u8.shape[1]
-        # x / 255 then (x - mean) / std folded into one multiply-add on the uint8 values.
-        self.scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, channels, 1, 1)
-        self.shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(1, channels, 1, 1)
+        # (x / 255 - mean) / std folded into one multiply and one add on the converted batch.
+        device = images_u8.device
+        self.scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device).view(1, channels, 1, 1)
+        self.shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=device).view(1, channels, 1, 1)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose permutation and augmentation the next iteration yields."""
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -94,10 +125,9 @@ class BatchLoader:
         n = self.labels.shape[0]
         g = self._generator()
         order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
-        h, w = self.images.shape[2:]
         for b in range(len(self)):
             batch = order[b * self.batch_size : (b + 1) * self.batch_size]
-            if self.augment:
+            if self.augment:  # drawn for the whole global batch, whatever this rank's part
                 shifts = torch.randint(0, 2 * self.crop_padding + 1, (batch.shape[0], 2), generator=g)
                 flips = torch.rand(batch.shape[0], generator=g) < 0.5
             if self.world_size > 1:
@@ -105,7 +135,8 @@ class BatchLoader:
                 batch = batch[part]
                 if self.augment:
                     shifts, flips = shifts[part], flips[part]
+            batch = batch.to(self.images.device)
             x = self.images.index_select(0, batch)
             if self.augment:
                 x = crop_flip(x, self.crop_padding, shifts, flips)
-            yield x.float().mul_(self.scale).add_(self.shift), self.labels.index_select(0, batch)
+            yield x.float().mul_(self.scale).add_(self.shift), self.labels.index_select(0, batch.to(self.labels.device))
