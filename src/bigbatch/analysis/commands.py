@@ -39,6 +39,12 @@ def _datasets(run: TrainedRun, train_examples: int, test_examples: int, batch_si
     }
 
 
+def _batch_count(run: TrainedRun, train_examples: int, test_examples: int, batch_size: int) -> int:
+    n_train = min(train_examples or run.dataset.num_train, run.dataset.num_train)
+    n_test = min(test_examples or run.dataset.num_test, run.dataset.num_test)
+    return -(-n_train // min(batch_size, n_train)) + -(-n_test // min(batch_size, n_test))
+
+
 def plot_1d(curves: list[tuple[str, list[dict[str, float]]]], path: Path, xlabel: str, title: str) -> None:
     """Loss (train solid, test dashed) on the left axis, top-1 accuracy on the right, as in the seed's Figs 24-25."""
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
@@ -93,7 +99,7 @@ def landscape(
     alphas = linspace(start, stop, points)
     if interpolate:
         first, second = runs
-        bar = _bar(points, "interpolating")
+        bar = _bar(_batch_count(first, train_examples, test_examples, batch_size), "interpolating")
         t0 = time.perf_counter()
         rows = evaluate_along(first.model, [difference_direction(first.model, second.model)], [(a,) for a in alphas],
                               _datasets(first, train_examples, test_examples, batch_size), bar.update)
@@ -116,7 +122,7 @@ def landscape(
             grid = [(a, b) for b in alphas for a in alphas]
         else:
             grid = [(a,) for a in alphas]
-        bar = _bar(len(grid), f"landscape {run.run_dir.name}")
+        bar = _bar(_batch_count(run, train_examples, test_examples, batch_size), f"landscape {run.run_dir.name}")
         rows = evaluate_along(run.model, directions, grid, _datasets(run, train_examples, test_examples, batch_size), bar.update)
         bar.close()
         base = run.run_dir / "landscape" / name
