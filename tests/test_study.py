@@ -180,3 +180,16 @@ def test_report_seed_mean_and_spread(tmp_path):
     assert math.isnan(agg[0]["epochs_to_target"])
     text = write_report(results, tmp_path / "r", title="T", target=0.9).read_text()
     assert "65.00 ± 7.07" in text
+
+
+def test_every_shipped_study_config_loads():
+    for path in sorted((ROOT / "configs").glob("*.toml")):
+        if path.name == "demo.toml":
+            continue  # a single-run train config
+        study = load_study(path)
+        assert study.runs, path
+    smoothing = {r.config.run.name: r.config for r in load_study(ROOT / "configs" / "smoothing.toml").runs}
+    assert len(smoothing) == 9 * 3
+    scaled = smoothing["sgd-warmup-linear-scaling-s0"]
+    assert scaled.schedule.linear_scaling and scaled.schedule.warmup_epochs == 5
+    assert smoothing["kfac-cutmix-s2"].augment.cutmix_alpha == 1.0 and smoothing["kfac-cutmix-s2"].run.seed == 2
