@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import bigbatch.data.cifar10 as cifar10
-from bigbatch.data import DatasetError, load_dataset
+from bigbatch.data import DatasetError, cifar10, load_dataset
 from bigbatch.data.cifar10 import CLASSES, download_cifar10, load_cifar10
 
 BATCH_SIZES = {"data_batch_1": 5, "data_batch_2": 4, "data_batch_3": 4, "data_batch_4": 3, "data_batch_5": 4, "test_batch": 6}
@@ -52,7 +51,7 @@ def _expected(batches):
     key = b"data" if b"data" in train[0] else "data"
     lkey = b"labels" if b"labels" in train[0] else "labels"
     train_x = np.concatenate([b[key] for b in train])
-    train_y = sum((list(b[lkey]) for b in train), [])
+    train_y = [label for b in train for label in b[lkey]]
     return train_x, train_y, batches["test_batch"][key], list(batches["test_batch"][lkey])
 
 

@@ -10,8 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-import bigbatch.data.folder as folder
-from bigbatch.data import DatasetError, load_dataset
+from bigbatch.data import DatasetError, folder, load_dataset
 from bigbatch.data.folder import load_image_folder
 
 SHARED_ZIP = Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.zip"

@@ -55,7 +55,7 @@ def test_roundtrip(tmp_path, gz):
 
 def test_other_image_sizes_and_dotted_names(tmp_path):
     data = _make(tmp_path, gz=False, size=(9, 13))
-    for key, stem in NAMES.items():  # some mirrors spell them train-images.idx3-ubyte
+    for stem in NAMES.values():  # some mirrors spell them train-images.idx3-ubyte
         (tmp_path / stem).rename(tmp_path / stem.replace("-idx", ".idx"))
     ds = load_dataset("idx", tmp_path)
     assert ds.image_size == (9, 13) and torch.equal(ds.train_images[:, 0], torch.from_numpy(data["train_images"]))

@@ -88,6 +88,7 @@ def _write_cache(file: Path, ds: ImageDataset) -> None:
         fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             torch.save(dict(vars(ds)), f)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is as readable as the data it holds
         os.replace(tmp, file)
     except Exception as exc:  # a cache that cannot be written only costs speed
         if tmp is not None:

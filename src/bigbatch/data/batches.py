@@ -13,7 +13,7 @@ the CPU so that a run gives the same batches on every device.
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F

@@ -24,7 +24,7 @@ import urllib.parse
 import urllib.request
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -59,7 +59,7 @@ def find_cifar10(path: Path) -> Path | None:
 class _BatchUnpickler(pickle.Unpickler):
     """Admits only what CIFAR-10 batches are made of: containers, bytes and numpy arrays."""
 
-    ALLOWED = {
+    ALLOWED: ClassVar[frozenset[tuple[str, str]]] = frozenset({
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"),
@@ -69,7 +69,7 @@ class _BatchUnpickler(pickle.Unpickler):
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("_codecs", "encode"),  # how protocol 2 spells a bytes object
-    }
+    })
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self.ALLOWED:

@@ -25,10 +25,10 @@ import struct
 import sys
 import zipfile
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -77,10 +77,10 @@ class _ZipSource:
         self.path = path
         try:
             self.zf = zipfile.ZipFile(path)
-            self.file = open(path, "rb")
-            self.map = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_READ)
         except (zipfile.BadZipFile, OSError, ValueError) as exc:
             raise DatasetError(f"'{path}' is not a readable .zip archive ({exc}); check the file or download it again") from None
+        with open(path, "rb") as file:  # the map keeps its own reference to the file
+            self.map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
         self.infos = {info.filename: info for info in self.zf.infolist() if not info.is_dir()}
 
     def list(self) -> list[_Entry]:
@@ -117,7 +117,6 @@ class _ZipSource:
 
     def close(self) -> None:
         self.map.close()
-        self.file.close()
         self.zf.close()
 
 
@@ -217,7 +216,7 @@ def _decode_split(decoder: _Decoder, members: list[str], slots: list[int], out: 
     threads = _decode_threads(len(members))
     step = max(64, len(members) // (threads * 16))  # small chunks keep threads busy to the end
     chunks = [(members[i : i + step], slots[i : i + step]) for i in range(0, len(members), step)]
-    run: Callable[[tuple[list[str], list[int]]], int] = lambda chunk: decoder.decode_into(out, *chunk)  # noqa: E731
+    run: Callable[[tuple[list[str], list[int]]], int] = lambda chunk: decoder.decode_into(out, *chunk)
     if threads == 1:
         for chunk in chunks:
             bar.update(run(chunk))
