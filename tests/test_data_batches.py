@@ -89,6 +89,18 @@ def test_rank_shards_concatenate_to_the_single_process_batch(world_size, batch_s
             assert torch.equal(torch.cat([p[b][0] for p in parts]), x)  # same crops and flips too
 
 
+def test_a_last_batch_smaller_than_the_ranks_is_dropped_on_every_rank():
+    images, labels = _data()  # 103 = 4 * 25 + 3: the last batch cannot give each of 4 ranks an example
+    single = _loader(images, labels, 25, seed=1)
+    ranks = [_loader(images, labels, 25, seed=1, rank=r, world_size=4) for r in range(4)]
+    assert len(single) == 5 and all(len(r) == 4 for r in ranks)
+    whole, parts = _epoch(single, 0), [_epoch(r, 0) for r in ranks]
+    assert all(len(p) == 4 and all(y.numel() > 0 for _, y in p) for p in parts)
+    for b in range(4):
+        assert torch.equal(torch.cat([p[b][1] for p in parts]), whole[b][1])
+    assert len(_loader(images, labels, 25, seed=1, rank=0, world_size=3)) == 5  # 3 examples for 3 ranks: kept
+
+
 def test_normalization_gives_zero_mean_unit_std():
     images, labels = _data(500)
     images[:, 2] = images[:, 2] // 4 + 100  # a channel far from mean 0.5 / std 0.29

@@ -67,7 +67,8 @@ class BatchLoader:
 
     ``len(loader)`` is the number of global batches per epoch; every rank yields that many (a rank's
     part of a short last batch can be smaller, or empty when that batch has fewer examples than
-    there are ranks; ``drop_last`` drops the short batch).
+    there are ranks; ``drop_last`` drops the short batch). A short last batch with fewer examples than
+    ranks is always dropped: a rank with nothing to compute would have no loss to average.
     """
 
     def __init__(
@@ -116,7 +117,8 @@ class BatchLoader:
 
     def __len__(self) -> int:
         n = self.labels.shape[0]
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        full, rest = divmod(n, self.batch_size)
+        return full + (0 if self.drop_last or rest < self.world_size else 1)
 
     def _generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
