@@ -58,6 +58,26 @@ def test_landscape_at_zero_is_the_model_loss_and_params_are_restored():
     assert rows[2]["train_loss"] == pytest.approx(evaluate_loss(model, batches)[0], rel=1e-6)
 
 
+def test_landscape_is_the_same_with_any_number_of_worker_threads_and_matches_a_direct_evaluation():
+    model = _conv_net().eval()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(70, 2, 8, 8, generator=g), torch.randint(0, 3, (70,), generator=g)
+    batches = lambda: [(x[i : i + 9], y[i : i + 9]) for i in range(0, 70, 9)]  # noqa: E731
+    directions = [random_direction(model, 1, "filter"), random_direction(model, 2, "none")]
+    points = [(a, b) for a in (-0.5, 0.25, 1.0) for b in (0.0, 0.5)]
+    one = evaluate_along(model, directions, points, {"train": batches, "test": lambda: [(x[:20], y[:20])]}, workers=1)
+    three = evaluate_along(model, directions, points, {"train": batches, "test": lambda: [(x[:20], y[:20])]}, workers=3)
+    assert one == three
+    a, b = points[-1]
+    moved = _conv_net().eval()
+    with torch.no_grad():
+        for p, d1, d2 in zip(moved.parameters(), *directions):
+            p.add_(a * d1 + b * d2)
+        logits = moved(x)
+    assert one[-1]["train_loss"] == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-5)
+    assert one[-1]["train_acc"] == pytest.approx(float((logits.argmax(1) == y).double().mean()))
+
+
 def test_epsilon_sharpness_is_nonnegative_and_grows_with_epsilon():
     model = _conv_net().eval()
     batches, _, _ = _data()

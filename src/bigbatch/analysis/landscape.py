@@ -10,7 +10,11 @@ paper does by default, so the plot shows the effect of the filters only.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+import copy
+import itertools
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -75,63 +79,106 @@ def _layer_output(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias:
     return F.linear(x, weight, bias)
 
 
-@torch.inference_mode()
+def _point_results(
+    replica: nn.Module,
+    first: nn.Module | None,
+    origin: list[torch.Tensor],
+    directions: Sequence[Sequence[torch.Tensor]],
+    points: Sequence[Sequence[float]],
+    x: torch.Tensor,
+    y: torch.Tensor,
+) -> list[tuple[float, int, int]]:
+    """(loss sum, correct, count) of one batch at every point, on a replica whose parameters it overwrites."""
+    params = list(replica.parameters())
+    outputs = None
+    if first is not None:
+        index = {id(p): i for i, p in enumerate(params)}
+        wi = index[id(first.weight)]
+        bi = index[id(first.bias)] if first.bias is not None else None
+        base = _layer_output(first, x, origin[wi], origin[bi] if bi is not None else None)
+        outputs = [_layer_output(first, x, d[wi], d[bi] if bi is not None else None) for d in directions]
+    results = []
+    for coeffs in points:
+        for p, o, *ds in zip(params, origin, *directions):
+            p.copy_(o)
+            for c, d in zip(coeffs, ds):
+                p.add_(d, alpha=c)
+        if outputs is not None:
+            out = base.clone()
+            for c, o in zip(coeffs, outputs):
+                out.add_(o, alpha=c)
+            first.forward = lambda _x, out=out: out  # type: ignore[method-assign]
+        try:
+            logits = replica(x)
+        finally:
+            if outputs is not None:
+                del first.forward
+        results.append((float(F.cross_entropy(logits, y, reduction="sum")), int((logits.argmax(1) == y).sum()), y.shape[0]))
+    return results
+
+
 def evaluate_along(
     model: nn.Module,
     directions: Sequence[Sequence[torch.Tensor]],
     points: Sequence[Sequence[float]],
     datasets: dict[str, Batches],
     progress: Callable[[], None] = lambda: None,
+    workers: int | None = None,
 ) -> list[dict[str, float]]:
     """Loss and accuracy at theta* + sum_i c_i d_i for every coefficient tuple in ``points``.
 
-    ``progress`` is called once per batch. Data is the outer loop and points the inner one, so each batch is prepared once; and the first
+    Data is the outer loop and points the inner one, so each batch is prepared once; and the first
     layer, which is linear in the coefficients (layer(x; W + c D) = layer(x; W) + c layer(x; D)), is
-    computed once per direction and batch instead of once per point. The model's parameters are
-    restored afterwards, whatever happens.
+    computed once per direction and batch instead of once per point. On the CPU, ``workers`` threads
+    (default: torch's thread count) each evaluate whole batches on their own copy of the model with
+    one intra-op thread: a small model's layers do not split well over cores, whole batches do. Sums
+    are added in batch order, so the result does not depend on the number of workers. ``model`` is
+    not modified. ``progress`` is called once per batch.
     """
     model.eval()
-    params = list(model.parameters())
-    origin = [p.detach().clone() for p in params]
-    sums = {name: [[0.0, 0, 0] for _ in points] for name in datasets}
-    first: nn.Module | bool | None = None
+    origin = [p.detach().clone() for p in model.parameters()]
+    on_cpu = all(p.device.type == "cpu" for p in origin)
+    workers = max(1, workers or (torch.get_num_threads() if on_cpu else 1))
+    jobs = ((name, x, y) for name, batches in datasets.items() for x, y in batches())
+    lock = threading.Lock()
+    done: list[tuple[int, str, list[tuple[float, int, int]]]] = []
+    count = itertools.count()
+
+    def work() -> None:
+        replica = copy.deepcopy(model)
+        first: nn.Module | None = None
+        probed = False
+        with torch.inference_mode():
+            while True:
+                with lock:  # batches are made one at a time, in order
+                    job = next(jobs, None)
+                    number = next(count)
+                if job is None:
+                    return
+                name, x, y = job
+                if not probed:
+                    found = _input_layer(replica, x)
+                    first, probed = (found if isinstance(found, nn.Module) else None), True
+                results = _point_results(replica, first, origin, directions, points, x, y)
+                with lock:
+                    done.append((number, name, results))
+                    progress()
+
+    threads_before = torch.get_num_threads()
+    if workers > 1:
+        torch.set_num_threads(1)
     try:
-        for name, batches in datasets.items():
-            for x, y in batches():
-                if first is None:
-                    first = _input_layer(model, x)
-                outputs = None
-                if isinstance(first, nn.Module):
-                    index = {id(p): i for i, p in enumerate(params)}
-                    wi = index[id(first.weight)]
-                    bi = index[id(first.bias)] if first.bias is not None else None
-                    base = _layer_output(first, x, origin[wi], origin[bi] if bi is not None else None)
-                    outputs = [
-                        _layer_output(first, x, d[wi], d[bi] if bi is not None else None) for d in directions
-                    ]
-                for k, coeffs in enumerate(points):
-                    for p, o, *ds in zip(params, origin, *directions):
-                        p.copy_(o)
-                        for c, d in zip(coeffs, ds):
-                            p.add_(d, alpha=c)
-                    if outputs is not None:
-                        out = base.clone()
-                        for c, o in zip(coeffs, outputs):
-                            out.add_(o, alpha=c)
-                        first.forward = lambda _x, out=out: out  # type: ignore[method-assign]
-                    try:
-                        logits = model(x)
-                    finally:
-                        if outputs is not None:
-                            del first.forward
-                    acc = sums[name][k]
-                    acc[0] += float(F.cross_entropy(logits, y, reduction="sum"))
-                    acc[1] += int((logits.argmax(1) == y).sum())
-                    acc[2] += y.shape[0]
-                progress()
+        with ThreadPoolExecutor(workers) as pool:
+            for future in [pool.submit(work) for _ in range(workers)]:
+                future.result()
     finally:
-        for p, o in zip(params, origin):
-            p.copy_(o)
+        torch.set_num_threads(threads_before)
+    sums = {name: [[0.0, 0, 0] for _ in points] for name in datasets}
+    for _, name, results in sorted(done, key=lambda item: item[0]):
+        for acc, (loss_sum, hits, total) in zip(sums[name], results):
+            acc[0] += loss_sum
+            acc[1] += hits
+            acc[2] += total
     rows = []
     for k, coeffs in enumerate(points):
         row: dict[str, float] = {f"c{i}": float(c) for i, c in enumerate(coeffs)}

@@ -1,0 +1,177 @@
+"""On-paper projection of data-parallel K-FAC step time to 8, 64 and 512 workers, ResNet-50 sized.
+
+Inputs measured here, in this run, on one thread of this machine:
+  - the rate of a CIFAR ResNet-20 training step (multiply-adds per second of forward + backward),
+  - the rate of the Gram products that build K-FAC factors (mm of a tall matrix with itself),
+  - the time of a symmetric eigendecomposition (fitted as c * n^3 on n = 256..1536).
+Everything else is arithmetic on ResNet-50's layer shapes (ImageNet, 224x224) and a stated network
+model: ring all-reduce, 2 (p-1)/p * bytes / bandwidth + 2 (p-1) * latency; a broadcast costs
+bytes / bandwidth + log2(p) * latency (pipelined), one per factor decomposition.
+
+    .venv/bin/python benchmarks/project_scaling.py [--bandwidth-gbs 12.5] [--latency-us 5] [--speedup 1]
+
+Weak scaling as large-batch practice does it: 32 examples per worker, global batch 32 p. K-FAC at
+bigbatch's defaults (statistics every 10 steps, eigendecompositions every 100), eigendecompositions
+assigned per layer by cost (optim/kfac/distributed.py). ``--speedup`` divides every measured compute
+rate, to model a worker faster than one CPU thread (an accelerator) on the same network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+
+from bigbatch.models.resnet import CifarResNet
+from bigbatch.optim.kfac.distributed import assign_by_cost
+
+LOCAL_BATCH = 32
+FACTOR_INTERVAL, INVERSE_INTERVAL = 10, 100
+BYTES = 4  # float32
+
+
+def resnet50_layers() -> list[dict]:
+    """Every conv/linear layer of ResNet-50 (v1.5: stride on the 3x3 conv) with its K-FAC shapes."""
+    layers = []
+
+    def conv(name, cin, cout, k, out_hw):
+        layers.append({"name": name, "a": cin * k * k, "g": cout, "locations": out_hw * out_hw,
+                       "macs": out_hw * out_hw * cout * cin * k * k})
+
+    conv("conv1", 3, 64, 7, 112)
+    cin, hw = 64, 56
+    for stage, (width, blocks) in enumerate([(64, 3), (128, 4), (256, 6), (512, 3)]):
+        for b in range(blocks):
+            stride = 2 if stage > 0 and b == 0 else 1
+            out_hw = hw // stride
+            p = f"layer{stage + 1}.{b}"
+            conv(f"{p}.conv1", cin, width, 1, hw)
+            conv(f"{p}.conv2", width, width, 3, out_hw)
+            conv(f"{p}.conv3", width, 4 * width, 1, out_hw)
+            if b == 0:
+                conv(f"{p}.downsample", cin, 4 * width, 1, out_hw)
+            cin, hw = 4 * width, out_hw
+    layers.append({"name": "fc", "a": 2048 + 1, "g": 1000, "locations": 1, "macs": 2048 * 1000})
+    return layers
+
+
+def _median_time(fn, repeats: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_training_rate() -> float:
+    """Multiply-adds per second of a ResNet-20 forward + backward (backward counted as 2x forward)."""
+    model = CifarResNet(20).to(memory_format=torch.channels_last)
+    x = torch.randn(64, 3, 32, 32).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (64,))
+    macs = 0
+
+    def count(module, inputs, output):
+        nonlocal macs
+        if isinstance(module, torch.nn.Conv2d):
+            macs += output.numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+        elif isinstance(module, torch.nn.Linear):
+            macs += output.numel() * module.in_features
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()]
+    model(x)
+    for h in hooks:
+        h.remove()
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+
+    return 3 * macs / _median_time(step)
+
+
+def measure_gram_rate() -> float:
+    m = torch.randn(50_000, 576)
+    return m.shape[0] * m.shape[1] ** 2 / _median_time(lambda: m.T @ m)
+
+
+def measure_eigh_constant() -> float:
+    """c in t = c n^3, fitted by least squares on several sizes."""
+    sizes, times = [256, 512, 1024, 1536], []
+    for n in sizes:
+        q = torch.randn(n, 2 * n)
+        s = q @ q.T / (2 * n) + 1e-2 * torch.eye(n)
+        times.append(_median_time(lambda: torch.linalg.eigh(s), repeats=1 if n > 1000 else 3))
+    cubes = [n**3 for n in sizes]
+    return sum(t * c for t, c in zip(times, cubes)) / sum(c * c for c in cubes)
+
+
+def ring_all_reduce(nbytes: float, p: int, bw: float, lat: float) -> float:
+    return 0.0 if p == 1 else 2 * (p - 1) / p * nbytes / bw + 2 * (p - 1) * lat
+
+
+def broadcast(nbytes: float, p: int, bw: float, lat: float) -> float:
+    return 0.0 if p == 1 else nbytes / bw + math.ceil(math.log2(p)) * lat
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bandwidth-gbs", type=float, default=12.5, help="per-worker network bandwidth, GB/s (12.5 = 100 Gb/s)")
+    parser.add_argument("--latency-us", type=float, default=5.0, help="per-message latency, microseconds")
+    parser.add_argument("--speedup", type=float, nargs="+", default=[1.0, 100.0],
+                        help="worker compute speed as a multiple of one thread of this machine")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    bw, lat = args.bandwidth_gbs * 1e9, args.latency_us * 1e-6
+
+    train_rate, gram_rate, eigh_c = measure_training_rate(), measure_gram_rate(), measure_eigh_constant()
+    layers = resnet50_layers()
+    params = sum(l["a"] * l["g"] for l in layers)
+    fwd_macs = sum(l["macs"] for l in layers)
+    full = sum(l["a"] ** 2 + l["g"] ** 2 for l in layers) * BYTES
+    upper = sum(l["a"] * (l["a"] + 1) // 2 + l["g"] * (l["g"] + 1) // 2 for l in layers) * BYTES
+    stats_macs = LOCAL_BATCH * sum(l["locations"] * (l["a"] ** 2 + l["g"] ** 2) for l in layers)
+    precond_macs = sum(l["a"] * l["g"] * (l["a"] + l["g"]) * 2 for l in layers)  # two basis changes
+    eig_cost = {l["name"]: eigh_c * (l["a"] ** 3 + l["g"] ** 3) for l in layers}
+    biggest = max(layers, key=lambda l: l["a"])
+
+    print(f"Measured on one thread here: training {train_rate / 1e9:.1f} GMAC/s (ResNet-20 step), Gram "
+          f"{gram_rate / 1e9:.1f} GMAC/s, eigh {eigh_c * 1e9:.2f} s per 1000^3.")
+    print(f"ResNet-50: {len(layers)} K-FAC layers, {params / 1e6:.1f} M weights, {fwd_macs / 1e9:.2f} GMAC forward per "
+          f"image; factors {full / 1e6:.0f} MB ({upper / 1e6:.0f} MB upper triangles); largest factor "
+          f"{biggest['a']} ({biggest['name']}), its eigendecomposition {eigh_c * biggest['a'] ** 3:.1f} s; all of "
+          f"them {sum(eig_cost.values()):.1f} s on one thread.")
+    print(f"Network model: {args.bandwidth_gbs:g} GB/s per worker, {args.latency_us:g} us per message; "
+          f"{LOCAL_BATCH} examples per worker; statistics every {FACTOR_INTERVAL} steps, eigendecompositions "
+          f"every {INVERSE_INTERVAL}. Seconds per step (amortized):\n")
+    for speed in args.speedup:
+        print(f"Worker = {speed:g}x one thread of this machine\n")
+        print("| workers | global batch | forward+backward | statistics | gradient all-reduce | factor all-reduce "
+              "(upper) | eigendecompositions (max rank) | eigenbasis broadcast | preconditioning | K-FAC step | "
+              "SGD step | K-FAC / SGD | communication share |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for p in (1, 8, 64, 512):
+            compute = 3 * fwd_macs * LOCAL_BATCH / (train_rate * speed)
+            stats = stats_macs / (gram_rate * speed) / FACTOR_INTERVAL
+            grad = ring_all_reduce(params * BYTES, p, bw, lat)
+            factor = ring_all_reduce(upper, p, bw, lat) / FACTOR_INTERVAL
+            owner = assign_by_cost(eig_cost, p)
+            eig = max(sum(eig_cost[n] for n, r in owner.items() if r == rank) for rank in range(p)) / speed
+            eig /= INVERSE_INTERVAL
+            # each decomposition (eigenvectors and eigenvalues of A and G) is broadcast from its owner
+            bcast = sum(broadcast((l["a"] ** 2 + l["a"] + l["g"] ** 2 + l["g"]) * BYTES, p, bw, lat) for l in layers)
+            bcast /= INVERSE_INTERVAL
+            precond = precond_macs / (gram_rate * speed)
+            sgd = compute + grad
+            kfac = compute + stats + grad + factor + eig + bcast + precond
+            comm = grad + factor + bcast
+            print(f"| {p} | {LOCAL_BATCH * p} | {compute:.3f} | {stats:.3f} | {grad:.4f} | {factor:.4f} | {eig:.3f} | "
+                  f"{bcast:.4f} | {precond:.4f} | {kfac:.3f} | {sgd:.3f} | {kfac / sgd:.2f}x | {100 * comm / kfac:.1f}% |")
+        print()
+
+
+if __name__ == "__main__":
+    main()
