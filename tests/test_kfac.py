@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigbatch.optim.kfac import KFACPreconditioner
+from bigbatch.optim.kfac.layers import Conv2dFactors
 
 D = torch.float64
 
@@ -128,7 +129,11 @@ def test_conv_one_example_one_location_kron_equals_exact_fisher_block():
 
 
 @pytest.mark.parametrize("stride, padding, dilation", [(2, 1, 1), (1, 0, 2), (1, 2, 1)])
-def test_conv_factors_equal_brute_force_over_locations(stride, padding, dilation):
+@pytest.mark.parametrize("method", ["patch gram", "row pairs"])
+def test_conv_factors_equal_brute_force_over_locations(stride, padding, dilation, method, monkeypatch):
+    # Conv2dFactors picks the cheaper of two ways to build A; check each one against brute force.
+    cost = 0.0 if method == "row pairs" else float("inf")
+    monkeypatch.setattr(Conv2dFactors, "_row_pair_cost", lambda self, x: cost)
     torch.manual_seed(2)
     model = ConvNet(stride=stride, padding=padding, dilation=dilation, hw=7).to(D)
     n = 6
@@ -150,6 +155,20 @@ def test_conv_factors_equal_brute_force_over_locations(stride, padding, dilation
         G += rows.t() @ rows / n
     torch.testing.assert_close(kfac.layers["conv"].A, A, rtol=1e-10, atol=1e-13)
     torch.testing.assert_close(kfac.layers["conv"].G, G, rtol=1e-10, atol=1e-13)
+
+
+def test_row_pair_gram_matches_the_patch_gram_for_uneven_kernels_strides_and_images():
+    torch.manual_seed(5)
+    for cin, k, stride, pad, dil, bias, hw in [(3, 5, 1, 0, 1, True, (12, 12)), (2, (3, 2), 2, 1, 1, True, (9, 11)),
+                                                (3, 3, 1, 2, 2, False, (10, 8)), (4, (2, 3), (2, 1), (1, 0), (1, 2), True, (7, 12))]:
+        factors = Conv2dFactors("c", nn.Conv2d(cin, 5, k, stride=stride, padding=pad, dilation=dil, bias=bias).to(D))
+        x = factors._padded(torch.randn(5, cin, *hw, dtype=D))
+        patches = factors._patches(x)
+        expected = patches @ patches.t()
+        if bias:
+            expected = torch.cat([torch.cat([expected, patches.sum(1, keepdim=True)], 1),
+                                  torch.cat([patches.sum(1), torch.tensor([patches.shape[1]], dtype=D)])[None]])
+        torch.testing.assert_close(factors._row_pair_gram(x, *factors._output_size(x)), expected, rtol=1e-12, atol=1e-12)
 
 
 # -- preconditioning ---------------------------------------------------------------------------------
