@@ -10,7 +10,8 @@ bytes / bandwidth + log2(p) * latency (pipelined), one per factor decomposition.
 
     .venv/bin/python benchmarks/project_scaling.py [--bandwidth-gbs 12.5] [--latency-us 5] [--speedup 1]
 
-Weak scaling as large-batch practice does it: 32 examples per worker, global batch 32 p. K-FAC at
+Two regimes: weak scaling as large-batch practice does it (32 examples per worker, global batch
+32 p), and strong scaling of one global batch of 4096 (4096 / p examples per worker). K-FAC at
 bigbatch's defaults (statistics every 10 steps, eigendecompositions every 100), eigendecompositions
 assigned per layer by cost (optim/kfac/distributed.py). ``--speedup`` divides every measured compute
 rate, to model a worker faster than one CPU thread (an accelerator) on the same network.
@@ -27,7 +28,7 @@ import torch
 from bigbatch.models.resnet import CifarResNet
 from bigbatch.optim.kfac.distributed import assign_by_cost
 
-LOCAL_BATCH = 32
+WEAK_LOCAL_BATCH, STRONG_GLOBAL_BATCH = 32, 4096
 FACTOR_INTERVAL, INVERSE_INTERVAL = 10, 100
 BYTES = 4  # float32
 
@@ -133,7 +134,7 @@ def main() -> None:
     fwd_macs = sum(l["macs"] for l in layers)
     full = sum(l["a"] ** 2 + l["g"] ** 2 for l in layers) * BYTES
     upper = sum(l["a"] * (l["a"] + 1) // 2 + l["g"] * (l["g"] + 1) // 2 for l in layers) * BYTES
-    stats_macs = LOCAL_BATCH * sum(l["locations"] * (l["a"] ** 2 + l["g"] ** 2) for l in layers)
+    stats_macs_per_example = sum(l["locations"] * (l["a"] ** 2 + l["g"] ** 2) for l in layers)
     precond_macs = sum(l["a"] * l["g"] * (l["a"] + l["g"]) * 2 for l in layers)  # two basis changes
     eig_cost = {l["name"]: eigh_c * (l["a"] ** 3 + l["g"] ** 3) for l in layers}
     biggest = max(layers, key=lambda l: l["a"])
@@ -145,33 +146,36 @@ def main() -> None:
           f"{biggest['a']} ({biggest['name']}), its eigendecomposition {eigh_c * biggest['a'] ** 3:.1f} s; all of "
           f"them {sum(eig_cost.values()):.1f} s on one thread.")
     print(f"Network model: {args.bandwidth_gbs:g} GB/s per worker, {args.latency_us:g} us per message; "
-          f"{LOCAL_BATCH} examples per worker; statistics every {FACTOR_INTERVAL} steps, eigendecompositions "
+          f"statistics every {FACTOR_INTERVAL} steps, eigendecompositions "
           f"every {INVERSE_INTERVAL}. Seconds per step (amortized):\n")
+    regimes = [(f"weak scaling, {WEAK_LOCAL_BATCH} examples per worker", lambda p: WEAK_LOCAL_BATCH),
+               (f"strong scaling, global batch {STRONG_GLOBAL_BATCH}", lambda p: STRONG_GLOBAL_BATCH / p)]
     for speed in args.speedup:
-        print(f"Worker = {speed:g}x one thread of this machine\n")
-        print("| workers | global batch | forward+backward | statistics | gradient all-reduce | factor all-reduce "
-              "(upper) | eigendecompositions (max rank) | eigenbasis broadcast | preconditioning | K-FAC step | "
-              "SGD step | K-FAC / SGD | communication share |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for p in (1, 8, 64, 512):
-            compute = 3 * fwd_macs * LOCAL_BATCH / (train_rate * speed)
-            stats = stats_macs / (gram_rate * speed) / FACTOR_INTERVAL
-            grad = ring_all_reduce(params * BYTES, p, bw, lat)
-            factor = ring_all_reduce(upper, p, bw, lat) / FACTOR_INTERVAL
-            owner = assign_by_cost(eig_cost, p)
-            eig = max(sum(eig_cost[n] for n, r in owner.items() if r == rank) for rank in range(p)) / speed
-            eig /= INVERSE_INTERVAL
-            # each decomposition (eigenvectors and eigenvalues of A and G) is broadcast from its owner
-            bcast = sum(broadcast((l["a"] ** 2 + l["a"] + l["g"] ** 2 + l["g"]) * BYTES, p, bw, lat) for l in layers)
-            bcast /= INVERSE_INTERVAL
-            precond = precond_macs / (gram_rate * speed)
-            sgd = compute + grad
-            kfac = compute + stats + grad + factor + eig + bcast + precond
-            comm = grad + factor + bcast
-            print(f"| {p} | {LOCAL_BATCH * p} | {compute:.3f} | {stats:.3f} | {grad:.4f} | {factor:.4f} | {eig:.3f} | "
-                  f"{bcast:.4f} | {precond:.4f} | {kfac:.3f} | {sgd:.3f} | {kfac / sgd:.2f}x | {100 * comm / kfac:.1f}% |")
-        print()
-
+        for regime, local_batch in regimes:
+            print(f"Worker = {speed:g}x one thread of this machine; {regime}\n")
+            print("| workers | global batch | forward+backward | statistics | gradient all-reduce | factor all-reduce "
+                  "(upper) | eigendecompositions (max rank) | eigenbasis broadcast | preconditioning | K-FAC step | "
+                  "SGD step | K-FAC / SGD | communication share |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            for p in (1, 8, 64, 512):
+                b = local_batch(p)
+                compute = 3 * fwd_macs * b / (train_rate * speed)
+                stats = stats_macs_per_example * b / (gram_rate * speed) / FACTOR_INTERVAL
+                grad = ring_all_reduce(params * BYTES, p, bw, lat)
+                factor = ring_all_reduce(upper, p, bw, lat) / FACTOR_INTERVAL
+                owner = assign_by_cost(eig_cost, p)
+                eig = max(sum(eig_cost[n] for n, r in owner.items() if r == rank) for rank in range(p)) / speed
+                eig /= INVERSE_INTERVAL
+                # each decomposition (eigenvectors and eigenvalues of A and G) is broadcast from its owner
+                bcast = sum(broadcast((l["a"] ** 2 + l["a"] + l["g"] ** 2 + l["g"]) * BYTES, p, bw, lat) for l in layers)
+                bcast /= INVERSE_INTERVAL
+                precond = precond_macs / (gram_rate * speed)  # every rank preconditions every layer
+                sgd = compute + grad
+                kfac = compute + stats + grad + factor + eig + bcast + precond
+                comm = grad + factor + bcast
+                print(f"| {p} | {round(b * p)} | {compute:.3f} | {stats:.3f} | {grad:.4f} | {factor:.4f} | {eig:.3f} | "
+                      f"{bcast:.4f} | {precond:.4f} | {kfac:.3f} | {sgd:.3f} | {kfac / sgd:.2f}x | {100 * comm / kfac:.1f}% |")
+            print()
 
 if __name__ == "__main__":
     main()

@@ -129,9 +129,11 @@ def test_conv_one_example_one_location_kron_equals_exact_fisher_block():
 
 
 @pytest.mark.parametrize("stride, padding, dilation", [(2, 1, 1), (1, 0, 2), (1, 2, 1)])
-@pytest.mark.parametrize("method", ["patch gram", "row pairs"])
-def test_conv_factors_equal_brute_force_over_locations(stride, padding, dilation, method, monkeypatch):
-    # Conv2dFactors picks the cheaper of two ways to build A; check each one against brute force.
+@pytest.mark.parametrize("method, memory_format", [("patch gram", torch.contiguous_format), ("row pairs", torch.contiguous_format),
+                                                   ("row pairs", torch.channels_last)])
+def test_conv_factors_equal_brute_force_over_locations(stride, padding, dilation, method, memory_format, monkeypatch):
+    # Conv2dFactors picks the cheaper of two ways to build A, and reads G in the layout autograd gives
+    # (NCHW or NHWC): check each combination against brute force.
     cost = 0.0 if method == "row pairs" else float("inf")
     monkeypatch.setattr(Conv2dFactors, "_row_pair_cost", lambda self, x: cost)
     torch.manual_seed(2)
@@ -139,7 +141,8 @@ def test_conv_factors_equal_brute_force_over_locations(stride, padding, dilation
     n = 6
     x, y = torch.randn(n, 2, 7, 7, dtype=D), torch.randint(0, 4, (n,))
     kfac = _kfac(model)
-    _step_once(model, kfac, x, y, micro=4)
+    model.to(memory_format=memory_format)
+    _step_once(model, kfac, x.contiguous(memory_format=memory_format), y, micro=4)
     conv = model.conv
     A = torch.zeros(2 * 9 + 1, 2 * 9 + 1, dtype=D)
     for i in range(n):  # explicit loops over examples and locations

@@ -49,7 +49,11 @@ def test_same_seed_same_metrics(tmp_path, synthetic):
 
 
 def test_run_directory_contents(tmp_path, synthetic):
-    rows = Trainer(_cfg(tmp_path), synthetic).fit()
+    umask = os.umask(0o027)  # files must follow the user's umask, not mkstemp's private 0600
+    try:
+        rows = Trainer(_cfg(tmp_path), synthetic).fit()
+    finally:
+        os.umask(umask)
     run = tmp_path / "t"
     assert json.loads((run / "config.json").read_text())["train"]["batch_size"] == 64
     assert read_jsonl(run / "metrics.jsonl") == json.loads(json.dumps(rows))
@@ -60,6 +64,8 @@ def test_run_directory_contents(tmp_path, synthetic):
     assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 3
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+    for name in ("config.json", "metrics.jsonl", "checkpoint.pt"):
+        assert (run / name).stat().st_mode & 0o777 == 0o640, name
 
 
 @pytest.mark.parametrize("extra", [

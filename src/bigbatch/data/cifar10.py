@@ -190,6 +190,7 @@ def download_cifar10(dest: str | Path, url: str | None = None, md5: str | None =
                 f"downloaded {url} but its MD5 is {digest.hexdigest()}, expected {md5}; the transfer was damaged, "
                 f"try again or download it by hand to '{target}'"
             )
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the archive is as public as its source
         os.replace(tmp, target)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)

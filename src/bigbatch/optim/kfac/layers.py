@@ -226,8 +226,11 @@ class Conv2dFactors(LayerFactors):
         return torch.stack(views).reshape(len(views), -1)
 
     def g_contribution(self, grad_output: torch.Tensor) -> torch.Tensor:
-        # [n, c, h, w] -> rows g_{n,t}: sum over examples and locations.
-        g = grad_output.permute(0, 2, 3, 1).reshape(-1, grad_output.shape[1])
+        # sum over examples n and locations t of g_{n,t} g_{n,t}^T, without copying the gradient:
+        if grad_output.is_contiguous():  # NCHW: one [c, hw] matrix per example
+            g = grad_output.flatten(2)
+            return torch.bmm(g, g.transpose(1, 2)).sum(0)
+        g = grad_output.permute(0, 2, 3, 1).reshape(-1, grad_output.shape[1])  # NHWC: free view as rows
         return g.t() @ g
 
 
