@@ -27,9 +27,14 @@ dist-demo: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/pytest
 
+# Every table of BENCHMARKS.md (about 30 minutes on 2 cores; ASDL is installed for the K-FAC comparison).
 bench: $(BIN)/.installed
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[bench]'
 	$(BIN)/python benchmarks/bench_trainer.py
 	$(BIN)/python benchmarks/bench_kfac.py
+	$(BIN)/python benchmarks/bench_analysis.py
+	$(BIN)/python benchmarks/bench_distributed.py
+	$(BIN)/python benchmarks/project_scaling.py
 
 clean:
 	rm -rf runs .cache

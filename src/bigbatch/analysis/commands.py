@@ -56,13 +56,19 @@ def plot_1d(curves: list[tuple[str, list[dict[str, float]]]], path: Path, xlabel
         ax.plot(xs, [r["train_loss"] for r in rows], color=c, label=f"{label} train loss")
         ax.plot(xs, [r["test_loss"] for r in rows], color=c, linestyle="--", label=f"{label} test loss")
         acc_ax.plot(xs, [100 * r["test_acc"] for r in rows], color=c, linestyle=":", alpha=0.8, label=f"{label} test acc")
+    losses = [r[k] for _, rows in curves for r in rows for k in ("train_loss", "test_loss")]
+    # An unnormalized Gaussian direction can raise the loss a million-fold at the ends; on a linear
+    # axis that hides the basin around a = 0, so such curves get a log axis.
+    log_axis = min(losses) > 0 and max(losses) / min(losses) > 100
+    if log_axis:
+        ax.set_yscale("log")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("cross-entropy loss")
+    ax.set_ylabel(f"cross-entropy loss{' (log scale)' if log_axis else ''}")
     acc_ax.set_ylabel("top-1 accuracy (%)  (dotted)")
     ax.grid(alpha=0.3)
     handles = ax.get_legend_handles_labels()[0] + acc_ax.get_legend_handles_labels()[0]
     labels = ax.get_legend_handles_labels()[1] + acc_ax.get_legend_handles_labels()[1]
-    ax.legend(handles, labels, fontsize=7, loc="upper center")
+    ax.legend(handles, labels, fontsize=7, loc="best")
     ax.set_title(title, fontsize=10)
     save_figure(fig, path)
 
