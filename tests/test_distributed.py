@@ -96,6 +96,25 @@ def test_killed_rank_ends_the_other_with_a_clear_error(tmp_path):
     assert [r["epoch"] for r in read_jsonl(tmp_path / "kill" / "metrics.jsonl")] == list(range(1, epoch + 2))
 
 
+def test_hung_rank_ends_the_other_within_the_timeout(tmp_path):
+    extra = ["run.epochs=50", "run.dist_timeout=10", "data.train_limit=3000", "train.batch_size=32"]
+    procs = _launch(tmp_path, "hang", extra, 2, _free_port())
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (tmp_path / "hang" / "checkpoint.pt").exists():
+            time.sleep(0.1)
+        assert (tmp_path / "hang" / "checkpoint.pt").exists()
+        procs[1].send_signal(signal.SIGSTOP)  # alive but silent: only the timeout can notice
+        start = time.time()
+        _, err = procs[0].communicate(timeout=90)
+        assert procs[0].returncode == 2
+        assert time.time() - start < 60
+        assert "Another rank died or hung" in err and "Traceback" not in err
+    finally:
+        procs[1].send_signal(signal.SIGKILL)
+        procs[1].communicate()
+
+
 @pytest.mark.parametrize("upper", ["true", "false"])
 def test_kfac_on_two_ranks_equals_one_process(tmp_path, upper):
     # Empirical Fisher, statistics every step and eigendecompositions every 2 steps, so both the
