@@ -78,6 +78,23 @@ def test_landscape_is_the_same_with_any_number_of_worker_threads_and_matches_a_d
     assert one[-1]["train_acc"] == pytest.approx(float((logits.argmax(1) == y).double().mean()))
 
 
+def test_a_failing_batch_stops_every_worker_and_raises():
+    model = _conv_net().eval()
+    seen = []
+
+    def batches():
+        for i in range(50):
+            seen.append(i)
+            if i == 3:
+                yield torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)  # wrong channel count
+            else:
+                yield torch.randn(4, 2, 8, 8), torch.zeros(4, dtype=torch.long)
+
+    with pytest.raises(RuntimeError):
+        evaluate_along(model, [random_direction(model, 0)], [(0.0,), (0.5,)], {"train": batches}, workers=2)
+    assert len(seen) < 50
+
+
 def test_epsilon_sharpness_is_nonnegative_and_grows_with_epsilon():
     model = _conv_net().eval()
     batches, _, _ = _data()

@@ -143,26 +143,31 @@ def evaluate_along(
     lock = threading.Lock()
     done: list[tuple[int, str, list[tuple[float, int, int]]]] = []
     count = itertools.count()
+    failed = threading.Event()  # one worker's error stops the others instead of letting them finish the data
 
     def work() -> None:
         replica = copy.deepcopy(model)
         first: nn.Module | None = None
         probed = False
-        with torch.inference_mode():
-            while True:
-                with lock:  # batches are made one at a time, in order
-                    job = next(jobs, None)
-                    number = next(count)
-                if job is None:
-                    return
-                name, x, y = job
-                if not probed:
-                    found = _input_layer(replica, x)
-                    first, probed = (found if isinstance(found, nn.Module) else None), True
-                results = _point_results(replica, first, origin, directions, points, x, y)
-                with lock:
-                    done.append((number, name, results))
-                    progress()
+        try:
+            with torch.inference_mode():
+                while not failed.is_set():
+                    with lock:  # batches are made one at a time, in order
+                        job = next(jobs, None)
+                        number = next(count)
+                    if job is None:
+                        return
+                    name, x, y = job
+                    if not probed:
+                        found = _input_layer(replica, x)
+                        first, probed = (found if isinstance(found, nn.Module) else None), True
+                    results = _point_results(replica, first, origin, directions, points, x, y)
+                    with lock:
+                        done.append((number, name, results))
+                        progress()
+        except BaseException:
+            failed.set()
+            raise
 
     threads_before = torch.get_num_threads()
     if workers > 1:
