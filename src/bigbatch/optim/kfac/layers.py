@@ -91,15 +91,17 @@ def _homogeneous_outer(rows: torch.Tensor, with_ones: bool, transposed: bool = F
     without materializing the ones column."""
     cols = rows if transposed else rows.t()
     top = cols @ cols.t()
-    if not with_ones:
-        return top
-    d = cols.shape[0]
-    out = rows.new_empty(d + 1, d + 1)
-    out[:d, :d] = top
-    col = cols.sum(1)
-    out[:d, d] = col
-    out[d, :d] = col
-    out[d, d] = cols.shape[1]
+    return _with_ones(top, cols.sum(1), cols.shape[1]) if with_ones else top
+
+
+def _with_ones(gram: torch.Tensor, sums: torch.Tensor, count: int) -> torch.Tensor:
+    """[[sum a a^T, sum a], [sum a^T, count]]: a Gram matrix bordered by the ones coordinate."""
+    d = gram.shape[0]
+    out = gram.new_empty(d + 1, d + 1)
+    out[:d, :d] = gram
+    out[:d, d] = sums
+    out[d, :d] = sums
+    out[d, d] = count
     return out
 
 
@@ -198,12 +200,7 @@ class Conv2dFactors(LayerFactors):
             total[:, i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw].sum((1, 2))
             for i in range(kh) for j in range(kw)
         ], dim=1).reshape(d)  # (c, i, j) order
-        out = x.new_empty(d + 1, d + 1)
-        out[:d, :d] = gram
-        out[:d, d] = sums
-        out[d, :d] = sums
-        out[d, d] = n * ho * wo
-        return out
+        return _with_ones(gram, sums, n * ho * wo)
 
     def patch_matrix(self, x: torch.Tensor) -> torch.Tensor:
         """im2col as [C*kh*kw, n*Ho*Wo], rows in the weight's (c, i, j) order.
