@@ -58,13 +58,25 @@ def _patch_nvtx() -> None:
 
 
 def step_timer(name: str, batches: list[tuple[torch.Tensor, torch.Tensor]], interval: int) -> Callable[[], float]:
-    """Seconds per step (median over the batches) of one K-FAC implementation at equal settings."""
+    """Seconds per step (median over the batches) of one implementation at equal settings.
+
+    name: "sgd" (the floor), "bigbatch" (its default: eigenbases, exact Tikhonov damping), "bigbatch-inverse"
+    (ASDL's algorithm: pi-split damping through Cholesky inverses), or "asdl".
+    """
     torch.manual_seed(0)
     model = build_model("lenet5", 3, (32, 32), 10)
     opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
-    if name == "bigbatch":
+    inverse_interval = interval * 10 if interval > 1 else 1
+    if name == "sgd":
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> None:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    elif name.startswith("bigbatch"):
+        method = dict(inverse_method="inverse", pi_damping=True) if name == "bigbatch-inverse" else {}
         kfac = KFACPreconditioner(model, damping=1e-2, factor_decay=0.95, factor_interval=interval,
-                                  inverse_interval=interval * 10 if interval > 1 else 1, kl_clip=0.0)
+                                  inverse_interval=inverse_interval, kl_clip=0.0, **method)
 
         def step(x: torch.Tensor, y: torch.Tensor) -> None:
             opt.zero_grad()
@@ -77,7 +89,7 @@ def step_timer(name: str, batches: list[tuple[torch.Tensor, torch.Tensor]], inte
 
         config = PreconditioningConfig(
             data_size=batches[0][0].shape[0], damping=1e-2, ema_decay=0.05,
-            curvature_upd_interval=interval, preconditioner_upd_interval=interval * 10 if interval > 1 else 1,
+            curvature_upd_interval=interval, preconditioner_upd_interval=inverse_interval,
         )
         gm = KfacGradientMaker(model, config, fisher_type="fisher_emp")
 
@@ -105,6 +117,8 @@ def main() -> None:
     parser.add_argument("--data", default="../shared/data/cifar10-jpeg.zip")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--part", choices=("all", "epochs", "steps"), default="all",
+                        help="epochs: the Trainer table only; steps: the per-step comparison with ASDL only")
     args = parser.parse_args()
     try:
         import asdl  # noqa: F401
@@ -116,40 +130,45 @@ def main() -> None:
     ds = load_dataset("auto", args.data, cache_dir=".cache/bigbatch")
     mean, std = channel_stats(ds.train_images)
     print(f"LeNet-5 on {ds.name}, {torch.get_num_threads()} threads; times are medians\n")
-    print("| batch | variant | epoch s | vs SGD | statistics s | eigendecomposition s | preconditioning s |")
-    print("|---|---|---|---|---|---|---|")
-    with tempfile.TemporaryDirectory() as out:
-        for batch in (128, 2048):
-            variants = {
-                "SGD": ["optimizer.name=sgd"],
-                "K-FAC defaults (10/100)": ["optimizer.name=kfac"],
-                "K-FAC every step (1/1)": ["optimizer.name=kfac", "kfac.factor_interval=1", "kfac.inverse_interval=1"],
-            }
-            if batch == 2048:
-                variants["K-FAC paper LB (1/10, 1/4 of batch)"] = [
-                    "optimizer.name=kfac", "kfac.factor_interval=1", "kfac.inverse_interval=10", "kfac.stats_fraction=0.25"]
-            sgd = None
-            for name, extra in variants.items():
-                t, parts = trainer_epoch(args.data, batch, out, extra, args.epochs)
-                sgd = sgd or t
-                print(f"| {batch} | {name} | {t:.2f} | {t / sgd:.2f}x | {parts.get('statistics', 0):.2f} | "
-                      f"{parts.get('eigendecomposition', 0):.2f} | {parts.get('preconditioning', 0):.2f} |", flush=True)
+    if args.part != "steps":
+        print("| batch | variant | epoch s | vs SGD | statistics s | eigendecomposition s | preconditioning s |")
+        print("|---|---|---|---|---|---|---|")
+        with tempfile.TemporaryDirectory() as out:
+            for batch in (128, 2048):
+                variants = {
+                    "SGD": ["optimizer.name=sgd"],
+                    "K-FAC defaults (10/100)": ["optimizer.name=kfac"],
+                    "K-FAC every step (1/1)": ["optimizer.name=kfac", "kfac.factor_interval=1", "kfac.inverse_interval=1"],
+                }
+                if batch == 2048:
+                    variants["K-FAC paper LB (1/10, 1/4 of batch)"] = [
+                        "optimizer.name=kfac", "kfac.factor_interval=1", "kfac.inverse_interval=10", "kfac.stats_fraction=0.25"]
+                sgd = None
+                for name, extra in variants.items():
+                    t, parts = trainer_epoch(args.data, batch, out, extra, args.epochs)
+                    sgd = sgd or t
+                    print(f"| {batch} | {name} | {t:.2f} | {t / sgd:.2f}x | {parts.get('statistics', 0):.2f} | "
+                          f"{parts.get('eigendecomposition', 0):.2f} | {parts.get('preconditioning', 0):.2f} |", flush=True)
 
+    if args.part == "epochs":
+        return
     if not have_asdl:
         print("\nASDL (pip install asdfghjkl) not installed: per-step comparison skipped")
         return
-    print("\nPer step, plain NCHW loop, no micro-batching, empirical Fisher, damping 1e-2:\n")
-    print("| batch | intervals (stats/inverse) | bigbatch ms/step | ASDL ms/step | ASDL / bigbatch |")
-    print("|---|---|---|---|---|")
+    print("\nPer step, plain NCHW loop, no micro-batching, empirical Fisher, damping 1e-2; ms/step. 'inverse' is "
+          "bigbatch with ASDL's algorithm (pi-split damping, Cholesky inverses); 'eigen' its default:\n")
+    print("| batch | intervals (stats/inverse) | SGD | bigbatch inverse | bigbatch eigen | ASDL | "
+          "ASDL / bigbatch inverse | ASDL / bigbatch eigen | ASDL / SGD (the ceiling) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for batch in (128, 2048):
         loader = BatchLoader(ds.train_images, ds.train_labels, batch, mean=mean, std=std, shuffle=True)
         batches = [b for _, b in zip(range(args.steps), loader)]
         for interval in (1, 10):
-            ours = step_timer("bigbatch", batches, interval)()
-            theirs = step_timer("asdl", batches, interval)()
+            t = {name: step_timer(name, batches, interval)() for name in ("sgd", "bigbatch-inverse", "bigbatch", "asdl")}
             label = "1/1" if interval == 1 else "10/100"
-            print(f"| {batch} | {label} | {1e3 * ours:.1f} | {1e3 * theirs:.1f} | {theirs / ours:.2f}x |", flush=True)
-
+            print(f"| {batch} | {label} | {1e3 * t['sgd']:.1f} | {1e3 * t['bigbatch-inverse']:.1f} | "
+                  f"{1e3 * t['bigbatch']:.1f} | {1e3 * t['asdl']:.1f} | {t['asdl'] / t['bigbatch-inverse']:.2f}x | "
+                  f"{t['asdl'] / t['bigbatch']:.2f}x | {t['asdl'] / t['sgd']:.2f}x |", flush=True)
 
 if __name__ == "__main__":
     main()

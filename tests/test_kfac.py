@@ -301,18 +301,45 @@ def test_nonfinite_factor_never_crashes():
     assert all(torch.equal(a, b) for a, b in zip(kfac.layers["0"].decomposition, before))
 
 
-def test_state_dict_resume_is_bit_exact():
-    def run(steps, state=None):
+def test_nonfinite_update_keeps_the_raw_gradient_and_is_counted():
+    model, x, y = _one_layer()
+    kfac = _kfac(model, damping=1e-3, inverse_interval=100)
+    _step_once(model, kfac, x, y)
+    kfac.layers["0"].scale[0, 0] = float("inf")  # as if a damped eigenvalue had underflowed to zero
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    raw = model[0].weight.grad.clone()
+    kfac.step(lr=0.1)
+    assert kfac.health["nonfinite_updates"] == 1
+    assert torch.equal(model[0].weight.grad, raw)
+
+
+def test_inverse_falls_back_to_lu_when_cholesky_fails():
+    model, x, y = _one_layer()
+    kfac = _kfac(model, damping=1e-3, inverse_method="inverse")
+    _step_once(model, kfac, x, y)
+    state = kfac.layers["0"]
+    state.A = -torch.eye(state.A.shape[0], dtype=D)  # indefinite: no Cholesky factor, still invertible
+    kfac.decompose(state)
+    assert kfac.health["eigh_retries"] == 1
+    a_inv, _ = state.decomposition
+    torch.testing.assert_close(a_inv, torch.linalg.inv(state.A + math.sqrt(1e-3) * torch.eye(state.A.shape[0], dtype=D)))
+
+
+@pytest.mark.parametrize("options", [
+    dict(fisher_type="mc"), dict(fisher_type="mc", pi_damping=True), dict(inverse_method="inverse", pi_damping=True)])
+def test_state_dict_resume_is_bit_exact(options):
+    def run(first, last, state=None):
         torch.manual_seed(0)
         model = _linear_model()
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        kfac = KFACPreconditioner(model, factor_interval=2, inverse_interval=3, fisher_type="mc", seed=1, factor_dtype=D)
+        kfac = KFACPreconditioner(model, factor_interval=2, inverse_interval=3, seed=1, factor_dtype=D, **options)
         if state:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
             kfac.load_state_dict(state["kfac"])
-        g = torch.Generator().manual_seed(100 + (state["done"] if state else 0))
-        for _ in range(steps):
+        for step in range(first, last):
+            g = torch.Generator().manual_seed(100 + step)  # batch `step` is the same in both runs
             x, y = torch.randn(16, 5, generator=g, dtype=D), torch.randint(0, 3, (16,), generator=g)
             opt.zero_grad()
             logits = model(x)
@@ -324,14 +351,11 @@ def test_state_dict_resume_is_bit_exact():
 
     import copy
 
-    _, mid = run(5)
-    mid["done"] = 5
-    resumed, _ = run(4, copy.deepcopy(mid))
-    # Uninterrupted: the same 5 steps, then the same next 4 batches.
-    torch.manual_seed(0)
-    straight, state = run(5)
-    state["done"] = 5
-    straight, _ = run(4, state)
+    # Stopped after step 4 (statistics at 4 changed A and G since the eigenbasis of step 3), then
+    # resumed in fresh objects from a deep copy of the state, against one uninterrupted run of 9 steps.
+    _, mid = run(0, 5)
+    resumed, _ = run(5, 9, copy.deepcopy(mid))
+    straight, _ = run(0, 9)
     for a, b in zip(resumed.parameters(), straight.parameters()):
         assert torch.equal(a, b)
 

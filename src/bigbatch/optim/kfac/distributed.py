@@ -98,6 +98,8 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
                 state.decomposition = tuple(torch.empty_like(t) for t in self._decomposition_like(state))
             for tensor in state.decomposition:
                 dist.broadcast(tensor, src=src)
+            if self.rank != src:
+                self.set_scale(state)  # the owner set its own in decompose(); A and G agree on all ranks
         self.timings["communication"] += time.perf_counter() - start
 
     def _decomposition_like(self, state: LayerState) -> tuple[torch.Tensor, ...]:

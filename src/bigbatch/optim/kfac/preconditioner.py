@@ -13,8 +13,8 @@ value; the first batch initializes F). Eigendecompositions (or inverses) are rec
   * inverse_method="eigen", pi_damping=False (default): exact Tikhonov damping of the Kronecker
     product, (G (x) A + damping I)^-1, through the eigenvalues g_i a_j + damping;
   * pi_damping=True: the factored split (G + pi sqrt(d) I) (x) (A + sqrt(d)/pi I) of Martens & Grosse
-    (2015, sec 6.3), pi = sqrt((tr A / dim A) / (tr G / dim G)); "inverse" always uses this split
-    (with pi = 1 unless pi_damping).
+    (2015, sec 6.3), pi = sqrt((tr A / dim A) / (tr G / dim G)) from the factors being decomposed;
+    "inverse" always uses this split (with pi = 1 unless pi_damping), through Cholesky inverses.
 KL-clipping (Ba et al. 2017) scales all preconditioned gradients by
 min(1, sqrt(kl_clip / (lr^2 sum_layers <F^-1 g, g>))).
 
@@ -53,6 +53,9 @@ class LayerState:
         self.G: torch.Tensor | None = None
         # eigen: (QA, dA, QG, dG); inverse: (A_inv, G_inv)
         self.decomposition: tuple[torch.Tensor, ...] | None = None
+        # eigen: 1 / (damped eigenvalues of kron(G, A)) as a [g_dim, a_dim] matrix, fixed until the next
+        # decomposition so each step's preconditioning is four products and one multiply.
+        self.scale: torch.Tensor | None = None
 
 
 class KFACPreconditioner:
@@ -213,12 +216,17 @@ class KFACPreconditioner:
         """Hook for data parallelism: sum the factor sums and counts over ranks (no-op in one process)."""
 
     def _update_running_factors(self, batch: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
-        for name, (a_sum, g_sum, count) in batch.items():
-            state = self.layers[name]
-            a, g = a_sum / count, g_sum / count
-            if not (torch.isfinite(a).all() and torch.isfinite(g).all()):
+        if not batch:
+            return
+        # A factor is non-finite iff its entry sum is (barring an overflow to inf, equally unusable):
+        # one synchronization for all layers instead of two per layer.
+        sums = torch.stack([t.sum() for a_sum, g_sum, _ in batch.values() for t in (a_sum, g_sum)]).tolist()
+        for k, (name, (a_sum, g_sum, count)) in enumerate(batch.items()):
+            if not (math.isfinite(sums[2 * k]) and math.isfinite(sums[2 * k + 1])):
                 self.health["nonfinite_factors"] += 1
                 continue
+            state = self.layers[name]
+            a, g = a_sum / count, g_sum / count
             if state.A is None:
                 state.A, state.G = a, g
             else:
@@ -242,6 +250,7 @@ class KFACPreconditioner:
                 self.health["eigh_failures"] += 1
                 return  # keep the previous eigenbasis (or none: raw gradient)
             state.decomposition = (*qa_da, *qg_dg)
+            self.set_scale(state)
         else:
             pi = self._pi(state.A, state.G) if self.pi_damping else 1.0
             root = math.sqrt(self.damping)
@@ -271,14 +280,33 @@ class KFACPreconditioner:
                 pass
         return None
 
+    def set_scale(self, state: LayerState) -> None:
+        """Cache 1 / (damped eigenvalues) of the layer's eigen decomposition (pi from the same factors)."""
+        if self.inverse_method != "eigen" or state.decomposition is None:
+            state.scale = None
+            return
+        _, da, _, dg = state.decomposition
+        if self.pi_damping:
+            pi = self._pi(state.A, state.G) if state.A is not None else 1.0
+            root = math.sqrt(self.damping)
+            denominator = torch.outer(dg + root * pi, da + root / pi)
+        else:
+            denominator = torch.outer(dg, da).add_(self.damping)
+        state.scale = denominator.reciprocal_()
+
     def _robust_inverse(self, m: torch.Tensor, damping: float) -> torch.Tensor | None:
+        """(m + damping I)^-1: Cholesky in the factor dtype, else LU in float64, else with 10x damping."""
         eye = torch.eye(m.shape[0], dtype=torch.float64, device=m.device)
-        for dtype, extra in ((m.dtype, 1.0), (torch.float64, 1.0), (torch.float64, 10.0)):
+        chol, info = torch.linalg.cholesky_ex(m + damping * eye.to(m.dtype))
+        if int(info) == 0:
+            inv = torch.cholesky_inverse(chol)
+            if torch.isfinite(inv).all():
+                return inv
+        for dtype, extra in ((torch.float64, 1.0), (torch.float64, 10.0)):
             try:
                 inv = torch.linalg.inv(m.to(dtype) + damping * extra * eye.to(dtype))
                 if torch.isfinite(inv).all():
-                    if dtype != m.dtype or extra != 1.0:
-                        self.health["eigh_retries"] += 1
+                    self.health["eigh_retries"] += 1
                     return inv.to(m.dtype)
             except (RuntimeError, torch.linalg.LinAlgError):
                 pass
@@ -298,33 +326,34 @@ class KFACPreconditioner:
         if self.inverse_method == "inverse":
             a_inv, g_inv = state.decomposition
             return g_inv @ v @ a_inv
-        qa, da, qg, dg = state.decomposition
-        if self.pi_damping:
-            pi = self._pi(state.A, state.G)
-            root = math.sqrt(self.damping)
-            denom = torch.outer(dg + root * pi, da + root / pi)
-        else:
-            denom = torch.outer(dg, da) + self.damping
-        return qg @ ((qg.t() @ v @ qa) / denom) @ qa.t()
+        if state.scale is None:
+            self.set_scale(state)
+        qa, _, qg, _ = state.decomposition
+        return qg @ ((qg.t() @ v @ qa) * state.scale) @ qa.t()
 
     def _precondition(self, lr: float | None) -> None:
-        updates: list[tuple[LayerState, torch.Tensor, torch.Tensor]] = []
+        updates: list[tuple[LayerState, torch.Tensor]] = []
+        products = []
         for state in self.layers.values():
             if state.decomposition is None or not state.factors.has_grad():
                 continue
             v = state.factors.grad_matrix()
             x = self._solve(state, v.to(self.factor_dtype)).to(v.dtype)
-            if not torch.isfinite(x).all():
-                self.health["nonfinite_updates"] += 1
-                continue  # keep the raw gradient for this layer
-            updates.append((state, x, v))
+            updates.append((state, x))
+            # <F^-1 g, g>: KL-clipping's sum, and the finiteness check (non-finite iff x is, for finite g).
+            products.append(torch.dot(x.reshape(-1), v.reshape(-1)))
+        if not updates:
+            return
+        vg = torch.stack(products).tolist()  # one synchronization for all layers
+        finite = [(state, x) for (state, x), p in zip(updates, vg) if math.isfinite(p)]
+        self.health["nonfinite_updates"] += len(updates) - len(finite)  # those keep their raw gradient
         nu = 1.0
-        if self.kl_clip > 0 and lr is not None and updates:
-            vg_sum = sum(float((x * v).sum()) for _, x, v in updates) * lr**2
+        if self.kl_clip > 0 and lr is not None:
+            vg_sum = sum(p for p in vg if math.isfinite(p)) * lr**2
             if vg_sum > 0:
                 nu = min(1.0, math.sqrt(self.kl_clip / vg_sum))
-        for state, x, _ in updates:
-            state.factors.set_grad_matrix(x * nu if nu != 1.0 else x)
+        for state, x in finite:
+            state.factors.set_grad_matrix(x.mul_(nu) if nu != 1.0 else x)
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def reset_timings(self) -> None:
@@ -341,7 +370,8 @@ class KFACPreconditioner:
             "health": dict(self.health),
             "mc_generator": self.mc_generator.get_state(),
             "layers": {
-                name: {"A": s.A, "G": s.G, "decomposition": s.decomposition} for name, s in self.layers.items()
+                name: {"A": s.A, "G": s.G, "decomposition": s.decomposition, "scale": s.scale}
+                for name, s in self.layers.items()
             },
         }
 
@@ -356,6 +386,7 @@ class KFACPreconditioner:
             layer = self.layers[name]
             layer.A, layer.G = s["A"], s["G"]
             layer.decomposition = tuple(s["decomposition"]) if s["decomposition"] is not None else None
+            layer.scale = s.get("scale")  # absent in older checkpoints: recomputed on first use
 
 
 def _check(ok: bool, name: str, message: str) -> None:
