@@ -70,7 +70,7 @@ def cmd_landscape(args: argparse.Namespace) -> int:
     written = landscape(
         args.run_dirs, start=args.range[0], stop=args.range[1], points=args.points, normalization=args.normalization,
         seed=args.seed, train_examples=args.train_examples, test_examples=args.test_examples,
-        interpolate=args.interpolate, two_d=args.two_d, out=args.out,
+        batch_size=args.batch_size, interpolate=args.interpolate, two_d=args.two_d, out=args.out,
     )
     print("wrote:\n  " + "\n  ".join(map(str, written)))
     return 0
@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random direction (the same for every run)")
     p.add_argument("--train-examples", type=int, default=0, help="0: the whole training set")
     p.add_argument("--test-examples", type=int, default=0, help="0: the whole test set")
+    p.add_argument("--batch-size", type=int, default=128,
+                   help="examples per evaluation batch (results do not depend on it beyond float rounding)")
     p.add_argument("--interpolate", action="store_true", help="linear path between two runs' solutions instead")
     p.add_argument("--two-d", action="store_true", help="a 2-D contour over two random directions")
     p.add_argument("--out", help="where the overlay or interpolation plot goes (default: beside the runs)")

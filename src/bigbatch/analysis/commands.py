@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from bigbatch.analysis.hessian import hutchinson_trace, lanczos_top_eigenvalues
@@ -33,9 +34,10 @@ def _csv_text(rows: list[dict[str, Any]]) -> str:
 
 
 def _datasets(run: TrainedRun, train_examples: int, test_examples: int, batch_size: int) -> dict[str, Any]:
+    # NCHW: evaluate_along keeps its replica's weights in one contiguous buffer.
     return {
-        "train": run.batches("train", train_examples, batch_size),
-        "test": run.batches("test", test_examples, batch_size),
+        split: run.batches(split, examples, batch_size, memory_format=torch.contiguous_format)
+        for split, examples in (("train", train_examples), ("test", test_examples))
     }
 
 
@@ -89,13 +91,15 @@ def plot_2d(rows: list[dict[str, float]], points: int, path: Path, title: str) -
 
 def landscape(
     run_dirs: list[str], *, start: float = -0.5, stop: float = 1.5, points: int = 41, normalization: str = "none",
-    seed: int = 0, train_examples: int = 0, test_examples: int = 0, batch_size: int = 256,
+    seed: int = 0, train_examples: int = 0, test_examples: int = 0, batch_size: int = 128,
     interpolate: bool = False, two_d: bool = False, out: str | None = None,
 ) -> list[Path]:
     if interpolate and len(run_dirs) != 2:
         raise BigbatchError("--interpolate needs exactly two run directories: the start (a=0) and the end (a=1)")
     if points < 2:
         raise BigbatchError("--points must be at least 2")
+    if batch_size < 1:
+        raise BigbatchError("--batch-size must be at least 1")
     runs = [load_trained_run(run_dirs[0])]
     runs += [load_trained_run(d, runs[0].dataset if _same_data(runs[0], d) else None) for d in run_dirs[1:]]
     settings = {"start": start, "stop": stop, "points": points, "normalization": normalization, "seed": seed,

@@ -30,7 +30,10 @@ class TrainedRun:
     std: list[float]
     epoch: int
 
-    def batches(self, split: str, examples: int = 0, batch_size: int = 1000, dtype: torch.dtype = torch.float32) -> Batches:
+    def batches(
+        self, split: str, examples: int = 0, batch_size: int = 1000, dtype: torch.dtype = torch.float32,
+        memory_format: torch.memory_format = torch.channels_last,
+    ) -> Batches:
         """A re-iterable over the first ``examples`` (0: all) clean, normalized examples of a split."""
         images = self.dataset.train_images if split == "train" else self.dataset.test_images
         labels = self.dataset.train_labels if split == "train" else self.dataset.test_labels
@@ -40,7 +43,7 @@ class TrainedRun:
 
         def iterate() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
             for x, y in loader:
-                yield x.to(dtype).contiguous(memory_format=torch.channels_last), y
+                yield x.to(dtype).contiguous(memory_format=memory_format), y
 
         return iterate
 
