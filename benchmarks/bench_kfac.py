@@ -4,11 +4,12 @@ For LeNet-5 on CIFAR-10 at batch 128 and 2048:
   * bigbatch epochs (Trainer.train_epoch): SGD, K-FAC at its defaults, K-FAC with statistics and
     eigendecompositions every step; K-FAC's per-part times (statistics, eigendecomposition,
     preconditioning) from its own timers;
-  * per-step times of bigbatch K-FAC and ASDL K-FAC (empirical Fisher, the same damping, matching
-    intervals), both in plain NCHW without micro-batching so the comparison is like for like.
+  * per-step times of plain SGD (the floor), bigbatch K-FAC with its default eigen/exact damping and
+    with ASDL's own algorithm (pi-split damping through Cholesky inverses), and ASDL K-FAC (empirical
+    Fisher, the same damping, matching intervals), all in plain NCHW without micro-batching.
 
     .venv/bin/pip install asdfghjkl   # optional: without it the ASDL rows are skipped
-    .venv/bin/python benchmarks/bench_kfac.py [--data PATH] [--steps 30]
+    .venv/bin/python benchmarks/bench_kfac.py [--data PATH] [--steps 30] [--part all|epochs|steps]
 
 ASDL calls torch.cuda.nvtx, which a CPU-only torch lacks: the ranges are replaced by no-ops here.
 """

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from bigbatch.allocator import keep_freed_memory
 from bigbatch.errors import BigbatchError
 
 
@@ -154,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         return args.func(args)
     except BigbatchError as exc:
