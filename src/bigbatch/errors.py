@@ -1,5 +1,7 @@
 """Errors users can act on: the CLI prints their message, never a traceback."""
 
+from __future__ import annotations
+
 
 class BigbatchError(Exception):
     """Base class: the message names the problem and the fix."""
@@ -11,3 +13,13 @@ class ConfigError(BigbatchError):
 
 class TrainingError(BigbatchError):
     """A run that cannot continue (non-finite loss, incompatible checkpoint)."""
+
+
+def collective_error(what: str, rank: int, timeout_s: float | None, exc: BaseException) -> TrainingError:
+    """The error for a torch.distributed collective that failed because another rank died or hung."""
+    first_line = str(exc).splitlines()[0] if str(exc) else ""
+    limit = f"timeout {timeout_s:g}s, run.dist_timeout" if timeout_s is not None else "see run.dist_timeout"
+    return TrainingError(
+        f"{what} failed on rank {rank}: {type(exc).__name__}: {first_line}. Another rank died or hung ({limit}); "
+        "restart the whole job with --resume to continue from the last checkpoint"
+    )

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bigbatch.errors import TrainingError
+from bigbatch.errors import TrainingError, collective_error
 
 
 class ParallelContext:
@@ -53,14 +53,6 @@ class ParallelContext:
         pass
 
 
-def _collective_error(what: str, timeout_s: float, exc: BaseException) -> TrainingError:
-    return TrainingError(
-        f"{what} failed on rank {dist.get_rank()}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
-        f"Another rank died or hung (timeout {timeout_s:g}s, run.dist_timeout); restart the whole job with --resume "
-        "to continue from the last checkpoint"
-    )
-
-
 class DistributedContext(ParallelContext):
     def __init__(self, timeout_s: float):
         super().__init__()
@@ -74,7 +66,7 @@ class DistributedContext(ParallelContext):
         try:
             dist.all_reduce(tensor)
         except (RuntimeError, dist.DistError) as exc:
-            raise _collective_error(what, self.timeout_s, exc) from None
+            raise collective_error(what, self.rank, self.timeout_s, exc) from None
         self.communication_time += time.perf_counter() - start
         self.bytes_communicated += tensor.numel() * tensor.element_size()
 
@@ -102,13 +94,13 @@ class DistributedContext(ParallelContext):
             for tensor in [*model.parameters(), *model.buffers()]:
                 dist.broadcast(tensor.data, src=0)
         except (RuntimeError, dist.DistError) as exc:
-            raise _collective_error("parameter broadcast", self.timeout_s, exc) from None
+            raise collective_error("parameter broadcast", self.rank, self.timeout_s, exc) from None
 
     def barrier(self) -> None:
         try:
             dist.barrier()
         except (RuntimeError, dist.DistError) as exc:
-            raise _collective_error("barrier", self.timeout_s, exc) from None
+            raise collective_error("barrier", self.rank, self.timeout_s, exc) from None
 
 
 def launched_with_torchrun() -> bool:

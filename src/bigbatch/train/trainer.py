@@ -244,7 +244,8 @@ class Trainer:
         extra: dict[str, Any] = {}
         kind: Any = KFACPreconditioner
         if self.parallel.world_size > 1:
-            kind, extra = DistributedKFACPreconditioner, {"upper_triangle": k.upper_triangle}
+            extra = {"upper_triangle": k.upper_triangle, "timeout_s": getattr(self.parallel, "timeout_s", None)}
+            kind = DistributedKFACPreconditioner
         return kind(
             self.model,
             **extra,

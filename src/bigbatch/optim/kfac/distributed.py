@@ -15,6 +15,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from bigbatch.errors import collective_error
 from bigbatch.optim.kfac.preconditioner import KFACPreconditioner, LayerState
 
 
@@ -30,9 +31,10 @@ def assign_by_cost(costs: dict[str, float], world_size: int) -> dict[str, int]:
 
 
 class DistributedKFACPreconditioner(KFACPreconditioner):
-    def __init__(self, *args, upper_triangle: bool = True, **kwargs):
+    def __init__(self, *args, upper_triangle: bool = True, timeout_s: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.upper_triangle = upper_triangle
+        self.timeout_s = timeout_s  # the process group's, for the error message only
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.factor_bytes = 0  # sent per rank in factor all-reduces since the last reset
@@ -66,7 +68,7 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             a, g, count = batch.get(name, (torch.zeros(a_dim, a_dim, dtype=dtype), torch.zeros(g_dim, g_dim, dtype=dtype), 0.0))
             parts += [self._pack(a), self._pack(g), a.new_tensor([count])]
         flat = torch.cat(parts)
-        dist.all_reduce(flat)
+        self._collective(dist.all_reduce, "K-FAC factor all-reduce", flat)
         self.factor_bytes += flat.numel() * flat.element_size()
         offset = 0
         for name, (a_dim, g_dim) in shapes.items():
@@ -89,7 +91,7 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         ready = torch.tensor(
             [float(s.decomposition is not None and self.owner[s.factors.name] == self.rank) for s in states]
         )
-        dist.all_reduce(ready)
+        self._collective(dist.all_reduce, "K-FAC decomposition check", ready)
         for state, ok in zip(states, ready.tolist()):
             if not ok:
                 continue
@@ -97,10 +99,16 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             if self.rank != src:
                 state.decomposition = tuple(torch.empty_like(t) for t in self._decomposition_like(state))
             for tensor in state.decomposition:
-                dist.broadcast(tensor, src=src)
+                self._collective(dist.broadcast, "K-FAC eigenbasis broadcast", tensor, src=src)
             if self.rank != src:
                 self.set_scale(state)  # the owner set its own in decompose(); A and G agree on all ranks
         self.timings["communication"] += time.perf_counter() - start
+
+    def _collective(self, op, what: str, *args, **kwargs) -> None:
+        try:
+            op(*args, **kwargs)
+        except (RuntimeError, dist.DistError) as exc:
+            raise collective_error(what, self.rank, self.timeout_s, exc) from None
 
     def _decomposition_like(self, state: LayerState) -> tuple[torch.Tensor, ...]:
         a, g = state.factors.a_dim, state.factors.g_dim
