@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from bigbatch.allocator import keep_freed_memory
-from bigbatch.errors import BigbatchError
+from bigbatch.errors import BigbatchError, CollectiveError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -28,6 +29,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         trainer = Trainer(cfg, parallel=parallel)
         rows = trainer.fit(resume=args.resume, overwrite=args.overwrite)
+    except CollectiveError as exc:
+        # The process group is broken: tearing it down (or letting the interpreter do so at exit) can
+        # abort in gloo's C++ destructors while a peer is hung. Checkpoints and metrics are already on
+        # disk (written atomically), so report and leave at once.
+        print(f"bigbatch: error: {exc}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
     finally:
         shutdown_parallel()
     if trainer.parallel.is_main:
