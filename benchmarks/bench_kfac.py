@@ -59,7 +59,7 @@ def _patch_nvtx() -> None:
 
 
 def step_timer(name: str, batches: list[tuple[torch.Tensor, torch.Tensor]], interval: int) -> Callable[[], float]:
-    """Seconds per step (median over the batches) of one implementation at equal settings.
+    """Seconds per step (mean over max(batches, inverse_interval) steps) of one implementation at equal settings.
 
     name: "sgd" (the floor), "bigbatch" (its default: eigenbases, exact Tikhonov damping), "bigbatch-inverse"
     (ASDL's algorithm: pi-split damping through Cholesky inverses), or "asdl".
@@ -102,13 +102,14 @@ def step_timer(name: str, batches: list[tuple[torch.Tensor, torch.Tensor]], inte
             opt.step()
 
     def run() -> float:
+        # Mean over a whole inverse interval (cycling through the batches), so the amortized cost of
+        # statistics and decomposition steps counts, not just that of the plain steps in between.
+        steps = max(len(batches), inverse_interval)
         step(*batches[0])  # warm-up
-        times = []
-        for x, y in batches:
-            start = time.perf_counter()
-            step(x, y)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        start = time.perf_counter()
+        for k in range(steps):
+            step(*batches[k % len(batches)])
+        return (time.perf_counter() - start) / steps
 
     return run
 

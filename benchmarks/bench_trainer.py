@@ -6,8 +6,7 @@ Times training epochs (evaluation excluded) of LeNet-5 on CIFAR-10 at batch 128 
   plain-tuned  plain-mb with NHWC (channels_last) tensors: the same computation as bigbatch's trainer,
              so bigbatch / plain-tuned measures what the trainer's bookkeeping costs
   bigbatch   bigbatch's Trainer (uint8 dataset, per-batch normalization, metrics, progress off)
-and prints ratios (all loops share the process, so bigbatch.allocator's malloc setting applies to all);
-then times 1-thread `bigbatch train` child processes with and without that setting. Usage:
+and prints ratios. Usage:
 
     .venv/bin/python benchmarks/bench_trainer.py [--data PATH] [--epochs 5] [--train-limit N]
 """
@@ -15,7 +14,6 @@ then times 1-thread `bigbatch train` child processes with and without that setti
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -112,34 +110,16 @@ def main() -> None:
         print(f"  {name}: per-image time at 2048 / at 128 = {results[(name, 2048)] / results[(name, 128)]:.3f}")
     print(f"  peak resident memory of a 1-epoch `bigbatch train` at batch 2048: "
           f"{child_run(args.data, ['train.batch_size=2048'])[-1]['max_rss_mib']:.0f} MiB")
-    allocator_comparison(args.data)
 
 
-def child_run(data: str, overrides: list[str], env: dict[str, str] | None = None) -> list[dict]:
+def child_run(data: str, overrides: list[str]) -> list[dict]:
     """Metrics rows of a real `bigbatch train` in its own process (this process holds float copies)."""
     with tempfile.TemporaryDirectory() as out:
         sets = [f"data.path={data}", "run.epochs=1", f"run.output_dir={out}", "run.name=child", "train.progress=off",
                 *overrides]
         subprocess.run([sys.executable, "-m", "bigbatch", "train", *(a for o in sets for a in ("--set", o))],
-                       check=True, stdout=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+                       check=True, stdout=subprocess.DEVNULL)
         return read_jsonl(f"{out}/child/metrics.jsonl")
-
-
-def allocator_comparison(data: str, repeats: int = 3) -> None:
-    """1-thread `bigbatch train` (as in a study with --jobs 2) with and without bigbatch.allocator."""
-    overrides = ["run.threads=1", "run.epochs=2", "train.batch_size=128", "train.train_eval_examples=0"]
-    times: dict[str, list[float]] = {"on": [], "off": []}
-    rss: dict[str, float] = {}
-    for _ in range(repeats):  # alternate, so machine noise hits both alike
-        for mode in ("off", "on"):
-            rows = child_run(data, overrides, {"BIGBATCH_KEEP_FREED_MEMORY": "0" if mode == "off" else "1"})
-            times[mode].append(rows[-1]["epoch_time"])  # the second epoch: warm
-            rss[mode] = max(rss.get(mode, 0.0), rows[-1]["max_rss_mib"])
-    on, off = statistics.median(times["on"]), statistics.median(times["off"])
-    print(f"\nallocator (1 thread, batch 128, median of {repeats} child runs' second epoch):")
-    print(f"  freed memory kept (default): {on:.2f} s/epoch, peak RSS {rss['on']:.0f} MiB")
-    print(f"  BIGBATCH_KEEP_FREED_MEMORY=0: {off:.2f} s/epoch, peak RSS {rss['off']:.0f} MiB")
-    print(f"  speed-up {off / on:.2f}x")
 
 
 if __name__ == "__main__":

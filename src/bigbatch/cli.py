@@ -7,7 +7,6 @@ import os
 import sys
 from pathlib import Path
 
-from bigbatch.allocator import keep_freed_memory
 from bigbatch.errors import BigbatchError, CollectiveError
 
 
@@ -163,7 +162,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    keep_freed_memory()
     try:
         return args.func(args)
     except BigbatchError as exc:

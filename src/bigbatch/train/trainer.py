@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from bigbatch.allocator import keep_freed_memory
 from bigbatch.augment.mixup import BatchMixer, MixedTargets, mixed_correct, mixed_cross_entropy
 from bigbatch.config import Config, validate_against_data
 from bigbatch.data import ImageDataset, load_dataset
@@ -180,7 +179,6 @@ class Trainer:
     ):
         self.cfg = cfg
         self.parallel = parallel or ParallelContext()
-        keep_freed_memory()
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         self.device = resolve_device(cfg.run.device)
