@@ -131,6 +131,18 @@ def test_landscape_command_writes_csv_json_png(two_runs):
     assert list(a.parent.glob("landscape_1d_filter_seed3_a_vs_b.png"))
 
 
+def test_landscape_batch_size_changes_nothing_but_rounding(two_runs):
+    a, _ = two_runs
+    curves = []
+    for batch in ("128", "7"):
+        assert cli_main(["landscape", str(a), "--points", "3", "--seed", "5", "--batch-size", batch]) == 0
+        curves.append(list(csv.DictReader((a / "landscape" / "1d_none_seed5.csv").open())))
+    for r128, r7 in zip(*curves):
+        assert float(r7["train_loss"]) == pytest.approx(float(r128["train_loss"]), rel=1e-5)
+        assert r7["test_acc"] == r128["test_acc"]
+    assert cli_main(["landscape", str(a), "--batch-size", "0"]) == 2
+
+
 def test_interpolation_and_2d(two_runs):
     a, b = two_runs
     assert cli_main(["landscape", str(a), str(b), "--interpolate", "--points", "3", "--range", "0", "1"]) == 0
