@@ -1,6 +1,7 @@
 """Real 2-process gloo runs of `bigbatch train`, compared with a single process on the same global batch."""
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -19,9 +20,18 @@ COMMON = [
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below Linux's ephemeral range (32768+): between this check and rank 0 binding it,
+    no outgoing connection (gloo opens many) can be given it, as could happen to a port from bind(0)."""
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(20000, 32768)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32767")
 
 
 def _args(out, name, extra, flags=()):
