@@ -124,4 +124,8 @@ def init_parallel(timeout_s: float = 300.0) -> ParallelContext:
 
 def shutdown_parallel() -> None:
     if dist.is_initialized():
+        try:
+            dist.barrier()  # no rank tears down the store (rank 0 hosts it) while another still uses it
+        except (RuntimeError, dist.DistError):
+            pass  # a peer died: nothing to wait for
         dist.destroy_process_group()
