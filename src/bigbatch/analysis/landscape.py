@@ -96,12 +96,14 @@ def _point_results(
     first: nn.Module | None,
     origin: list[torch.Tensor],
     directions: Sequence[Sequence[torch.Tensor]],
+    origin_flat: torch.Tensor,
+    direction_flats: list[torch.Tensor],
     points: Sequence[Sequence[float]],
     x: torch.Tensor,
     y: torch.Tensor,
 ) -> list[tuple[float, int, int]]:
     """(loss sum, correct, count) of one batch at every point, on a replica whose parameters (views of
-    ``flat``) it overwrites."""
+    ``flat``) it overwrites; ``origin_flat`` and ``direction_flats`` are origin and directions flattened."""
     outputs = None
     if first is not None:
         index = {id(p): i for i, p in enumerate(replica.parameters())}
@@ -110,8 +112,6 @@ def _point_results(
         base = _layer_output(first, x, origin[wi], origin[bi] if bi is not None else None)
         outputs = [_layer_output(first, x, d[wi], d[bi] if bi is not None else None) for d in directions]
         buffer = torch.empty_like(base)
-    origin_flat = torch.cat([o.reshape(-1) for o in origin])
-    direction_flats = [torch.cat([t.reshape(-1) for t in d]) for d in directions]
     results = []
     for coeffs in points:
         torch.add(origin_flat, direction_flats[0], alpha=coeffs[0], out=flat)
@@ -151,6 +151,8 @@ def evaluate_along(
     """
     model.eval()
     origin = [p.detach().clone(memory_format=torch.contiguous_format) for p in model.parameters()]  # NCHW, as inputs
+    origin_flat = torch.cat([o.reshape(-1) for o in origin])  # in the replicas' flat-buffer order
+    direction_flats = [torch.cat([t.reshape(-1) for t in d]) for d in directions]
     on_cpu = all(p.device.type == "cpu" for p in origin)
     workers = max(1, workers or (torch.get_num_threads() if on_cpu else 1))
     jobs = ((name, x, y) for name, batches in datasets.items() for x, y in batches())
@@ -179,7 +181,8 @@ def evaluate_along(
                     if not probed:
                         found = _input_layer(replica, x)
                         first, probed = (found if isinstance(found, nn.Module) else None), True
-                    results = _point_results(replica, flat, first, origin, directions, points, x, y)
+                    results = _point_results(
+                        replica, flat, first, origin, directions, origin_flat, direction_flats, points, x, y)
                     with lock:
                         done.append((number, name, results))
                         progress()
