@@ -80,6 +80,23 @@ def test_linear_factors_equal_brute_force(micro):
         torch.testing.assert_close(kfac.layers[name].G, G, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("micro", [None, 8])
+@pytest.mark.parametrize("min_rows", [1, 3, 10_000])
+def test_stats_fraction_factors_equal_brute_force_over_the_sampled_rows(micro, min_rows, monkeypatch):
+    # Each micro-batch contributes its first quarter; rows are held and reduced in groups of at least
+    # min_rows (1: every slice at once, 3: mid-batch flushes, 10_000: all at the step).
+    monkeypatch.setattr("bigbatch.optim.kfac.layers.MIN_ROWS_PER_PRODUCT", min_rows)
+    model = _linear_model()
+    x, y = torch.randn(32, 5, dtype=D), torch.randint(0, 3, (32,))
+    kfac = _kfac(model, stats_fraction=0.25)
+    _step_once(model, kfac, x, y, micro)
+    rows = torch.arange(8) if micro is None else torch.tensor([0, 1, 8, 9, 16, 17, 24, 25])
+    _, gs = _per_example_grads(model, model[0], x[rows], y[rows], lambda g: g)
+    a_bar = torch.cat([x[rows], torch.ones(8, 1, dtype=D)], 1)
+    torch.testing.assert_close(kfac.layers["0"].A, a_bar.t() @ a_bar / 8, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(kfac.layers["0"].G, sum(torch.outer(g, g) for g in gs) / 8, rtol=1e-10, atol=1e-14)
+
+
 def test_mc_fisher_uses_sampled_labels():
     model = _linear_model()
     x, y = torch.randn(12, 5, dtype=D), torch.randint(0, 3, (12,))

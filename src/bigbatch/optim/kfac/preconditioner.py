@@ -199,6 +199,7 @@ class KFACPreconditioner:
         scale = float(self.examples_seen) ** 2 if self.fisher_type == "empirical" else 1.0
         for name, state in self.layers.items():
             f = state.factors
+            f.finish()
             if f.a_sum is None or f.g_sum is None or f.count == 0:
                 missing.append(name)
                 continue
