@@ -68,7 +68,9 @@ class TrainConfig:
     batch_size: int = 128
     # 0 picks automatically: cache-sized micro-batches on CPU for models without BatchNorm.
     micro_batch_size: int = 0
-    eval_batch_size: int = 1000
+    # Evaluation batches stay cache-sized on CPU: LeNet-5's per-epoch evaluation (20,000 images, one
+    # thread) takes 0.41 s at 256 against 0.48 s at 1000.
+    eval_batch_size: int = 256
     # Clean (no augmentation) accuracy on this many training examples each epoch; 0 disables.
     train_eval_examples: int = 10000
     drop_last: bool = False

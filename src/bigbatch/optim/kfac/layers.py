@@ -175,7 +175,9 @@ class Conv2dFactors(LayerFactors):
 
     def _padded(self, x: torch.Tensor) -> torch.Tensor:
         ph, pw = (0, 0) if self.module.padding == "valid" else self.module.padding
-        return F.pad(x.contiguous(), (pw, pw, ph, ph)) if ph or pw else x.contiguous()
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous()  # NHWC stays NHWC (one copy less)
+        return F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
 
     def _output_size(self, x: torch.Tensor) -> tuple[int, int]:
         m = self.module
@@ -204,7 +206,9 @@ class Conv2dFactors(LayerFactors):
         m = self.module
         (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
         n, c, h, w = x.shape
-        rows = x.permute(2, 0, 3, 1).reshape(h, n, w * c)  # row-major [row, example, (column, channel)]
+        # Row-major [row, example, (column, channel)], copied: the batched products run ~20% faster on
+        # contiguous rows than on NHWC's strided view of them, copy included.
+        rows = x.permute(2, 0, 3, 1).reshape(h, n, w * c).contiguous()
         block = x.new_zeros(c, kh, kw, c, kh, kw)
         q = torch.arange(wo, device=x.device) * sw
         cols = torch.arange(kw, device=x.device)[:, None] * dw + q  # [kw, wo] input column of (j, q)

@@ -1,0 +1,36 @@
+"""oneDNN products agree with torch's own (float32 rounding), and fall back where they do not apply."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bigbatch import fastmm
+
+
+@pytest.mark.parametrize("transpose_a, transpose_b", [(False, False), (True, False), (False, True)])
+def test_matmul_equals_torch_for_large_products_and_transposed_views(transpose_a, transpose_b):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(401, 120, generator=g).t() if transpose_a else torch.randn(120, 401, generator=g)
+    b = torch.randn(401, 401, generator=g)
+    b = b.t() if transpose_b else b
+    assert 120 * 401 * 401 >= fastmm.MIN_MULTIPLY_ADDS
+    torch.testing.assert_close(fastmm.matmul(a, b), a @ b, rtol=1e-4, atol=1e-3)
+
+
+def test_linear_equals_f_linear_with_and_without_bias():
+    g = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(128, 400, generator=g), torch.randn(120, 400, generator=g), torch.randn(120, generator=g)
+    torch.testing.assert_close(fastmm.linear(x, w, b), F.linear(x, w, b), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(fastmm.linear(x, w), F.linear(x, w), rtol=1e-4, atol=1e-3)
+
+
+def test_float64_small_and_autograd_products_are_torch_exactly():
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(200, 300, generator=g, dtype=torch.float64), torch.randn(300, 100, generator=g, dtype=torch.float64)
+    assert torch.equal(fastmm.matmul(a, b), a @ b)
+    small_a, small_b = torch.randn(6, 76, generator=g), torch.randn(76, 76, generator=g)
+    assert torch.equal(fastmm.matmul(small_a, small_b), small_a @ small_b)
+    w = torch.randn(120, 400, requires_grad=True)
+    out = fastmm.linear(torch.randn(128, 400), w)
+    out.sum().backward()  # F.linear path: gradients flow
+    assert w.grad is not None
