@@ -111,6 +111,7 @@ class KFACConfig:
     fisher_type: str = "empirical"
     pi_damping: bool = False
     inverse_method: str = "eigen"
+    # Statistics from the first stats_fraction of every micro-batch (a subsample of each batch).
     stats_fraction: float = 1.0
     skip_layers: list[str] = field(default_factory=list)
     # Data-parallel runs all-reduce only each factor's upper triangle (about half the bytes).

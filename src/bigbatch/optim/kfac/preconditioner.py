@@ -22,6 +22,10 @@ Fisher types: "empirical" uses the gradients of whatever loss the user backpropa
 mixed-target loss included); "mc" samples labels from the model's own softmax (seeded) and takes one
 extra backward per micro-batch on statistics steps: call ``accumulate_mc_fisher(logits)`` after each
 forward, before the loss's backward.
+
+Subsampled statistics: with ``stats_fraction`` < 1, the first ceil(fraction * n) examples of every
+forward pass (each micro-batch of n) contribute to A and G; batches are shuffled, so that is a uniform
+subsample of the step's batch. The gradient itself always uses the whole batch.
 """
 
 from __future__ import annotations
