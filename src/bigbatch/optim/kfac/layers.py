@@ -206,32 +206,32 @@ class Conv2dFactors(LayerFactors):
         m = self.module
         (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
         n, c, h, w = x.shape
+        wc = w * c
         # Row-major [row, example, (column, channel)], copied: the batched products run ~20% faster on
         # contiguous rows than on NHWC's strided view of them, copy included.
-        rows = x.permute(2, 0, 3, 1).reshape(h, n, w * c).contiguous()
+        rows = x.permute(2, 0, 3, 1).reshape(h, n, wc).contiguous()
         block = x.new_zeros(c, kh, kw, c, kh, kw)
         q = torch.arange(wo, device=x.device) * sw
         cols = torch.arange(kw, device=x.device)[:, None] * dw + q  # [kw, wo] input column of (j, q)
         for r in range(kh):  # row offset between the two pixels, in kernel rows
-            top = rows[: h - r * dh]
-            products = torch.bmm(top.transpose(1, 2), rows[r * dh :])  # [rows, (w, c), (w, c)]
-            for i in range(kh - r):
-                # Sum over output rows p of the products of input rows i*dh + p*sh and the row r below.
-                s = products[i * dh : i * dh + sh * (ho - 1) + 1 : sh].sum(0).view(w, c, w, c)
-                # Sum over output columns q of the pairs (j*dw + q*sw, j'*dw + q*sw): [kw, kw, c, c].
-                pairs = s[cols[:, None, :], :, cols[None, :, :], :].sum(2)
-                block[:, i, :, :, i + r, :] = pairs.permute(2, 0, 3, 1)
-                if r:
-                    block[:, i + r, :, :, i, :] = pairs.permute(3, 1, 2, 0)
+            products = torch.bmm(rows[: h - r * dh].transpose(1, 2), rows[r * dh :])  # [rows, wc, wc]
+            partners = kh - r  # kernel rows i that have a partner i + r
+            # For each i, the sum over output rows p of the products of input rows i*dh + p*sh and the
+            # row r below: one strided view of all (i, p) pairs, summed over p.
+            row_sums = products.as_strided((partners, ho, wc, wc), (dh * wc * wc, sh * wc * wc, wc, 1)).sum(1)
+            # Sum over output columns q of the pairs (j*dw + q*sw, j'*dw + q*sw): [kw, kw, i, c, c'].
+            pairs = row_sums.view(partners, w, c, w, c)[:, cols[:, None, :], :, cols[None, :, :], :].sum(2)
+            # block[c, i, j, c', i + r, j'] and, mirrored, block[c', i + r, j', c, i, j].
+            torch.diagonal(block, offset=r, dim1=1, dim2=4).copy_(pairs.permute(3, 0, 4, 1, 2))
+            if r:
+                torch.diagonal(block, offset=-r, dim1=1, dim2=4).copy_(pairs.permute(4, 1, 3, 0, 2))
         d = c * kh * kw
         gram = block.view(d, d)
         if not self.has_bias:
             return gram
-        total = x.sum(0)  # [c, h, w]
-        sums = torch.stack([
-            total[:, i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw].sum((1, 2))
-            for i in range(kh) for j in range(kw)
-        ], dim=1).reshape(d)  # (c, i, j) order
+        total = x.sum(0).contiguous()  # [c, h, w]
+        # sums[c, i, j] = total summed over the receptive-field positions (i, j) takes at every output.
+        sums = total.as_strided((c, kh, kw, ho, wo), (h * w, dh * w, dw, sh * w, sw)).sum((3, 4)).reshape(d)
         return _with_ones(gram, sums, n * ho * wo)
 
     def patch_matrix(self, x: torch.Tensor) -> torch.Tensor:
