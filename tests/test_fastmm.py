@@ -34,3 +34,19 @@ def test_float64_small_and_autograd_products_are_torch_exactly():
     out = fastmm.linear(torch.randn(128, 400), w)
     out.sum().backward()  # F.linear path: gradients flow
     assert w.grad is not None
+
+
+def test_parameters_take_the_onednn_path_only_when_autograd_is_not_recording(monkeypatch):
+    if not fastmm._check_usable():
+        pytest.skip("oneDNN's linear op is not usable in this torch build")
+    calls = []
+    real = fastmm._onednn
+    monkeypatch.setattr(fastmm, "_onednn", lambda *args: calls.append(1) or real(*args))
+    layer = torch.nn.Linear(400, 120)  # parameters require grad
+    x = torch.randn(128, 400)
+    with torch.no_grad():
+        fast = fastmm.linear(x, layer.weight, layer.bias)
+    assert calls == [1]
+    recorded = fastmm.linear(x, layer.weight, layer.bias)
+    assert calls == [1] and recorded.requires_grad  # F.linear, so gradients flow
+    torch.testing.assert_close(fast, recorded.detach(), rtol=1e-4, atol=1e-3)

@@ -5,7 +5,7 @@ on the development machine (AMD EPYC, one thread) [120 x 401] @ [401 x 401], K-F
 per-step product for LeNet-5, takes 0.36 ms through MKL and 0.17 ms through oneDNN, and LeNet-5's
 fc1 at batch 128 0.12 against 0.066 ms. oneDNN is reached through ``torch.ops.mkldnn._linear_pointwise``,
 a private op of torch's CPU compiler backend (torch is pinned in pyproject.toml). It is used only for
-2-D float32 CPU tensors outside autograd, checked against ``torch.matmul`` once, and any failure
+2-D float32 CPU tensors when autograd is not recording them, checked against ``torch.matmul`` once, and any failure
 falls back to torch's own call for the rest of the process. Results agree with MKL's to float32
 rounding (the summation order differs).
 """
@@ -39,8 +39,10 @@ def _check_usable() -> bool:
 
 
 def _eligible(*tensors: torch.Tensor | None) -> bool:
+    recording = torch.is_grad_enabled()  # parameters require grad, but under no_grad/inference_mode nothing records
     return all(
-        t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad) for t in tensors
+        t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and not (recording and t.requires_grad))
+        for t in tensors
     ) and _check_usable()
 
 
