@@ -30,9 +30,12 @@ def _check_usable() -> bool:
     if _usable is None:
         try:
             g = torch.Generator().manual_seed(0)
-            a, b = torch.randn(7, 5, generator=g), torch.randn(3, 5, generator=g)
-            _usable = bool(torch.backends.mkldnn.is_available()) and torch.allclose(
-                _onednn(a, b, None), a @ b.t(), rtol=1e-5, atol=1e-5)
+            a, b, bias = torch.randn(7, 5, generator=g), torch.randn(5, 3, generator=g), torch.randn(3, generator=g)
+            # Both weight layouts matmul() passes: contiguous [out, in] and a transposed view.
+            _usable = bool(torch.backends.mkldnn.is_available()) and all(
+                torch.allclose(_onednn(a, w, bias), a @ b + bias, rtol=1e-5, atol=1e-5)
+                for w in (b.t().contiguous(), b.t())
+            )
         except (RuntimeError, AttributeError):
             _usable = False
     return _usable
