@@ -279,7 +279,8 @@ def test_factors_and_damping_are_batch_size_invariant():
 
 
 # -- robustness, state, layers --------------------------------------------------------------------
-def test_failed_eigendecomposition_is_retried_and_counted(monkeypatch):
+@pytest.mark.parametrize("failure", ["raise", "nan"])
+def test_failed_eigendecomposition_is_retried_and_counted(monkeypatch, failure):
     model, x, y = _one_layer()
     kfac = _kfac(model, damping=1e-3)
     real = torch.linalg.eigh
@@ -288,7 +289,11 @@ def test_failed_eigendecomposition_is_retried_and_counted(monkeypatch):
     def flaky(m, *a, **k):
         calls["n"] += 1
         if calls["n"] == 1:
-            raise torch.linalg.LinAlgError("injected failure")
+            if failure == "raise":
+                raise torch.linalg.LinAlgError("injected failure")
+            d, q = real(m, *a, **k)
+            q[0, 0] = float("nan")  # one non-finite entry in the eigenbasis
+            return d, q
         return real(m, *a, **k)
 
     monkeypatch.setattr(torch.linalg, "eigh", flaky)
@@ -329,6 +334,28 @@ def test_nonfinite_update_keeps_the_raw_gradient_and_is_counted():
     kfac.step(lr=0.1)
     assert kfac.health["nonfinite_updates"] == 1
     assert torch.equal(model[0].weight.grad, raw)
+
+
+def test_nonfinite_cholesky_inverse_falls_back_to_lu_and_is_counted(monkeypatch):
+    model, x, y = _one_layer()
+    kfac = _kfac(model, damping=1e-3, inverse_method="inverse")
+    _step_once(model, kfac, x, y)
+    state = kfac.layers["0"]
+    real = torch.cholesky_inverse
+    calls = {"n": 0}
+
+    def flaky(chol, *a, **k):
+        calls["n"] += 1
+        inv = real(chol, *a, **k)
+        if calls["n"] == 1:
+            inv[-1, 0] = float("inf")
+        return inv
+
+    monkeypatch.setattr(torch, "cholesky_inverse", flaky)
+    kfac.decompose(state)
+    assert kfac.health["eigh_retries"] == 1
+    a_inv, _ = state.decomposition
+    torch.testing.assert_close(a_inv, torch.linalg.inv(state.A + math.sqrt(1e-3) * torch.eye(state.A.shape[0], dtype=D)))
 
 
 def test_inverse_falls_back_to_lu_when_cholesky_fails():
