@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bigbatch.errors import TrainingError, collective_error
+from bigbatch.errors import TrainingError, run_collective
 
 
 class ParallelContext:
@@ -63,10 +63,7 @@ class DistributedContext(ParallelContext):
 
     def _all_reduce(self, tensor: torch.Tensor, what: str) -> None:
         start = time.perf_counter()
-        try:
-            dist.all_reduce(tensor)
-        except (RuntimeError, dist.DistError) as exc:
-            raise collective_error(what, self.rank, self.timeout_s, exc) from None
+        run_collective(what, self.rank, self.timeout_s, dist.all_reduce, tensor)
         self.communication_time += time.perf_counter() - start
         self.bytes_communicated += tensor.numel() * tensor.element_size()
 
@@ -90,17 +87,11 @@ class DistributedContext(ParallelContext):
         return [float(v) for v in t]
 
     def broadcast_parameters(self, model: nn.Module) -> None:
-        try:
-            for tensor in [*model.parameters(), *model.buffers()]:
-                dist.broadcast(tensor.data, src=0)
-        except (RuntimeError, dist.DistError) as exc:
-            raise collective_error("parameter broadcast", self.rank, self.timeout_s, exc) from None
+        for tensor in [*model.parameters(), *model.buffers()]:
+            run_collective("parameter broadcast", self.rank, self.timeout_s, dist.broadcast, tensor.data, src=0)
 
     def barrier(self) -> None:
-        try:
-            dist.barrier()
-        except (RuntimeError, dist.DistError) as exc:
-            raise collective_error("barrier", self.rank, self.timeout_s, exc) from None
+        run_collective("barrier", self.rank, self.timeout_s, dist.barrier)
 
 
 def launched_with_torchrun() -> bool:

@@ -15,7 +15,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from bigbatch.errors import collective_error
+from bigbatch.errors import run_collective
 from bigbatch.optim.kfac.preconditioner import KFACPreconditioner, LayerState
 
 
@@ -68,7 +68,7 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             a, g, count = batch.get(name, (torch.zeros(a_dim, a_dim, dtype=dtype), torch.zeros(g_dim, g_dim, dtype=dtype), 0.0))
             parts += [self._pack(a), self._pack(g), a.new_tensor([count])]
         flat = torch.cat(parts)
-        self._collective(dist.all_reduce, "K-FAC factor all-reduce", flat)
+        run_collective("K-FAC factor all-reduce", self.rank, self.timeout_s, dist.all_reduce, flat)
         self.factor_bytes += flat.numel() * flat.element_size()
         offset = 0
         for name, (a_dim, g_dim) in shapes.items():
@@ -91,7 +91,7 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         ready = torch.tensor(
             [float(s.decomposition is not None and self.owner[s.factors.name] == self.rank) for s in states]
         )
-        self._collective(dist.all_reduce, "K-FAC decomposition check", ready)
+        run_collective("K-FAC decomposition check", self.rank, self.timeout_s, dist.all_reduce, ready)
         for state, ok in zip(states, ready.tolist()):
             if not ok:
                 continue
@@ -99,16 +99,10 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             if self.rank != src:
                 state.decomposition = tuple(torch.empty_like(t) for t in self._decomposition_like(state))
             for tensor in state.decomposition:
-                self._collective(dist.broadcast, "K-FAC eigenbasis broadcast", tensor, src=src)
+                run_collective("K-FAC eigenbasis broadcast", self.rank, self.timeout_s, dist.broadcast, tensor, src=src)
             if self.rank != src:
                 self.set_scale(state)  # the owner set its own in decompose(); A and G agree on all ranks
         self.timings["communication"] += time.perf_counter() - start
-
-    def _collective(self, op, what: str, *args, **kwargs) -> None:
-        try:
-            op(*args, **kwargs)
-        except (RuntimeError, dist.DistError) as exc:
-            raise collective_error(what, self.rank, self.timeout_s, exc) from None
 
     def _decomposition_like(self, state: LayerState) -> tuple[torch.Tensor, ...]:
         a, g = state.factors.a_dim, state.factors.g_dim
