@@ -70,19 +70,8 @@ def test_max_pool_2x2_equals_max_pool2d(memory_format, size):
     assert torch.equal(grad, ref)
 
 
-def test_lenet5_eval_equals_its_nn_maxpool_twin():
-    torch.manual_seed(0)
-    model = LeNet5(3, (32, 32), 10).eval()
-    twin = LeNet5(3, (32, 32), 10).eval()
-    twin.load_state_dict(model.state_dict())
-    twin.pool = torch.nn.MaxPool2d(2)
-    x = torch.randn(8, 3, 32, 32)
-    with torch.inference_mode():
-        assert torch.equal(model(x), twin(x))
-
-
-def test_lenet5_pools_before_relu_with_the_seed_order_values_and_gradients():
-    from torch.nn.functional import cross_entropy, max_pool2d, relu
+def test_lenet5_equals_the_seed_order_values_and_gradients_ties_included():
+    from torch.nn.functional import conv2d, cross_entropy, max_pool2d, relu
 
     torch.manual_seed(0)
     model = LeNet5(3, (32, 32), 10)
@@ -92,8 +81,8 @@ def test_lenet5_pools_before_relu_with_the_seed_order_values_and_gradients():
     x = (torch.randn(16, 3, 32, 32) * 2).round()
     y = torch.randint(0, 10, (16,))
 
-    def seed_order(x):  # conv -> ReLU -> pool, as in the seed's Table 1
-        x = max_pool2d(relu(model.conv1(x)), 2)
+    def seed_order(x):  # conv -> ReLU -> pool, as in the seed's Table 1 (conv1 here is a PhaseConv2d)
+        x = max_pool2d(relu(conv2d(x, model.conv1.weight, model.conv1.bias)), 2)
         x = max_pool2d(relu(model.conv2(x)), 2).flatten(1)
         return model.fc3(relu(model.fc2(relu(model.fc1(x)))))
 
@@ -105,3 +94,6 @@ def test_lenet5_pools_before_relu_with_the_seed_order_values_and_gradients():
         grads.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
     assert torch.equal(grads[0][0], grads[1][0])
     assert all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1]))
+    # Evaluation takes the element-wise pooling paths: the same values.
+    with torch.inference_mode():
+        assert torch.equal(model.eval()(x), seed_order(x))

@@ -78,7 +78,7 @@ def _input_layer(model: nn.Module, x: torch.Tensor) -> nn.Module | bool:
 
 def _layer_output(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if isinstance(layer, nn.Conv2d):
-        return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+        return layer._conv_forward(x, weight, bias)  # the layer's own convolution (PhaseConv2d's layout)
     return F.linear(x, weight, bias)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bigbatch.models.phase_conv import PhaseConv2d, max_over_phases, phase_output_fits
 from bigbatch.models.pooling import MaxPool2x2
 
 
@@ -22,7 +23,9 @@ class LeNet5(nn.Module):
         out_h, out_w = _after_conv_pool(_after_conv_pool(h)), _after_conv_pool(_after_conv_pool(w))
         if out_h < 1 or out_w < 1:
             raise ValueError(f"LeNet-5 needs images of at least 16x16 pixels, got {h}x{w}")
-        self.conv1 = nn.Conv2d(in_channels, 6, kernel_size=5)
+        # conv1 and the pool after it as one stride-2 convolution and three maxima (same values, faster);
+        # the plain pair where conv1's output has an odd side.
+        self.conv1 = PhaseConv2d(in_channels, 6, 5) if phase_output_fits(h, w, 5) else nn.Conv2d(in_channels, 6, 5)
         self.conv2 = nn.Conv2d(6, 16, kernel_size=5)
         self.fc1 = nn.Linear(16 * out_h * out_w, 120)
         self.fc2 = nn.Linear(120, 84)
@@ -33,7 +36,8 @@ class LeNet5(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Pool before ReLU: max and ReLU commute (same values and, ties included, the same gradient as
         # the seed's conv-ReLU-pool), and ReLU then touches a quarter of the activations.
-        x = self.act(self.pool(self.conv1(x)))
+        x = self.conv1(x)
+        x = self.act(max_over_phases(x) if isinstance(self.conv1, PhaseConv2d) else self.pool(x))
         x = self.act(self.pool(self.conv2(x)))
         x = torch.flatten(x, 1)
         x = self.act(self.fc1(x))

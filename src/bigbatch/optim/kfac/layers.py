@@ -255,11 +255,14 @@ class Conv2dFactors(LayerFactors):
         return torch.stack(views).reshape(len(views), -1)
 
     def g_contribution(self, grad_output: torch.Tensor) -> torch.Tensor:
-        # sum over examples n and locations t of g_{n,t} g_{n,t}^T, without copying the gradient:
-        if grad_output.is_contiguous():  # NCHW: one [c, hw] matrix per example
-            g = grad_output.flatten(2)
+        # sum over examples n and locations t of g_{n,t} g_{n,t}^T, without copying the gradient. The
+        # channel dim may hold several blocks of the layer's c channels, each for other locations
+        # (PhaseConv2d's 2x2 phases): blocks count as locations.
+        c = self.g_dim
+        if grad_output.is_contiguous():  # NCHW: one [c, hw] matrix per example and block
+            g = grad_output.reshape(-1, c, grad_output.shape[2] * grad_output.shape[3])
             return torch.bmm(g, g.transpose(1, 2)).sum(0)
-        g = grad_output.permute(0, 2, 3, 1).reshape(-1, grad_output.shape[1])  # NHWC: free view as rows
+        g = grad_output.permute(0, 2, 3, 1).reshape(-1, c)  # NHWC: free view as rows
         return g.t() @ g
 
 
