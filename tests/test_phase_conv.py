@@ -78,6 +78,7 @@ def test_max_over_phases_is_max_pool2d_ties_included(memory_format):
 
 def test_lenet5_uses_phases_only_where_conv1_output_is_even():
     assert isinstance(LeNet5(3, (32, 32)).conv1, PhaseConv2d)
+    assert type(LeNet5(3, (32, 32), phases=False).conv1) is nn.Conv2d
     odd = LeNet5(3, (33, 32))
     assert type(odd.conv1) is nn.Conv2d
     assert odd(torch.randn(2, 3, 33, 32)).shape == (2, 10)

@@ -17,15 +17,19 @@ def _after_conv_pool(size: int) -> int:
 class LeNet5(nn.Module):
     """conv5x5-6, maxpool2, conv5x5-16, maxpool2, fc120, fc84, fc10 with ReLU activations."""
 
-    def __init__(self, in_channels: int = 3, image_size: tuple[int, int] = (32, 32), num_classes: int = 10):
+    def __init__(
+        self, in_channels: int = 3, image_size: tuple[int, int] = (32, 32), num_classes: int = 10, phases: bool = True
+    ):
         super().__init__()
         h, w = image_size
         out_h, out_w = _after_conv_pool(_after_conv_pool(h)), _after_conv_pool(_after_conv_pool(w))
         if out_h < 1 or out_w < 1:
             raise ValueError(f"LeNet-5 needs images of at least 16x16 pixels, got {h}x{w}")
         # conv1 and the pool after it as one stride-2 convolution and three maxima (same values, faster);
-        # the plain pair where conv1's output has an odd side.
-        self.conv1 = PhaseConv2d(in_channels, 6, 5) if phase_output_fits(h, w, 5) else nn.Conv2d(in_channels, 6, 5)
+        # the plain pair where conv1's output has an odd side, or with phases=False (for tools that
+        # expect an ordinary conv output, e.g. other K-FAC libraries in benchmarks/).
+        use_phases = phases and phase_output_fits(h, w, 5)
+        self.conv1 = PhaseConv2d(in_channels, 6, 5) if use_phases else nn.Conv2d(in_channels, 6, 5)
         self.conv2 = nn.Conv2d(6, 16, kernel_size=5)
         self.fc1 = nn.Linear(16 * out_h * out_w, 120)
         self.fc2 = nn.Linear(120, 84)
