@@ -9,7 +9,7 @@ For LeNet-5 on CIFAR-10 at batch 128 and 2048:
     Fisher, the same damping, matching intervals), all in plain NCHW without micro-batching.
 
     .venv/bin/pip install asdfghjkl   # optional: without it the ASDL rows are skipped
-    .venv/bin/python benchmarks/bench_kfac.py [--data PATH] [--steps 30] [--part all|epochs|steps]
+    .venv/bin/python benchmarks/bench_kfac.py [--data PATH] [--steps 30] [--rounds 3] [--part all|epochs|steps]
 
 ASDL calls torch.cuda.nvtx, which a CPU-only torch lacks: the ranges are replaced by no-ops here.
 """
@@ -120,6 +120,7 @@ def main() -> None:
     parser.add_argument("--data", default="../shared/data/cifar10-jpeg.zip")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the per-step comparison (median)")
     parser.add_argument("--part", choices=("all", "epochs", "steps"), default="all",
                         help="epochs: the Trainer table only; steps: the per-step comparison with ASDL only")
     args = parser.parse_args()
@@ -158,8 +159,9 @@ def main() -> None:
     if not have_asdl:
         print("\nASDL (pip install asdfghjkl) not installed: per-step comparison skipped")
         return
-    print("\nPer step, plain NCHW loop, no micro-batching, empirical Fisher, damping 1e-2; ms/step. 'inverse' is "
-          "bigbatch with ASDL's algorithm (pi-split damping, Cholesky inverses); 'eigen' its default:\n")
+    print(f"\nPer step, plain NCHW loop, no micro-batching, empirical Fisher, damping 1e-2; ms/step, median of "
+          f"{args.rounds} interleaved rounds. 'inverse' is bigbatch with ASDL's algorithm (pi-split damping, "
+          "Cholesky inverses); 'eigen' its default:\n")
     print("| batch | intervals (stats/inverse) | SGD | bigbatch inverse | bigbatch eigen | ASDL | "
           "ASDL / bigbatch inverse | ASDL / bigbatch eigen | ASDL / SGD (the ceiling) |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -167,7 +169,13 @@ def main() -> None:
         loader = BatchLoader(ds.train_images, ds.train_labels, batch, mean=mean, std=std, shuffle=True)
         batches = [b for _, b in zip(range(args.steps), loader)]
         for interval in (1, 10):
-            t = {name: step_timer(name, batches, interval)() for name in ("sgd", "bigbatch-inverse", "bigbatch", "asdl")}
+            timers = {name: step_timer(name, batches, interval) for name in ("sgd", "bigbatch-inverse", "bigbatch", "asdl")}
+            # Rounds interleave the four, so that a slow spell of the machine hits all of them; medians.
+            runs: dict[str, list[float]] = {name: [] for name in timers}
+            for _ in range(args.rounds):
+                for name, run in timers.items():
+                    runs[name].append(run())
+            t = {name: statistics.median(values) for name, values in runs.items()}
             label = "1/1" if interval == 1 else "10/100"
             print(f"| {batch} | {label} | {1e3 * t['sgd']:.1f} | {1e3 * t['bigbatch-inverse']:.1f} | "
                   f"{1e3 * t['bigbatch']:.1f} | {1e3 * t['asdl']:.1f} | {t['asdl'] / t['bigbatch-inverse']:.2f}x | "
