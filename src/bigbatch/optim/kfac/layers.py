@@ -210,21 +210,23 @@ class Conv2dFactors(LayerFactors):
         # Row-major [row, example, (column, channel)], copied: the batched products run ~20% faster on
         # contiguous rows than on NHWC's strided view of them, copy included.
         rows = x.permute(2, 0, 3, 1).reshape(h, n, wc).contiguous()
-        block = x.new_zeros(c, kh, kw, c, kh, kw)
-        q = torch.arange(wo, device=x.device) * sw
-        cols = torch.arange(kw, device=x.device)[:, None] * dw + q  # [kw, wo] input column of (j, q)
+        block = x.new_empty(c, kh, kw, c, kh, kw)  # every entry is written below
         for r in range(kh):  # row offset between the two pixels, in kernel rows
             products = torch.bmm(rows[: h - r * dh].transpose(1, 2), rows[r * dh :])  # [rows, wc, wc]
             partners = kh - r  # kernel rows i that have a partner i + r
             # For each i, the sum over output rows p of the products of input rows i*dh + p*sh and the
             # row r below: one strided view of all (i, p) pairs, summed over p.
             row_sums = products.as_strided((partners, ho, wc, wc), (dh * wc * wc, sh * wc * wc, wc, 1)).sum(1)
-            # Sum over output columns q of the pairs (j*dw + q*sw, j'*dw + q*sw): [kw, kw, i, c, c'].
-            pairs = row_sums.view(partners, w, c, w, c)[:, cols[:, None, :], :, cols[None, :, :], :].sum(2)
+            # Sum over output columns q of the column pairs (j*dw + q*sw, j'*dw + q*sw): their offsets
+            # are linear in j, j' and q, so all pairs are one strided view too: [i, c, c', j, j'].
+            col, col2 = c * wc, c  # strides of a column step in row_sums' [i, (col, c), (col', c')]
+            pairs = row_sums.as_strided(
+                (partners, c, c, kw, kw, wo), (wc * wc, wc, 1, dw * col, dw * col2, sw * (col + col2))
+            ).sum(5)
             # block[c, i, j, c', i + r, j'] and, mirrored, block[c', i + r, j', c, i, j].
-            torch.diagonal(block, offset=r, dim1=1, dim2=4).copy_(pairs.permute(3, 0, 4, 1, 2))
+            torch.diagonal(block, offset=r, dim1=1, dim2=4).copy_(pairs.permute(1, 3, 2, 4, 0))
             if r:
-                torch.diagonal(block, offset=-r, dim1=1, dim2=4).copy_(pairs.permute(4, 1, 3, 0, 2))
+                torch.diagonal(block, offset=-r, dim1=1, dim2=4).copy_(pairs.permute(2, 4, 1, 3, 0))
         d = c * kh * kw
         gram = block.view(d, d)
         if not self.has_bias:
