@@ -6,9 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bigbatch.analysis import landscape
 from bigbatch.analysis.landscape import evaluate_along, evaluate_loss, random_direction
 from bigbatch.analysis.sharpness import epsilon_sharpness
 from bigbatch.cli import main as cli_main
+from bigbatch.models import CifarResNet, LeNet5
 from bigbatch.train.checkpoint import read_jsonl
 
 
@@ -76,6 +78,42 @@ def test_landscape_is_the_same_with_any_number_of_worker_threads_and_matches_a_d
         logits = moved(x)
     assert one[-1]["train_loss"] == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-5)
     assert one[-1]["train_acc"] == pytest.approx(float((logits.argmax(1) == y).double().mean()))
+
+
+@pytest.mark.parametrize("build", [lambda: LeNet5(3, (32, 32), 10), lambda: CifarResNet(8, 3, 10)], ids=["lenet5", "resnet8"])
+def test_scripted_points_equal_python_evaluation(build, monkeypatch):
+    torch.manual_seed(0)
+    model = build().eval()
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(40, 3, 32, 32, generator=g), torch.randint(0, 10, (40,), generator=g)
+    datasets = {"train": lambda: [(x[i : i + 16], y[i : i + 16]) for i in range(0, 40, 16)]}  # two batch shapes
+    directions = [random_direction(model, 1, "filter"), random_direction(model, 2, "none")]
+    points = [(a, b) for a in (-0.5, 0.0, 1.0) for b in (0.0, 0.25)]
+    shapes = []
+    real = landscape._script_points
+    monkeypatch.setattr(landscape, "_script_points", lambda *args: shapes.append(args[-1].shape) or real(*args))
+    scripted = evaluate_along(model, directions, points, datasets, workers=2)
+    assert len({tuple(s) for s in shapes}) == 2  # one trace per first-layer output shape, and it ran
+    monkeypatch.setattr(type(model), "trace_safe", False)
+    python = evaluate_along(model, directions, points, datasets, workers=2)
+    for a, b in zip(scripted, python):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
+        assert a["train_acc"] == b["train_acc"]
+
+
+def test_a_model_torchscript_cannot_take_is_evaluated_in_python(monkeypatch):
+    torch.manual_seed(0)
+    model = LeNet5(3, (32, 32), 10).eval()
+    x, y = torch.randn(12, 3, 32, 32), torch.randint(0, 10, (12,))
+    direction = random_direction(model, 0)
+    expected = evaluate_along(model, [direction], [(0.0,), (0.5,)], {"train": lambda: [(x, y)]})
+
+    def fail(*args):
+        raise RuntimeError("TorchScript says no")
+
+    monkeypatch.setattr(landscape, "_script_points", fail)
+    python = evaluate_along(model, [direction], [(0.0,), (0.5,)], {"train": lambda: [(x, y)]})
+    assert [r["train_loss"] for r in python] == pytest.approx([r["train_loss"] for r in expected], rel=1e-6)
 
 
 def test_a_failing_batch_stops_every_worker_and_raises():

@@ -63,6 +63,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def prefers_onednn(rows: int, layer: torch.nn.Linear) -> bool:
+    """Whether ``linear`` would take oneDNN for ``rows`` inputs to this layer (outside autograd)."""
+    w = layer.weight
+    return rows * w.shape[0] * w.shape[1] >= MIN_MULTIPLY_ADDS and _eligible(w, layer.bias)
+
+
+class OneDNNLinear(torch.nn.Module):
+    """A Linear layer's product through oneDNN, scriptable (TorchScript) and sharing the layer's
+    parameters; for inference where ``prefers_onednn`` said so."""
+
+    def __init__(self, layer: torch.nn.Linear):
+        super().__init__()
+        self.weight, self.bias = layer.weight, layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b for 2-D a [m, k] and b [k, n] (either may be a transposed view)."""
     if a.dim() == 2 and b.dim() == 2:

@@ -17,6 +17,10 @@ def _after_conv_pool(size: int) -> int:
 class LeNet5(nn.Module):
     """conv5x5-6, maxpool2, conv5x5-16, maxpool2, fc120, fc84, fc10 with ReLU activations."""
 
+    # forward branches on shapes and module types only, never on tensor values: a trace for one input
+    # shape is exact (the loss landscape runs it as TorchScript).
+    trace_safe = True
+
     def __init__(
         self, in_channels: int = 3, image_size: tuple[int, int] = (32, 32), num_classes: int = 10, phases: bool = True
     ):
