@@ -96,9 +96,7 @@ def test_scripted_points_equal_python_evaluation(build, monkeypatch):
     assert len({tuple(s) for s in shapes}) == 2  # one trace per first-layer output shape, and it ran
     monkeypatch.setattr(type(model), "trace_safe", False)
     python = evaluate_along(model, directions, points, datasets, workers=2)
-    for a, b in zip(scripted, python):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
-        assert a["train_acc"] == b["train_acc"]
+    assert scripted == python  # the same ops on the same kernels: equal to the last bit
 
 
 def test_a_model_torchscript_cannot_take_is_evaluated_in_python(monkeypatch):
@@ -112,8 +110,7 @@ def test_a_model_torchscript_cannot_take_is_evaluated_in_python(monkeypatch):
         raise RuntimeError("TorchScript says no")
 
     monkeypatch.setattr(landscape, "_script_points", fail)
-    python = evaluate_along(model, [direction], [(0.0,), (0.5,)], {"train": lambda: [(x, y)]})
-    assert [r["train_loss"] for r in python] == pytest.approx([r["train_loss"] for r in expected], rel=1e-6)
+    assert evaluate_along(model, [direction], [(0.0,), (0.5,)], {"train": lambda: [(x, y)]}) == expected
 
 
 def test_a_failing_batch_stops_every_worker_and_raises():
