@@ -241,8 +241,11 @@ class _Replica:
                     name = next(n for n, m in self.model.named_modules() if m is self.first)
                     self.scripted[shape] = _script_points(
                         self.source, name, self.origin_flat, self.direction_flats, base)
-                except Exception:  # TorchScript cannot take this model (or is gone): evaluate in Python
+                except Exception as error:  # TorchScript cannot take this model (or is gone): evaluate in Python
                     self.scripted = None
+                    warnings.warn(f"loss landscape: TorchScript could not take {type(self.source).__name__} "
+                                  f"({type(error).__name__}: {error}); evaluating in Python (slower)", RuntimeWarning,
+                                  stacklevel=2)
             if self.scripted is not None:
                 points = [[float(c) for c in coeffs] for coeffs in self.points]
                 losses, hits = self.scripted[shape](base, outputs, points, y)
