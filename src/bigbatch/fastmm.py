@@ -52,10 +52,7 @@ def _eligible(*tensors: torch.Tensor | None) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for inference: x [n, in], weight [out, in]."""
     global _usable
-    if (
-        weight.dim() == 2 and x.dim() == 2 and x.shape[0] * x.shape[1] * weight.shape[0] >= MIN_MULTIPLY_ADDS
-        and _eligible(x, weight, bias)
-    ):
+    if weight.dim() == 2 and x.dim() == 2 and _prefers_onednn(x.shape[0], weight, bias) and _eligible(x):
         try:
             return _onednn(x, weight, bias)
         except RuntimeError:
@@ -63,10 +60,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def _prefers_onednn(rows: int, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return rows * weight.shape[0] * weight.shape[1] >= MIN_MULTIPLY_ADDS and _eligible(weight, bias)
+
+
 def prefers_onednn(rows: int, layer: torch.nn.Linear) -> bool:
     """Whether ``linear`` would take oneDNN for ``rows`` inputs to this layer (outside autograd)."""
-    w = layer.weight
-    return rows * w.shape[0] * w.shape[1] >= MIN_MULTIPLY_ADDS and _eligible(w, layer.bias)
+    return _prefers_onednn(rows, layer.weight, layer.bias)
 
 
 class OneDNNLinear(torch.nn.Module):

@@ -113,8 +113,9 @@ def _first_layer_outputs(
 class _ScriptedPoints(nn.Module):
     """One batch at every point, as TorchScript: the ops run back to back in C++ and release Python's
     GIL, so worker threads no longer queue for it between ops (LeNet-5, two workers: 3.1 against 3.9
-    us per image and point). The same ops as ``_point_results`` (results equal to the last bit, tested); ``rest`` is the model traced with its
-    first layer replaced by the given output, ``flat`` the buffer its parameters are views of."""
+    us per image and point). The same ops as ``_point_results`` (results equal to the last bit,
+    tested); ``rest`` is the model traced with its first layer replaced by the given output, ``flat``
+    the buffer its parameters are views of."""
 
     def __init__(self, rest: torch.jit.ScriptModule, flat: torch.Tensor, origin_flat: torch.Tensor,
                  direction_flats: list[torch.Tensor]):
@@ -136,6 +137,9 @@ class _ScriptedPoints(nn.Module):
             losses.append(F.cross_entropy(logits, y, reduction="sum"))
             hits.append((logits.argmax(1) == y).sum())
         return torch.stack(losses), torch.stack(hits)
+
+
+_SCRIPTING = threading.Lock()  # tracing and scripting, one thread at a time (see _script_points)
 
 
 def _given_output(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -162,9 +166,6 @@ def _script_points(model: nn.Module, first_name: str, origin_flat: torch.Tensor,
                 setattr(rest.get_submodule(parent), attr, torch.jit.script(fastmm.OneDNNLinear(module)))
         traced = torch.jit.trace(rest, (base,), check_trace=False)
         return torch.jit.script(_ScriptedPoints(traced, flat, origin_flat, direction_flats))
-
-
-_SCRIPTING = threading.Lock()
 
 
 def _point_results(
@@ -216,6 +217,7 @@ class _Replica:
             if type(module) is nn.Linear:  # oneDNN's GEMM: LeNet-5's fc1 in half MKL's time here
                 module.forward = functools.partial(_fast_linear, module)  # type: ignore[method-assign]
         self.origin, self.directions, self.points = origin, directions, points
+        self.point_lists = [[float(c) for c in coeffs] for coeffs in points]  # as TorchScript takes them
         self.origin_flat = torch.cat([o.reshape(-1) for o in origin])  # in the flat buffer's order
         self.direction_flats = [torch.cat([t.reshape(-1) for t in d]) for d in directions]
         self.first: nn.Module | None = None
@@ -247,8 +249,7 @@ class _Replica:
                                   f"({type(error).__name__}: {error}); evaluating in Python (slower)", RuntimeWarning,
                                   stacklevel=2)
             if self.scripted is not None:
-                points = [[float(c) for c in coeffs] for coeffs in self.points]
-                losses, hits = self.scripted[shape](base, outputs, points, y)
+                losses, hits = self.scripted[shape](base, outputs, self.point_lists, y)
                 return [(loss, hit, y.shape[0]) for loss, hit in zip(losses.tolist(), hits.tolist())]
         return _point_results(self.model, self.flat, self.first, self.origin, self.directions, self.origin_flat,
                               self.direction_flats, self.points, x, y)
