@@ -147,12 +147,13 @@ def test_conv_one_example_one_location_kron_equals_exact_fisher_block():
 
 @pytest.mark.parametrize("stride, padding, dilation", [(2, 1, 1), (1, 0, 2), (1, 2, 1)])
 @pytest.mark.parametrize("method, memory_format", [("patch gram", torch.contiguous_format), ("row pairs", torch.contiguous_format),
-                                                   ("row pairs", torch.channels_last)])
+                                                   ("row pairs", torch.channels_last), ("banded row pairs", torch.channels_last)])
 def test_conv_factors_equal_brute_force_over_locations(stride, padding, dilation, method, memory_format, monkeypatch):
-    # Conv2dFactors picks the cheaper of two ways to build A, and reads G in the layout autograd gives
+    # Conv2dFactors picks the cheapest of three ways to build A, and reads G in the layout autograd gives
     # (NCHW or NHWC): check each combination against brute force.
-    cost = 0.0 if method == "row pairs" else float("inf")
+    cost = float("inf") if method == "patch gram" else 0.0
     monkeypatch.setattr(Conv2dFactors, "_row_pair_cost", lambda self, x: cost)
+    monkeypatch.setattr(Conv2dFactors, "_column_block", lambda self, w: 3 if method == "banded row pairs" else 0)
     torch.manual_seed(2)
     model = ConvNet(stride=stride, padding=padding, dilation=dilation, hw=7).to(D)
     n = 6
@@ -177,10 +178,13 @@ def test_conv_factors_equal_brute_force_over_locations(stride, padding, dilation
     torch.testing.assert_close(kfac.layers["conv"].G, G, rtol=1e-10, atol=1e-13)
 
 
-def test_row_pair_gram_matches_the_patch_gram_for_uneven_kernels_strides_and_images():
+@pytest.mark.parametrize("block", [0, 1, 3, 8, None])  # whole rows, column blocks (the last ones partial), automatic
+def test_row_pair_gram_matches_the_patch_gram_for_uneven_kernels_strides_and_images(block):
     torch.manual_seed(5)
     for cin, k, stride, pad, dil, bias, hw in [(3, 5, 1, 0, 1, True, (12, 12)), (2, (3, 2), 2, 1, 1, True, (9, 11)),
-                                                (3, 3, 1, 2, 2, False, (10, 8)), (4, (2, 3), (2, 1), (1, 0), (1, 2), True, (7, 12))]:
+                                                (3, 3, 1, 2, 2, False, (10, 8)), (4, (2, 3), (2, 1), (1, 0), (1, 2), True, (7, 12)),
+                                                (3, 5, 1, 0, 1, True, (9, 32)), (2, 3, 2, 1, 2, True, (6, 23)),
+                                                (3, 1, 1, 0, 1, True, (5, 17))]:
         factors = Conv2dFactors("c", nn.Conv2d(cin, 5, k, stride=stride, padding=pad, dilation=dil, bias=bias).to(D))
         x = factors._padded(torch.randn(5, cin, *hw, dtype=D))
         patches = factors._patches(x)
@@ -188,7 +192,16 @@ def test_row_pair_gram_matches_the_patch_gram_for_uneven_kernels_strides_and_ima
         if bias:
             expected = torch.cat([torch.cat([expected, patches.sum(1, keepdim=True)], 1),
                                   torch.cat([patches.sum(1), torch.tensor([patches.shape[1]], dtype=D)])[None]])
-        torch.testing.assert_close(factors._row_pair_gram(x, *factors._output_size(x)), expected, rtol=1e-12, atol=1e-12)
+        got = factors._row_pair_gram(x, *factors._output_size(x), block=block)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_column_blocks_are_used_where_they_save_multiply_adds():
+    conv1 = Conv2dFactors("conv1", nn.Conv2d(3, 6, 5))  # LeNet-5's: 32 columns, partners up to 4 apart
+    assert conv1._column_block(32) == 8
+    assert conv1._row_pair_cost(torch.empty(1, 3, 32, 32)) == 5 * 32 * 9 * (4 * 8 * 16)
+    assert conv1._column_block(14) == 0  # conv2's 14 columns: blocks would meet nearly every column anyway
+    assert Conv2dFactors("d", nn.Conv2d(3, 6, 5, dilation=3))._column_block(32) == 0  # partners 12 apart
 
 
 # -- preconditioning ---------------------------------------------------------------------------------

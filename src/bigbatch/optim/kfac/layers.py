@@ -189,12 +189,33 @@ class Conv2dFactors(LayerFactors):
     def _row_pair_cost(self, x: torch.Tensor) -> float:
         """Multiply-adds per example of _row_pair_gram, or infinity when its row products would not fit."""
         _, c, h, w = x.shape
-        row_products = h * (w * c) ** 2
+        block = self._column_block(w)
+        row_products = h * c * c * (w * w if not block else _ceil_div(w, block) * block * (block + 2 * self._band()))
         if row_products > 4_000_000:  # floats held per kernel-row offset
             return float("inf")
         return self.module.kernel_size[0] * row_products
 
-    def _row_pair_gram(self, x: torch.Tensor, ho: int, wo: int) -> torch.Tensor:
+    def _band(self) -> int:
+        """Input columns between two pixels of one receptive field, at most."""
+        return (self.module.kernel_size[1] - 1) * self.module.dilation[1]
+
+    def _column_block(self, w: int) -> int:
+        """Columns per block of the banded row products (see _row_pair_gram), or 0 for whole rows.
+
+        A block of b columns meets the b + 2 * band columns around it, so banding saves multiply-adds
+        on wide rows only; under 8 columns the batched GEMMs get too small to run at full speed.
+        """
+        band = self._band()
+        best, best_cost = 0, 0.75 * w * w  # banding must save a quarter to pay for its copies
+        block = 8
+        while 2 * block <= w:
+            cost = _ceil_div(w, block) * block * (block + 2 * band)
+            if cost < best_cost:
+                best, best_cost = block, cost
+            block *= 2
+        return best
+
+    def _row_pair_gram(self, x: torch.Tensor, ho: int, wo: int, block: int | None = None) -> torch.Tensor:
         """The patch Gram matrix sum_{n,t} a a^T (with the ones coordinate if biased), without im2col.
 
         Every entry pairs two input pixels that lie kernel-row offsets i, i' and column offsets j, j'
@@ -204,39 +225,94 @@ class Conv2dFactors(LayerFactors):
         output rows, and those for (j, j') sums along diagonals of the column pairs. For 5x5 kernels
         on small images this is 3-5x fewer multiply-adds than the Gram of the patch matrix, and the
         patch matrix (kh*kw times the input) is never built.
+
+        On wide rows only column pairs at most ``band`` apart are ever used: the rows are then cut into
+        blocks of ``block`` columns, each multiplied with the block + band columns on either side
+        (LeNet-5's conv1 at 32 columns: half the multiply-adds of whole rows).
         """
         m = self.module
         (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
         n, c, h, w = x.shape
-        wc = w * c
-        # Row-major [row, example, (column, channel)], copied: the batched products run ~20% faster on
-        # contiguous rows than on NHWC's strided view of them, copy included.
-        rows = x.permute(2, 0, 3, 1).reshape(h, n, wc).contiguous()
-        block = x.new_empty(c, kh, kw, c, kh, kw)  # every entry is written below
+        block = self._column_block(w) if block is None else block  # 0: whole rows
+        if block:
+            left, right = self._column_blocks(x, block)
+        else:
+            # Row-major [row, example, (column, channel)], copied: the batched products run ~20% faster
+            # on contiguous rows than on NHWC's strided view of them, copy included.
+            rows = x.permute(2, 0, 3, 1).reshape(h, n, w * c).contiguous()
+        block_out = x.new_empty(c, kh, kw, c, kh, kw)  # every entry is written below
         for r in range(kh):  # row offset between the two pixels, in kernel rows
-            products = torch.bmm(rows[: h - r * dh].transpose(1, 2), rows[r * dh :])  # [rows, wc, wc]
             partners = kh - r  # kernel rows i that have a partner i + r
-            # For each i, the sum over output rows p of the products of input rows i*dh + p*sh and the
-            # row r below: one strided view of all (i, p) pairs, summed over p.
-            row_sums = products.as_strided((partners, ho, wc, wc), (dh * wc * wc, sh * wc * wc, wc, 1)).sum(1)
-            # Sum over output columns q of the column pairs (j*dw + q*sw, j'*dw + q*sw): their offsets
-            # are linear in j, j' and q, so all pairs are one strided view too: [i, c, c', j, j'].
-            col, col2 = c * wc, c  # strides of a column step in row_sums' [i, (col, c), (col', c')]
-            pairs = row_sums.as_strided(
-                (partners, c, c, kw, kw, wo), (wc * wc, wc, 1, dw * col, dw * col2, sw * (col + col2))
-            ).sum(5)
+            if not block:
+                pairs = self._whole_row_pairs(rows[: h - r * dh], rows[r * dh :], partners, ho, wo, c)
+            else:
+                pairs = self._banded_row_pairs(left[: h - r * dh], right[r * dh :], partners, ho, wo, c)
             # block[c, i, j, c', i + r, j'] and, mirrored, block[c', i + r, j', c, i, j].
-            torch.diagonal(block, offset=r, dim1=1, dim2=4).copy_(pairs.permute(1, 3, 2, 4, 0))
+            torch.diagonal(block_out, offset=r, dim1=1, dim2=4).copy_(pairs.permute(1, 3, 2, 4, 0))
             if r:
-                torch.diagonal(block, offset=-r, dim1=1, dim2=4).copy_(pairs.permute(2, 4, 1, 3, 0))
+                torch.diagonal(block_out, offset=-r, dim1=1, dim2=4).copy_(pairs.permute(2, 4, 1, 3, 0))
         d = c * kh * kw
-        gram = block.view(d, d)
+        gram = block_out.view(d, d)
         if not self.has_bias:
             return gram
         total = x.sum(0).contiguous()  # [c, h, w]
         # sums[c, i, j] = total summed over the receptive-field positions (i, j) takes at every output.
         sums = total.as_strided((c, kh, kw, ho, wo), (h * w, dh * w, dw, sh * w, sw)).sum((3, 4)).reshape(d)
         return _with_ones(gram, sums, n * ho * wo)
+
+    def _whole_row_pairs(self, upper: torch.Tensor, lower: torch.Tensor, partners: int, ho: int, wo: int, c: int):
+        """pairs[i, c, c', j, j'] = sum over output pixels of the products of (row i, column j, channel c)
+        with (row i + r, column j', channel c') of their receptive field, from whole-row products."""
+        (_, kw), (sh, sw), (dh, dw) = self.module.kernel_size, self.module.stride, self.module.dilation
+        wc = upper.shape[2]
+        products = torch.bmm(upper.transpose(1, 2), lower)  # [rows, wc, wc]
+        # For each i, the sum over output rows p of the products of input rows i*dh + p*sh and the
+        # row r below: one strided view of all (i, p) pairs, summed over p.
+        row_sums = products.as_strided((partners, ho, wc, wc), (dh * wc * wc, sh * wc * wc, wc, 1)).sum(1)
+        # Sum over output columns q of the column pairs (j*dw + q*sw, j'*dw + q*sw): their offsets
+        # are linear in j, j' and q, so all pairs are one strided view too: [i, c, c', j, j'].
+        col, col2 = c * wc, c  # strides of a column step in row_sums' [i, (col, c), (col', c')]
+        return row_sums.as_strided(
+            (partners, c, c, kw, kw, wo), (wc * wc, wc, 1, dw * col, dw * col2, sw * (col + col2))
+        ).sum(5)
+
+    def _column_blocks(self, x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input's rows cut into column blocks, [h, blocks, n, block*c], and for each block the
+        columns from band before it to band after it, [h, blocks, n, (block + 2 band)*c]; zero columns
+        beyond the edges."""
+        n, c, h, w = x.shape
+        band, blocks = self._band(), _ceil_div(w, block)
+        rows = x.permute(2, 0, 3, 1)  # [h, n, column, c]: NHWC's columns are contiguous runs to copy from
+        if rows.stride(3) != 1:
+            rows = rows.contiguous()  # NCHW: one transposing pass, then the copies below are runs too
+        width = blocks * block + 2 * band
+        padded = F.pad(rows, (0, 0, band, width - band - w)).contiguous()  # zero columns on both sides
+        row, col, start = n * width * c, width * c, padded.storage_offset()  # its strides and start
+        left = padded.as_strided((h, blocks, n, block * c), (row, block * c, col, 1), start + band * c)
+        right = padded.as_strided((h, blocks, n, (block + 2 * band) * c), (row, block * c, col, 1), start)
+        return left.contiguous(), right.contiguous()
+
+    def _banded_row_pairs(self, left: torch.Tensor, right: torch.Tensor, partners: int, ho: int, wo: int, c: int):
+        """As _whole_row_pairs, from the products of column blocks with their neighbourhoods."""
+        (_, kw), (sh, sw), (dh, dw) = self.module.kernel_size, self.module.stride, self.module.dilation
+        _, blocks, _, bc = left.shape
+        rc = right.shape[3]
+        block, diagonals = bc // c, rc // c - bc // c + 1  # column offsets -band..band
+        products = torch.bmm(left.flatten(0, 1).transpose(1, 2), right.flatten(0, 1))  # [(row, block), bc, rc]
+        # Entry (row, block, u, c, u + s, c') pairs column block*b + u with the column s - band away.
+        # Summed over output rows, as whole-row products are, into [i, column, c, s, c']:
+        mat = bc * rc
+        row_sums = products.as_strided(
+            (partners, ho, blocks, block, c, diagonals, c),
+            (dh * blocks * mat, sh * blocks * mat, mat, c * rc + c, rc, c, 1),
+        ).sum(1)
+        step = diagonals * c * c  # one column in row_sums
+        band = (diagonals - 1) // 2
+        return row_sums.as_strided(
+            (partners, c, c, kw, kw, wo),
+            (blocks * block * step, diagonals * c, 1, dw * (step - c), dw * c, sw * step),
+            band * c,
+        ).sum(5)
 
     def patch_matrix(self, x: torch.Tensor) -> torch.Tensor:
         """im2col as [C*kh*kw, n*Ho*Wo], rows in the weight's (c, i, j) order.
@@ -268,6 +344,10 @@ class Conv2dFactors(LayerFactors):
             return torch.bmm(g, g.transpose(1, 2)).sum(0)
         g = grad_output.permute(0, 2, 3, 1).reshape(-1, c)  # NHWC: free view as rows
         return g.t() @ g
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def make_layer_factors(name: str, module: nn.Module) -> LayerFactors | None:
