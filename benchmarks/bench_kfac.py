@@ -12,12 +12,22 @@ For LeNet-5 on CIFAR-10 at batch 128 and 2048:
     .venv/bin/python benchmarks/bench_kfac.py [--data PATH] [--steps 30] [--rounds 3] [--part all|epochs|steps]
 
 ASDL calls torch.cuda.nvtx, which a CPU-only torch lacks: the ranges are replaced by no-ops here.
+
+The per-step comparison runs twice, each in a fresh process: with glibc's default allocator, which hands
+buffers over its (adaptive, at most 32 MB) mmap threshold back to the kernel on free so that the next
+step page-faults them in afresh, and with freed memory retained (MALLOC_MMAP_THRESHOLD_ and
+MALLOC_TRIM_THRESHOLD_ set high), which leaves only the computation. The first is what a user gets by
+default; the second compares the implementations' arithmetic. Page faults per step are printed for both.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from typing import Callable
@@ -25,6 +35,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from bench_trainer import RETAINED_MEMORY  # a sibling script: benchmarks/ is on the path
 from bigbatch.config import load_config
 from bigbatch.data import load_dataset
 from bigbatch.data.batches import BatchLoader, channel_stats
@@ -58,8 +69,11 @@ def _patch_nvtx() -> None:
     nvtx.range_pop = lambda *a, **k: None
 
 
-def step_timer(name: str, batches: list[tuple[torch.Tensor, torch.Tensor]], interval: int) -> Callable[[], float]:
-    """Seconds per step (mean over max(batches, inverse_interval) steps) of one implementation at equal settings.
+def step_timer(
+    name: str, batches: list[tuple[torch.Tensor, torch.Tensor]], interval: int
+) -> Callable[[], tuple[float, float]]:
+    """(seconds, page faults) per step, means over max(batches, inverse_interval) steps, of one
+    implementation at equal settings.
 
     name: "sgd" (the floor), "bigbatch" (its default: eigenbases, exact Tikhonov damping), "bigbatch-inverse"
     (ASDL's algorithm: pi-split damping through Cholesky inverses), or "asdl".
@@ -102,15 +116,17 @@ def step_timer(name: str, batches: list[tuple[torch.Tensor, torch.Tensor]], inte
             gm.forward_and_backward()
             opt.step()
 
-    def run() -> float:
+    def run() -> tuple[float, float]:
         # Mean over a whole inverse interval (cycling through the batches), so the amortized cost of
         # statistics and decomposition steps counts, not just that of the plain steps in between.
         steps = max(len(batches), inverse_interval)
         step(*batches[0])  # warm-up
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         for k in range(steps):
             step(*batches[k % len(batches)])
-        return (time.perf_counter() - start) / steps
+        seconds = (time.perf_counter() - start) / steps
+        return seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
 
     return run
 
@@ -123,6 +139,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the per-step comparison (median)")
     parser.add_argument("--part", choices=("all", "epochs", "steps"), default="all",
                         help="epochs: the Trainer table only; steps: the per-step comparison with ASDL only")
+    parser.add_argument("--allocator", choices=("default", "retained"), default=None,
+                        help=argparse.SUPPRESS)  # set by this script for its per-step child processes
     args = parser.parse_args()
     try:
         import asdl  # noqa: F401
@@ -133,7 +151,8 @@ def main() -> None:
 
     ds = load_dataset("auto", args.data, cache_dir=".cache/bigbatch")
     mean, std = channel_stats(ds.train_images)
-    print(f"LeNet-5 on {ds.name}, {torch.get_num_threads()} threads; times are medians\n")
+    if args.allocator is None:
+        print(f"LeNet-5 on {ds.name}, {torch.get_num_threads()} threads; times are medians\n")
     if args.part != "steps":
         print("| batch | variant | epoch s | vs SGD | statistics s | eigendecomposition s | preconditioning s |")
         print("|---|---|---|---|---|---|---|")
@@ -159,27 +178,41 @@ def main() -> None:
     if not have_asdl:
         print("\nASDL (pip install asdfghjkl) not installed: per-step comparison skipped")
         return
+    if args.allocator is not None:
+        compare_steps(ds, mean, std, args.steps, args.rounds, args.allocator)
+        return
     print(f"\nPer step, plain NCHW loop, no micro-batching, empirical Fisher, damping 1e-2; ms/step, median of "
           f"{args.rounds} interleaved rounds. 'inverse' is bigbatch with ASDL's algorithm (pi-split damping, "
-          "Cholesky inverses); 'eigen' its default:\n")
-    print("| batch | intervals (stats/inverse) | SGD | bigbatch inverse | bigbatch eigen | ASDL | "
-          "ASDL / bigbatch inverse | ASDL / bigbatch eigen | ASDL / SGD (the ceiling) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "Cholesky inverses); 'eigen' its default. Each allocator in a fresh process:\n")
+    print("| allocator | batch | intervals (stats/inverse) | SGD | bigbatch inverse | bigbatch eigen | ASDL | "
+          "ASDL / bigbatch inverse | ASDL / bigbatch eigen | ASDL / SGD (the ceiling) | page faults per step "
+          "(SGD / inverse / eigen / ASDL) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    for allocator in ("default", "retained"):
+        env = dict(os.environ, **(RETAINED_MEMORY if allocator == "retained" else {}))
+        subprocess.run([sys.executable, __file__, "--data", args.data, "--steps", str(args.steps), "--rounds",
+                        str(args.rounds), "--part", "steps", "--allocator", allocator], env=env, check=True)
+
+
+def compare_steps(ds, mean: list[float], std: list[float], steps: int, rounds: int, allocator: str) -> None:
+    """Table rows of the per-step comparison, in this process (its allocator set by the caller)."""
     for batch in (128, 2048):
         loader = BatchLoader(ds.train_images, ds.train_labels, batch, mean=mean, std=std, shuffle=True)
-        batches = [b for _, b in zip(range(args.steps), loader)]
+        batches = [b for _, b in zip(range(steps), loader)]
         for interval in (1, 10):
             timers = {name: step_timer(name, batches, interval) for name in ("sgd", "bigbatch-inverse", "bigbatch", "asdl")}
             # Rounds interleave the four, so that a slow spell of the machine hits all of them; medians.
-            runs: dict[str, list[float]] = {name: [] for name in timers}
-            for _ in range(args.rounds):
+            runs: dict[str, list[tuple[float, float]]] = {name: [] for name in timers}
+            for _ in range(rounds):
                 for name, run in timers.items():
                     runs[name].append(run())
-            t = {name: statistics.median(values) for name, values in runs.items()}
+            t = {name: statistics.median(s for s, _ in values) for name, values in runs.items()}
+            faults = " / ".join(f"{statistics.median(f for _, f in runs[name]):.0f}" for name in timers)
             label = "1/1" if interval == 1 else "10/100"
-            print(f"| {batch} | {label} | {1e3 * t['sgd']:.1f} | {1e3 * t['bigbatch-inverse']:.1f} | "
+            print(f"| {allocator} | {batch} | {label} | {1e3 * t['sgd']:.1f} | {1e3 * t['bigbatch-inverse']:.1f} | "
                   f"{1e3 * t['bigbatch']:.1f} | {1e3 * t['asdl']:.1f} | {t['asdl'] / t['bigbatch-inverse']:.2f}x | "
-                  f"{t['asdl'] / t['bigbatch']:.2f}x | {t['asdl'] / t['sgd']:.2f}x |", flush=True)
+                  f"{t['asdl'] / t['bigbatch']:.2f}x | {t['asdl'] / t['sgd']:.2f}x | {faults} |", flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -8,7 +8,9 @@ Times training epochs (evaluation excluded) of LeNet-5 on CIFAR-10 at batch 128 
              (channels_last) tensors: the same computation as bigbatch's trainer, so
              bigbatch / plain-tuned measures what the trainer's bookkeeping costs
   bigbatch   bigbatch's Trainer (uint8 dataset, per-batch normalization, metrics, progress off)
-and prints ratios. Usage:
+and prints ratios and page faults per image, then runs "plain" at 2048 once more in a child process
+that keeps freed memory (RETAINED_MEMORY), to show what the allocator costs a loop without
+micro-batches. Usage:
 
     .venv/bin/python benchmarks/bench_trainer.py [--data PATH] [--epochs 5] [--train-limit N]
 """
@@ -16,6 +18,8 @@ and prints ratios. Usage:
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -32,6 +36,11 @@ from bigbatch.data.batches import channel_stats
 from bigbatch.models import build_model
 from bigbatch.train.checkpoint import read_jsonl
 from bigbatch.train.trainer import CPU_MICRO_BATCH, Trainer
+
+
+# Environment in which glibc keeps freed memory in the process instead of handing blocks over its mmap
+# threshold back to the kernel (both settings are needed; either alone leaves most page faults).
+RETAINED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
 
 
 def textbook_lenet5(in_channels: int, num_classes: int = 10) -> nn.Module:
@@ -81,6 +90,7 @@ def main() -> None:
     parser.add_argument("--data", default="../shared/data/cifar10-jpeg.zip")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--train-limit", type=int, default=0)
+    parser.add_argument("--plain-2048", action="store_true", help=argparse.SUPPRESS)  # the child run
     args = parser.parse_args()
 
     ds = load_dataset("auto", args.data, train_limit=args.train_limit or None, cache_dir=".cache/bigbatch")
@@ -89,9 +99,19 @@ def main() -> None:
     s = torch.tensor(std).view(1, -1, 1, 1)
     images = ((ds.train_images.float() / 255) - m) / s
     n = images.shape[0]
+    if args.plain_2048:
+        plain_epoch(images, ds.train_labels, 2048, 2048, 0)  # warm-up
+        times, faults = [], []
+        for e in range(args.epochs):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            times.append(plain_epoch(images, ds.train_labels, 2048, 2048, e + 1))
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        print(f"{1e6 * statistics.median(times) / n:.1f} {statistics.median(faults) / n:.1f}")
+        return
     print(f"LeNet-5 on {ds.name}: {n} training images, {torch.get_num_threads()} threads, micro-batch {CPU_MICRO_BATCH}")
 
     results: dict[tuple[str, int], float] = {}
+    page_faults: dict[tuple[str, int], float] = {}  # minor faults per epoch: fresh pages from the kernel
     with tempfile.TemporaryDirectory() as out:
         for batch in (128, 2048):
             micro = min(CPU_MICRO_BATCH, batch)
@@ -103,19 +123,23 @@ def main() -> None:
                 "bigbatch": lambda e: trainer.train_epoch(e)["epoch_time"],
             }
             times: dict[str, list[float]] = {name: [] for name in variants}
+            faults: dict[str, list[int]] = {name: [] for name in variants}
             for name, run in variants.items():
                 run(0)  # warm-up (oneDNN primitives, allocator), not timed
             # Interleave so that machine noise hits every variant alike; keep the median.
             for e in range(args.epochs):
                 for name, run in variants.items():
+                    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                     times[name].append(run(e + 1))
+                    faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
             for name, values in times.items():
                 results[(name, batch)] = statistics.median(values)
+                page_faults[(name, batch)] = statistics.median(faults[name])
 
-    print("\n| loop | batch | epoch s | us/image |")
-    print("|---|---|---|---|")
+    print("\n| loop | batch | epoch s | us/image | page faults/image |")
+    print("|---|---|---|---|---|")
     for (name, batch), t in results.items():
-        print(f"| {name} | {batch} | {t:.2f} | {1e6 * t / n:.1f} |")
+        print(f"| {name} | {batch} | {t:.2f} | {1e6 * t / n:.1f} | {page_faults[(name, batch)] / n:.1f} |")
     print("\nratios (same run):")
     for batch in (128, 2048):
         ours = results[("bigbatch", batch)]
@@ -123,6 +147,13 @@ def main() -> None:
               f"bigbatch / plain = {ours / results[('plain', batch)]:.3f}")
     for name in ("plain", "plain-mb", "plain-tuned", "bigbatch"):
         print(f"  {name}: per-image time at 2048 / at 128 = {results[(name, 2048)] / results[(name, 128)]:.3f}")
+    retained = subprocess.run(
+        [sys.executable, __file__, "--data", args.data, "--epochs", str(args.epochs), "--train-limit",
+         str(args.train_limit), "--plain-2048"],
+        env=dict(os.environ, **RETAINED_MEMORY), check=True, capture_output=True, text=True,
+    ).stdout.split()
+    print(f"  plain at 2048 with freed memory retained ({', '.join(f'{k}={v}' for k, v in RETAINED_MEMORY.items())}): "
+          f"{retained[0]} us/image, {retained[1]} page faults/image")
     print(f"  peak resident memory of a 1-epoch `bigbatch train` at batch 2048: "
           f"{child_run(args.data, ['train.batch_size=2048'])[-1]['max_rss_mib']:.0f} MiB")
 

@@ -66,9 +66,10 @@ class AugmentConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = 128
-    # 0 picks automatically: cache-sized micro-batches on CPU for models without BatchNorm.
+    # 0 picks automatically: 256-example micro-batches on CPU for models without BatchNorm, whose buffers
+    # the allocator reuses (a whole 2048-example batch page-faults fresh memory every step).
     micro_batch_size: int = 0
-    # Evaluation batches stay cache-sized on CPU: LeNet-5's per-epoch evaluation (20,000 images, one
+    # Evaluation batches stay small on CPU: LeNet-5's per-epoch evaluation (20,000 images, one
     # thread) takes 0.41 s at 256 against 0.48 s at 1000.
     eval_batch_size: int = 256
     # Clean (no augmentation) accuracy on this many training examples each epoch; 0 disables.
