@@ -189,8 +189,7 @@ class Conv2dFactors(LayerFactors):
     def _row_pair_cost(self, x: torch.Tensor) -> float:
         """Multiply-adds per example of _row_pair_gram, or infinity when its row products would not fit."""
         _, c, h, w = x.shape
-        block = self._column_block(w)
-        row_products = h * c * c * (w * w if not block else _ceil_div(w, block) * block * (block + 2 * self._band()))
+        row_products = h * c * c * self._column_pairs(w, self._column_block(w))
         if row_products > 4_000_000:  # floats held per kernel-row offset
             return float("inf")
         return self.module.kernel_size[0] * row_products
@@ -205,15 +204,18 @@ class Conv2dFactors(LayerFactors):
         A block of b columns meets the b + 2 * band columns around it, so banding saves multiply-adds
         on wide rows only; under 8 columns the batched GEMMs get too small to run at full speed.
         """
-        band = self._band()
-        best, best_cost = 0, 0.75 * w * w  # banding must save a quarter to pay for its copies
+        best, best_cost = 0, 0.75 * w * w  # must save a quarter: its GEMMs are smaller, more and strided
         block = 8
         while 2 * block <= w:
-            cost = _ceil_div(w, block) * block * (block + 2 * band)
+            cost = self._column_pairs(w, block)
             if cost < best_cost:
                 best, best_cost = block, cost
             block *= 2
         return best
+
+    def _column_pairs(self, w: int, block: int) -> int:
+        """Column pairs one row product multiplies out: all of them, or each block's with its neighbourhood."""
+        return w * w if not block else _ceil_div(w, block) * block * (block + 2 * self._band())
 
     def _row_pair_gram(self, x: torch.Tensor, ho: int, wo: int, block: int | None = None) -> torch.Tensor:
         """The patch Gram matrix sum_{n,t} a a^T (with the ones coordinate if biased), without im2col.
