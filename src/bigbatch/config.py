@@ -35,6 +35,10 @@ class RunConfig:
     threads: int = 0
     # Seconds a rank waits in a collective before giving up on a dead or hung peer.
     dist_timeout: float = 300.0
+    # CPU (glibc): keep freed memory in the process instead of page-faulting big tensors afresh every
+    # step. Up to 1.8x faster steps for models trained at big batches without micro-batches
+    # (BatchNorm), for a higher resident peak (+50% for ResNet-20 at 2048): hence off by default.
+    retain_memory: bool = False
 
 
 @dataclass

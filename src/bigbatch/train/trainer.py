@@ -11,6 +11,7 @@ import random
 import resource
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from bigbatch.data.batches import BatchLoader, channel_stats
 from bigbatch.errors import TrainingError
 from bigbatch.models import build_model, has_batchnorm
 from bigbatch.optim.schedules import LRSchedule
+from bigbatch.train.allocator import retain_freed_memory
 from bigbatch.train.distributed import ParallelContext
 from bigbatch.train.checkpoint import (
     CHECKPOINT_NAME,
@@ -182,6 +184,8 @@ class Trainer:
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         self.device = resolve_device(cfg.run.device)
+        if cfg.run.retain_memory and self.device.type == "cpu" and not retain_freed_memory():
+            warnings.warn("run.retain_memory needs glibc's allocator (Linux); this process keeps the default", stacklevel=2)
         self.dataset = dataset if dataset is not None else load_run_dataset(cfg)
         ds = self.dataset
         validate_against_data(cfg, ds.num_train, ds.num_test, self.parallel.world_size)
