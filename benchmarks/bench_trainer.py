@@ -34,13 +34,14 @@ from bigbatch.config import load_config
 from bigbatch.data import load_dataset
 from bigbatch.data.batches import channel_stats
 from bigbatch.models import build_model
+from bigbatch.train.allocator import RETAINED_BYTES
 from bigbatch.train.checkpoint import read_jsonl
 from bigbatch.train.trainer import CPU_MICRO_BATCH, Trainer
 
 
-# Environment in which glibc keeps freed memory in the process instead of handing blocks over its mmap
-# threshold back to the kernel (both settings are needed; either alone leaves most page faults).
-RETAINED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
+# Environment in which glibc keeps freed memory in the process from the start, as run.retain_memory
+# does from the Trainer on (both settings are needed; either alone leaves most page faults).
+RETAINED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(RETAINED_BYTES), "MALLOC_TRIM_THRESHOLD_": str(RETAINED_BYTES)}
 
 
 def textbook_lenet5(in_channels: int, num_classes: int = 10) -> nn.Module:
