@@ -27,7 +27,7 @@ dist-demo: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/pytest
 
-# Every table of BENCHMARKS.md (about 30 minutes on 2 cores; ASDL is installed for the K-FAC comparison).
+# Every table of BENCHMARKS.md (about 40 minutes on 2 cores; ASDL is installed for the K-FAC comparison).
 bench: $(BIN)/.installed
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[bench]'
 	$(BIN)/python benchmarks/bench_trainer.py
