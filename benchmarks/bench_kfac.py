@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from bench_trainer import RETAINED_MEMORY  # a sibling script: benchmarks/ is on the path
+from bench_trainer import RETAINED_MEMORY, page_faults  # a sibling script: benchmarks/ is on the path
 from bigbatch.config import load_config
 from bigbatch.data import load_dataset
 from bigbatch.data.batches import BatchLoader, channel_stats
@@ -121,12 +120,12 @@ def step_timer(
         # statistics and decomposition steps counts, not just that of the plain steps in between.
         steps = max(len(batches), inverse_interval)
         step(*batches[0])  # warm-up
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        faults = page_faults()
         start = time.perf_counter()
         for k in range(steps):
             step(*batches[k % len(batches)])
         seconds = (time.perf_counter() - start) / steps
-        return seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
+        return seconds, (page_faults() - faults) / steps
 
     return run
 

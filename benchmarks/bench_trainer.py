@@ -44,6 +44,11 @@ from bigbatch.train.trainer import CPU_MICRO_BATCH, Trainer
 RETAINED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(RETAINED_BYTES), "MALLOC_TRIM_THRESHOLD_": str(RETAINED_BYTES)}
 
 
+def page_faults() -> int:
+    """Minor page faults of this process so far: pages the kernel handed over (and zero-filled)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def textbook_lenet5(in_channels: int, num_classes: int = 10) -> nn.Module:
     """LeNet-5 as the seed's Table 1 reads, for 32x32 inputs, in the modules a user would reach for."""
     return nn.Sequential(
@@ -104,15 +109,15 @@ def main() -> None:
         plain_epoch(images, ds.train_labels, 2048, 2048, 0)  # warm-up
         times, faults = [], []
         for e in range(args.epochs):
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            before = page_faults()
             times.append(plain_epoch(images, ds.train_labels, 2048, 2048, e + 1))
-            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+            faults.append(page_faults() - before)
         print(f"{1e6 * statistics.median(times) / n:.1f} {statistics.median(faults) / n:.1f}")
         return
     print(f"LeNet-5 on {ds.name}: {n} training images, {torch.get_num_threads()} threads, micro-batch {CPU_MICRO_BATCH}")
 
     results: dict[tuple[str, int], float] = {}
-    page_faults: dict[tuple[str, int], float] = {}  # minor faults per epoch: fresh pages from the kernel
+    fault_counts: dict[tuple[str, int], float] = {}  # minor page faults per epoch
     with tempfile.TemporaryDirectory() as out:
         for batch in (128, 2048):
             micro = min(CPU_MICRO_BATCH, batch)
@@ -130,17 +135,17 @@ def main() -> None:
             # Interleave so that machine noise hits every variant alike; keep the median.
             for e in range(args.epochs):
                 for name, run in variants.items():
-                    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                    before = page_faults()
                     times[name].append(run(e + 1))
-                    faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+                    faults[name].append(page_faults() - before)
             for name, values in times.items():
                 results[(name, batch)] = statistics.median(values)
-                page_faults[(name, batch)] = statistics.median(faults[name])
+                fault_counts[(name, batch)] = statistics.median(faults[name])
 
     print("\n| loop | batch | epoch s | us/image | page faults/image |")
     print("|---|---|---|---|---|")
     for (name, batch), t in results.items():
-        print(f"| {name} | {batch} | {t:.2f} | {1e6 * t / n:.1f} | {page_faults[(name, batch)] / n:.1f} |")
+        print(f"| {name} | {batch} | {t:.2f} | {1e6 * t / n:.1f} | {fault_counts[(name, batch)] / n:.1f} |")
     print("\nratios (same run):")
     for batch in (128, 2048):
         ours = results[("bigbatch", batch)]
