@@ -39,9 +39,13 @@ from bigbatch.train.checkpoint import read_jsonl
 from bigbatch.train.trainer import CPU_MICRO_BATCH, Trainer
 
 
-# Environment in which glibc keeps freed memory in the process from the start, as run.retain_memory
-# does from the Trainer on (both settings are needed; either alone leaves most page faults).
-RETAINED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(RETAINED_BYTES), "MALLOC_TRIM_THRESHOLD_": str(RETAINED_BYTES)}
+# Environment in which glibc keeps freed memory in the process from the start: blocks up to
+# RETAINED_BYTES come from the heap, as with run.retain_memory, and the heap's free top is never given
+# back. (Once that top exceeds the trim threshold glibc returns all of it, and ASDL's K-FAC step at batch
+# 2048 frees ~1.2 GB at once: with run.retain_memory's 1 GiB it page-faulted 40,000-270,000 times per
+# step.) Both settings are needed; either alone leaves most page faults.
+NEVER_TRIM = 1 << 36
+RETAINED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(RETAINED_BYTES), "MALLOC_TRIM_THRESHOLD_": str(NEVER_TRIM)}
 
 
 def page_faults() -> int:

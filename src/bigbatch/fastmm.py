@@ -49,6 +49,12 @@ def _eligible(*tensors: torch.Tensor | None) -> bool:
     ) and _check_usable()
 
 
+def usable(*tensors: torch.Tensor | None) -> bool:
+    """Whether ``matmul`` and ``linear`` can take oneDNN for these tensors (float32 CPU, not recorded by
+    autograd) in this process."""
+    return _eligible(*tensors)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for inference: x [n, in], weight [out, in]."""
     global _usable

@@ -34,6 +34,13 @@ IM2COL_CHUNK = 32
 # statistics from a slice of each micro-batch (stats_fraction) the per-call costs of the factor
 # products (LeNet-5's conv1: ~2 ms of small ops) otherwise repeat for every 64-row slice.
 MIN_ROWS_PER_PRODUCT = 256
+# From this many examples at once, conv row products run as oneDNN GEMMs over an examples-innermost
+# copy of the input (see Conv2dFactors._row_pair_gram). LeNet-5 on 2 threads, current / examples-inner:
+# conv1 0.91-0.96 at 768 rows, 0.98-1.04 at 1024, 1.05-1.18 at 1536, 1.33-1.40 at 2048; conv2 1.1-1.2
+# at 768-1024, 1.6-1.7 at 2048.
+EXAMPLES_INNER_MIN_ROWS = 1024
+# Floats of row products held per kernel-row offset, at most (else im2col in chunks).
+MAX_ROW_PRODUCTS = 4_000_000
 
 
 class LayerFactors:
@@ -165,7 +172,10 @@ class Conv2dFactors(LayerFactors):
     def a_contribution(self, x: torch.Tensor) -> torch.Tensor:
         x = self._padded(x)
         ho, wo = self._output_size(x)
-        if self._row_pair_cost(x) < ho * wo * (self.a_dim - int(self.has_bias)) ** 2:
+        patch_cost = ho * wo * (self.a_dim - int(self.has_bias)) ** 2  # multiply-adds per example of im2col's Gram
+        if self._prefers_examples_inner(x, patch_cost):
+            out = self._row_pair_gram(x, ho, wo, examples_inner=True)
+        elif self._row_pair_cost(x) < patch_cost:
             out = self._row_pair_gram(x, ho, wo)
         else:
             out = None
@@ -190,7 +200,7 @@ class Conv2dFactors(LayerFactors):
         """Multiply-adds per example of _row_pair_gram, or infinity when its row products would not fit."""
         _, c, h, w = x.shape
         row_products = h * c * c * self._column_pairs(w, self._column_block(w))
-        if row_products > 4_000_000:  # floats held per kernel-row offset
+        if row_products > MAX_ROW_PRODUCTS:
             return float("inf")
         return self.module.kernel_size[0] * row_products
 
@@ -217,26 +227,33 @@ class Conv2dFactors(LayerFactors):
         """Column pairs one row product multiplies out: all of them, or each block's with its neighbourhood."""
         return w * w if not block else _ceil_div(w, block) * block * (block + 2 * self._band())
 
-    def _row_pair_gram(self, x: torch.Tensor, ho: int, wo: int, block: int | None = None) -> torch.Tensor:
+    def _row_pair_gram(self, x: torch.Tensor, ho: int, wo: int, block: int | None = None,
+                       examples_inner: bool = False) -> torch.Tensor:
         """The patch Gram matrix sum_{n,t} a a^T (with the ones coordinate if biased), without im2col.
 
         Every entry pairs two input pixels that lie kernel-row offsets i, i' and column offsets j, j'
-        apart inside one receptive field. Grouping by input rows: for each row offset r = i' - i, one
-        batched GEMM multiplies every input row (all columns and channels, summed over examples) with
-        the row r below it; the entries for (i, i') are then sums of those row products over the
-        output rows, and those for (j, j') sums along diagonals of the column pairs. For 5x5 kernels
-        on small images this is 3-5x fewer multiply-adds than the Gram of the patch matrix, and the
-        patch matrix (kh*kw times the input) is never built.
+        apart inside one receptive field. Grouping by input rows: for each row offset r = i' - i, every
+        input row (all columns and channels, summed over examples) is multiplied with the row r below
+        it; the entries for (i, i') are then sums of those row products over the output rows, and those
+        for (j, j') sums along diagonals of the column pairs. For 5x5 kernels on small images this is
+        3-5x fewer multiply-adds than the Gram of the patch matrix, and the patch matrix (kh*kw times
+        the input) is never built.
 
-        On wide rows only column pairs at most ``band`` apart are ever used: the rows are then cut into
-        blocks of ``block`` columns, each multiplied with the block + band columns on either side
-        (LeNet-5's conv1 at 32 columns: half the multiply-adds of whole rows).
+        The row products are computed one of three ways:
+        * ``examples_inner``: the input is transposed once so that examples are the innermost dim, and
+          each row is multiplied with the kh rows from it downwards in one oneDNN GEMM (fastmm): whole
+          rows, but at about twice MKL's speed on large batches;
+        * otherwise batched MKL GEMMs per row offset, of whole rows or, on wide rows (``block`` > 0),
+          of blocks of ``block`` columns with the band of columns on either side that can share a
+          receptive field (LeNet-5's conv1 at 32 columns: half the multiply-adds of whole rows).
         """
         m = self.module
         (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
         n, c, h, w = x.shape
-        block = self._column_block(w) if block is None else block  # 0: whole rows
-        if block:
+        block = 0 if examples_inner else self._column_block(w) if block is None else block  # 0: whole rows
+        if examples_inner:
+            products = self._products_per_row(self._examples_inner_rows(x))  # [h, wc, span, wc]
+        elif block:
             rows = self._padded_rows(x, block)
         else:
             # Row-major [row, example, (column, channel)], copied: the batched products run ~20% faster
@@ -245,11 +262,14 @@ class Conv2dFactors(LayerFactors):
         block_out = x.new_empty(c, kh, kw, c, kh, kw)  # every entry is written below
         for r in range(kh):  # row offset between the two pixels, in kernel rows
             partners = kh - r  # kernel rows i that have a partner i + r
-            upper, lower = rows[: h - r * dh], rows[r * dh :]
-            if block:
+            if examples_inner:
+                pairs = self._whole_row_pairs(products[:, :, r * dh], partners, ho, wo, c)
+            elif block:
+                upper, lower = rows[: h - r * dh], rows[r * dh :]
                 pairs = self._banded_row_pairs(upper, lower, partners, ho, wo, c, block)
             else:
-                pairs = self._whole_row_pairs(upper, lower, partners, ho, wo, c)
+                upper, lower = rows[: h - r * dh], rows[r * dh :]
+                pairs = self._whole_row_pairs(torch.bmm(upper.transpose(1, 2), lower), partners, ho, wo, c)
             # block[c, i, j, c', i + r, j'] and, mirrored, block[c', i + r, j', c, i, j].
             torch.diagonal(block_out, offset=r, dim1=1, dim2=4).copy_(pairs.permute(1, 3, 2, 4, 0))
             if r:
@@ -265,15 +285,57 @@ class Conv2dFactors(LayerFactors):
         sums = total.as_strided((c, kh, kw, ho, wo), (h * w, dh * w, dw, sh * w, sw)).sum((3, 4)).reshape(d)
         return _with_ones(gram, sums, n * ho * wo)
 
-    def _whole_row_pairs(self, upper: torch.Tensor, lower: torch.Tensor, partners: int, ho: int, wo: int, c: int):
+    def _prefers_examples_inner(self, x: torch.Tensor, patch_cost: float) -> bool:
+        """Whether to take oneDNN's whole-row products (about twice MKL's GEMM speed, from a thousand
+        examples at once): for float32 CPU input, where they fit and multiply at most twice what the
+        cheaper of the other two ways does (LeNet-5's conv1: exactly twice its banded products)."""
+        n, c, h, w = x.shape
+        whole_rows = h * (w * c) ** 2
+        return (
+            n >= EXAMPLES_INNER_MIN_ROWS
+            and whole_rows <= MAX_ROW_PRODUCTS
+            and self._span() * whole_rows <= 2 * min(self._row_pair_cost(x), patch_cost)
+            and fastmm.usable(x)
+        )
+
+    def _span(self) -> int:
+        """Input rows one receptive field spans."""
+        return (self.module.kernel_size[0] - 1) * self.module.dilation[0] + 1
+
+    def _examples_inner_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as [h, (column, channel), n]: examples innermost, so that every run of rows is one
+        dense matrix for the GEMM. From NHWC one 2-D transpose; from NCHW a 2-D transpose to
+        [c, h, w, n] and a copy of whole example runs (a direct 4-D permute is ~3x slower)."""
+        n, c, h, w = x.shape
+        if _is_nhwc(x):
+            return x.permute(0, 2, 3, 1).reshape(n, -1).t().contiguous().view(h, w * c, n)
+        by_channel = x.contiguous().view(n, -1).t().contiguous().view(c, h, w, n)
+        return by_channel.permute(1, 2, 0, 3).reshape(h, w * c, n)
+
+    def _products_per_row(self, rows: torch.Tensor) -> torch.Tensor:
+        """products[i, u, s, v] = sum_n rows[i, u, n] rows[i + s, v, n] for s < span (the rows a
+        receptive field spans), from one GEMM per row; rows without a partner s are left unwritten."""
+        span = self._span()
+        h, wc, n = rows.shape
+        products = rows.new_empty(h, wc, span, wc)
+        for i in range(h):
+            k = min(span, h - i)
+            below = rows[i : i + k].view(k * wc, n)
+            products[i, :, :k] = fastmm.matmul(rows[i], below.t()).view(wc, k, wc)
+        return products
+
+    def _whole_row_pairs(self, products: torch.Tensor, partners: int, ho: int, wo: int, c: int):
         """pairs[i, c, c', j, j'] = sum over output pixels of the products of (row i, column j, channel c)
-        with (row i + r, column j', channel c') of their receptive field, from whole-row products."""
+        with (row i + r, column j', channel c') of their receptive field, from whole-row products
+        ``products[row] = rows[row]^T rows[row + r]`` ([rows, wc, wc], any strides)."""
         (_, kw), (sh, sw), (dh, dw) = self.module.kernel_size, self.module.stride, self.module.dilation
-        wc = upper.shape[2]
-        products = torch.bmm(upper.transpose(1, 2), lower)  # [rows, wc, wc]
+        wc = products.shape[2]
+        s_row, s_u, s_v = products.stride()
         # For each i, the sum over output rows p of the products of input rows i*dh + p*sh and the
         # row r below: one strided view of all (i, p) pairs, summed over p.
-        row_sums = products.as_strided((partners, ho, wc, wc), (dh * wc * wc, sh * wc * wc, wc, 1)).sum(1)
+        row_sums = products.as_strided(
+            (partners, ho, wc, wc), (dh * s_row, sh * s_row, s_u, s_v), products.storage_offset()
+        ).sum(1)
         # Sum over output columns q of the column pairs (j*dw + q*sw, j'*dw + q*sw): their offsets
         # are linear in j, j' and q, so all pairs are one strided view too: [i, c, c', j, j'].
         col, col2 = c * wc, c  # strides of a column step in row_sums' [i, (col, c), (col', c')]
