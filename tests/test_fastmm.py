@@ -50,3 +50,20 @@ def test_parameters_take_the_onednn_path_only_when_autograd_is_not_recording(mon
     recorded = fastmm.linear(x, layer.weight, layer.bias)
     assert calls == [1] and recorded.requires_grad  # F.linear, so gradients flow
     torch.testing.assert_close(fast, recorded.detach(), rtol=1e-4, atol=1e-3)
+
+
+def test_strided_operands_stay_on_torch(monkeypatch):
+    # Rows further apart than their length (column slices): oneDNN ran such a product ~2000x slower.
+    calls = []
+    real = fastmm._onednn
+    monkeypatch.setattr(fastmm, "_onednn", lambda *args: calls.append(1) or real(*args))
+    g = torch.Generator().manual_seed(3)
+    wide = torch.randn(2048, 1000, generator=g)
+    a, b = wide[:, :96].t(), wide[:, 200:680]  # [96, 2048] and [2048, 480], neither dense
+    dense_a, dense_b = a.contiguous(), b.contiguous()
+    for left, right in ((a, dense_b), (dense_a, b)):  # either operand strided
+        torch.testing.assert_close(fastmm.matmul(left, right), dense_a @ dense_b)
+    assert calls == []
+    if fastmm.usable(dense_a, dense_b):
+        torch.testing.assert_close(fastmm.matmul(dense_a, dense_b), dense_a @ dense_b, rtol=1e-4, atol=1e-3)
+        assert calls == [1]

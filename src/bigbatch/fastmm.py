@@ -49,16 +49,24 @@ def _eligible(*tensors: torch.Tensor | None) -> bool:
     ) and _check_usable()
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """A matrix that is contiguous, or a transpose of a contiguous one. oneDNN takes other strides too,
+    but measured about a second for a [96 x 2048] @ [2048 x 480] product whose operand rows lay further
+    apart than their length (a reference kernel, presumably), against 0.5 ms dense."""
+    return t.is_contiguous() or t.t().is_contiguous()
+
+
 def usable(*tensors: torch.Tensor | None) -> bool:
-    """Whether ``matmul`` and ``linear`` can take oneDNN for these tensors (float32 CPU, not recorded by
-    autograd) in this process."""
+    """Whether ``matmul`` and ``linear`` can take oneDNN for tensors like these (float32 CPU, not recorded
+    by autograd) in this process; strided operands stay on torch's product whatever this says."""
     return _eligible(*tensors)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for inference: x [n, in], weight [out, in]."""
     global _usable
-    if weight.dim() == 2 and x.dim() == 2 and _prefers_onednn(x.shape[0], weight, bias) and _eligible(x):
+    if (weight.dim() == 2 and x.dim() == 2 and _dense(x) and _dense(weight)
+            and _prefers_onednn(x.shape[0], weight, bias) and _eligible(x)):
         try:
             return _onednn(x, weight, bias)
         except RuntimeError:
