@@ -193,9 +193,10 @@ def _patch_gram(factors: Conv2dFactors, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("block, examples_inner, memory_format", [
+    # whole rows, column blocks (the last ones partial), automatic; then examples innermost from NCHW and NHWC
     (0, False, torch.contiguous_format), (1, False, torch.contiguous_format), (3, False, torch.contiguous_format),
-    (8, False, torch.contiguous_format), (None, False, torch.contiguous_format),  # whole rows, column blocks
-    (None, True, torch.contiguous_format), (None, True, torch.channels_last)])  # (the last ones partial), automatic
+    (8, False, torch.contiguous_format), (None, False, torch.contiguous_format),
+    (None, True, torch.contiguous_format), (None, True, torch.channels_last)])
 def test_row_pair_gram_matches_the_patch_gram_for_uneven_kernels_strides_and_images(block, examples_inner, memory_format):
     torch.manual_seed(5)
     for cin, k, stride, pad, dil, bias, hw in [(3, 5, 1, 0, 1, True, (12, 12)), (2, (3, 2), 2, 1, 1, True, (9, 11)),
@@ -220,7 +221,7 @@ def test_large_float32_batches_take_onednn_row_products():
     one_by_one = Conv2dFactors("p", nn.Conv2d(8, 8, 1))  # whole rows would multiply 12x what im2col does
     assert not one_by_one._prefers_examples_inner(torch.randn(1024, 8, 12, 12), 144 * 8**2)
     wide = Conv2dFactors("w", nn.Conv2d(64, 64, 3, padding=1))  # its row products would not fit
-    assert not wide._prefers_examples_inner(torch.randn(1024, 64, 34, 34), 32 * 32 * 576**2)
+    assert not wide._prefers_examples_inner(torch.empty(1024, 64, 34, 34), 32 * 32 * 576**2)
     # The oneDNN products in float32 against the definition in float64, on NCHW and NHWC input (12 x 12
     # images keep the float64 patch matrix small; whole rows are as cheap as any other way there).
     x = torch.randn(1024, 3, 12, 12)
