@@ -3,9 +3,10 @@
 glibc hands freed blocks above its mmap threshold (adaptive, at most 32 MB) back to the kernel. A step
 whose activations are such blocks (ResNet-20 at batch 2048: 134 MB per conv output, and BatchNorm
 models are not micro-batched) maps them afresh every step, and the kernel zero-fills each page on
-first touch: a ResNet-20 epoch at batch 2048 ran 1.8x faster with freed memory kept (BENCHMARKS.md).
-The price is resident memory: freed blocks stay mapped and torch's aligned allocations fragment the
-heap (that run peaked at 5.3 GB instead of 3.5), hence an opt-in switch, ``run.retain_memory``.
+first touch: a ResNet-20 epoch at batch 2048 ran 2.7x faster with freed memory kept, once steady
+(BENCHMARKS.md). The price is resident memory: freed blocks stay mapped and torch's aligned
+allocations fragment the heap (that run peaked at 6.4 GB instead of 3.5), hence an opt-in switch,
+``run.retain_memory``.
 """
 
 from __future__ import annotations
