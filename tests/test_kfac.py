@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bigbatch import fastmm
 from bigbatch.optim.kfac import KFACPreconditioner
 from bigbatch.optim.kfac.layers import Conv2dFactors
 
@@ -147,17 +146,9 @@ def test_conv_one_example_one_location_kron_equals_exact_fisher_block():
 
 
 @pytest.mark.parametrize("stride, padding, dilation", [(2, 1, 1), (1, 0, 2), (1, 2, 1)])
-@pytest.mark.parametrize("method, memory_format", [("patch gram", torch.contiguous_format), ("row pairs", torch.contiguous_format),
-                                                   ("row pairs", torch.channels_last), ("banded row pairs", torch.channels_last),
-                                                   ("examples inner", torch.contiguous_format),
-                                                   ("examples inner", torch.channels_last)])
-def test_conv_factors_equal_brute_force_over_locations(stride, padding, dilation, method, memory_format, monkeypatch):
-    # Conv2dFactors picks the cheapest of four ways to build A, and reads G in the layout autograd gives
-    # (NCHW or NHWC): check each combination against brute force.
-    cost = float("inf") if method == "patch gram" else 0.0
-    monkeypatch.setattr(Conv2dFactors, "_row_pair_cost", lambda self, x: cost)
-    monkeypatch.setattr(Conv2dFactors, "_column_block", lambda self, w: 3 if method == "banded row pairs" else 0)
-    monkeypatch.setattr(Conv2dFactors, "_prefers_examples_inner", lambda self, x, cost: method == "examples inner")
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_conv_factors_equal_brute_force_over_locations(stride, padding, dilation, memory_format):
+    # Autograd hands the hooks NCHW or NHWC tensors: check both layouts against brute force.
     torch.manual_seed(2)
     model = ConvNet(stride=stride, padding=padding, dilation=dilation, hw=7).to(D)
     n = 6
@@ -168,7 +159,7 @@ def test_conv_factors_equal_brute_force_over_locations(stride, padding, dilation
     conv = model.conv
     A = torch.zeros(2 * 9 + 1, 2 * 9 + 1, dtype=D)
     for i in range(n):  # explicit loops over examples and locations
-        patches = F.unfold(x[i : i + 1], 3, dilation=dilation, padding=padding, stride=stride)[0]
+        patches = _explicit_patches(conv, x[i : i + 1])
         T = patches.shape[1]
         for t in range(T):
             a = torch.cat([patches[:, t], torch.ones(1, dtype=D)])
@@ -182,62 +173,42 @@ def test_conv_factors_equal_brute_force_over_locations(stride, padding, dilation
     torch.testing.assert_close(kfac.layers["conv"].G, G, rtol=1e-10, atol=1e-13)
 
 
-def _patch_gram(factors: Conv2dFactors, x: torch.Tensor) -> torch.Tensor:
-    """The definition: Gram matrix of the im2col patches (with the ones coordinate if biased)."""
-    patches = factors._patches(x.to(D))
-    gram = patches @ patches.t()
-    if factors.has_bias:
-        gram = torch.cat([torch.cat([gram, patches.sum(1, keepdim=True)], 1),
-                          torch.cat([patches.sum(1), torch.tensor([patches.shape[1]], dtype=D)])[None]])
-    return gram
+def _explicit_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """im2col by definition: [c*kh*kw, n*locations], each entry read pixel by pixel (zero outside)."""
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    ph, pw = conv.padding
+    n, c, h, w = x.shape
+    ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    out = torch.zeros(c, kh, kw, n, ho, wo, dtype=x.dtype)
+    for ci in range(c):
+        for i in range(kh):
+            for j in range(kw):
+                for p in range(ho):
+                    for q in range(wo):
+                        r, s = p * sh + i * dh - ph, q * sw + j * dw - pw
+                        if 0 <= r < h and 0 <= s < w:
+                            out[ci, i, j, :, p, q] = x[:, ci, r, s]
+    return out.reshape(c * kh * kw, -1)
 
 
-@pytest.mark.parametrize("block, examples_inner, memory_format", [
-    # whole rows, column blocks (the last ones partial), automatic; then examples innermost from NCHW and NHWC
-    (0, False, torch.contiguous_format), (1, False, torch.contiguous_format), (3, False, torch.contiguous_format),
-    (8, False, torch.contiguous_format), (None, False, torch.contiguous_format),
-    (None, True, torch.contiguous_format), (None, True, torch.channels_last)])
-def test_row_pair_gram_matches_the_patch_gram_for_uneven_kernels_strides_and_images(block, examples_inner, memory_format):
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_conv_input_factor_is_the_patch_gram_for_uneven_kernels_strides_and_images(memory_format):
     torch.manual_seed(5)
-    for cin, k, stride, pad, dil, bias, hw in [(3, 5, 1, 0, 1, True, (12, 12)), (2, (3, 2), 2, 1, 1, True, (9, 11)),
-                                                (3, 3, 1, 2, 2, False, (10, 8)), (4, (2, 3), (2, 1), (1, 0), (1, 2), True, (7, 12)),
-                                                (3, 5, 1, 0, 1, True, (9, 32)), (2, 3, 2, 1, 2, True, (6, 23)),
-                                                (3, 1, 1, 0, 1, True, (5, 17)), (2, 3, (2, 1), 0, (3, 1), True, (11, 7))]:
-        factors = Conv2dFactors("c", nn.Conv2d(cin, 5, k, stride=stride, padding=pad, dilation=dil, bias=bias).to(D))
-        x = factors._padded(torch.randn(5, cin, *hw, dtype=D).contiguous(memory_format=memory_format))
-        got = factors._row_pair_gram(x, *factors._output_size(x), block=block, examples_inner=examples_inner)
-        torch.testing.assert_close(got, _patch_gram(factors, x), rtol=1e-12, atol=1e-12)
-
-
-def test_large_float32_batches_take_onednn_row_products():
-    conv1 = Conv2dFactors("conv1", nn.Conv2d(3, 6, 5))  # LeNet-5's: whole rows are twice its banded products
-    x = torch.empty(1024, 3, 32, 32)
-    patch_cost = 28 * 28 * 75**2
-    if not fastmm.usable(x):
-        pytest.skip("oneDNN is not available in this torch build")
-    assert conv1._prefers_examples_inner(x, patch_cost)
-    assert not conv1._prefers_examples_inner(x[:512], patch_cost)  # MKL's banded products win on fewer rows
-    assert not conv1._prefers_examples_inner(x.double(), patch_cost)  # oneDNN's GEMM is float32 only
-    one_by_one = Conv2dFactors("p", nn.Conv2d(8, 8, 1))  # whole rows would multiply 12x what im2col does
-    assert not one_by_one._prefers_examples_inner(torch.randn(1024, 8, 12, 12), 144 * 8**2)
-    wide = Conv2dFactors("w", nn.Conv2d(64, 64, 3, padding=1))  # its row products would not fit
-    assert not wide._prefers_examples_inner(torch.empty(1024, 64, 34, 34), 32 * 32 * 576**2)
-    # The oneDNN products in float32 against the definition in float64, on NCHW and NHWC input (12 x 12
-    # images keep the float64 patch matrix small; whole rows are as cheap as any other way there).
-    x = torch.randn(1024, 3, 12, 12)
-    for xs in (x, x.contiguous(memory_format=torch.channels_last)):
-        assert conv1._prefers_examples_inner(xs, 8 * 8 * 75**2)
-        got = conv1.a_contribution(xs) * (8 * 8)  # a_contribution's mean over locations, undone
-        expected = _patch_gram(conv1, xs)
-        torch.testing.assert_close(got.double(), expected, rtol=2e-5, atol=2e-5 * float(expected.abs().max()))
-
-
-def test_column_blocks_are_used_where_they_save_multiply_adds():
-    conv1 = Conv2dFactors("conv1", nn.Conv2d(3, 6, 5))  # LeNet-5's: 32 columns, partners up to 4 apart
-    assert conv1._column_block(32) == 8
-    assert conv1._row_pair_cost(torch.empty(1, 3, 32, 32)) == 5 * 32 * 9 * (4 * 8 * 16)
-    assert conv1._column_block(14) == 0  # conv2's 14 columns: blocks would meet nearly every column anyway
-    assert Conv2dFactors("d", nn.Conv2d(3, 6, 5, dilation=3))._column_block(32) == 0  # partners 12 apart
+    for cin, k, stride, pad, dil, bias, hw in [
+        (3, 5, 1, 0, 1, True, (12, 12)), (2, (3, 2), 2, 1, 1, True, (9, 11)),
+        (3, 3, 1, 2, 2, False, (10, 8)), (4, (2, 3), (2, 1), (1, 0), (1, 2), True, (7, 12)),
+        (2, 3, (2, 1), 0, (3, 1), True, (11, 7)), (3, 1, 1, 0, 1, True, (5, 17)),
+    ]:
+        conv = nn.Conv2d(cin, 5, k, stride=stride, padding=pad, dilation=dil, bias=bias).to(D)
+        factors = Conv2dFactors("c", conv)
+        x = torch.randn(5, cin, *hw, dtype=D)
+        patches = _explicit_patches(conv, x)
+        locations = patches.shape[1] // x.shape[0]
+        if bias:
+            patches = torch.cat([patches, torch.ones(1, patches.shape[1], dtype=D)])
+        expected = patches @ patches.t() / locations  # sum over examples, mean over locations
+        got = factors.a_contribution(x.contiguous(memory_format=memory_format))
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
 # -- preconditioning ---------------------------------------------------------------------------------

@@ -48,30 +48,8 @@ def test_warmup_and_linear_scaling():
     assert s.lr_at(59) == pytest.approx(0.016)  # epoch 60
 
 
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-@pytest.mark.parametrize("size", [(28, 28), (10, 10), (7, 9)])
-def test_max_pool_2x2_equals_max_pool2d(memory_format, size):
-    from torch.nn.functional import max_pool2d, relu
-
-    from bigbatch.models.pooling import max_pool_2x2
-
-    g = torch.Generator().manual_seed(0)
-    # Rounded ReLU outputs: many ties (zeros and repeated values) inside windows.
-    x = relu(torch.randn(3, 6, *size, generator=g)).mul(2).round().contiguous(memory_format=memory_format)
-    expected = max_pool2d(x, 2)
-    with torch.inference_mode():
-        got = max_pool_2x2(x)
-    assert torch.equal(got, expected) and got.stride() == expected.stride()
-    # With a gradient the result and its gradient are nn.MaxPool2d's.
-    xg = x.clone().requires_grad_()
-    upstream = torch.randn(expected.shape, generator=g)
-    (grad,) = torch.autograd.grad(max_pool_2x2(xg), xg, upstream)
-    (ref,) = torch.autograd.grad(max_pool2d(xg, 2), xg, upstream)
-    assert torch.equal(grad, ref)
-
-
-def test_lenet5_equals_the_seed_order_values_and_gradients_ties_included():
-    from torch.nn.functional import conv2d, cross_entropy, max_pool2d, relu
+def test_lenet5_equals_the_paper_order_values_and_gradients_ties_included():
+    from torch.nn.functional import cross_entropy, max_pool2d, relu
 
     torch.manual_seed(0)
     model = LeNet5(3, (32, 32), 10)
@@ -81,19 +59,18 @@ def test_lenet5_equals_the_seed_order_values_and_gradients_ties_included():
     x = (torch.randn(16, 3, 32, 32) * 2).round()
     y = torch.randint(0, 10, (16,))
 
-    def seed_order(x):  # conv -> ReLU -> pool, as in the seed's Table 1 (conv1 here is a PhaseConv2d)
-        x = max_pool2d(relu(conv2d(x, model.conv1.weight, model.conv1.bias)), 2)
+    def paper_order(x):  # conv -> ReLU -> pool, as in the paper's Table 1
+        x = max_pool2d(relu(model.conv1(x)), 2)
         x = max_pool2d(relu(model.conv2(x)), 2).flatten(1)
         return model.fc3(relu(model.fc2(relu(model.fc1(x)))))
 
     grads = []
-    for forward in (model, seed_order):
+    for forward in (model, paper_order):
         model.zero_grad()
         logits = forward(x)
         cross_entropy(logits, y).backward()
         grads.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
     assert torch.equal(grads[0][0], grads[1][0])
     assert all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1]))
-    # Evaluation takes the element-wise pooling paths: the same values.
     with torch.inference_mode():
-        assert torch.equal(model.eval()(x), seed_order(x))
+        assert torch.equal(model.eval()(x), paper_order(x))

@@ -35,10 +35,6 @@ class RunConfig:
     threads: int = 0
     # Seconds a rank waits in a collective before giving up on a dead or hung peer.
     dist_timeout: float = 300.0
-    # CPU (glibc): keep freed memory in the process instead of page-faulting big tensors afresh every
-    # step. For models trained at big batches without micro-batches (BatchNorm): ResNet-20 at batch 2048
-    # ran 2.7x faster per epoch, but peaked at 6.4 GB resident instead of 3.5: hence off by default.
-    retain_memory: bool = False
 
 
 @dataclass

@@ -32,8 +32,6 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    trace_safe = True  # no data-dependent Python control flow (see LeNet5)
-
     def __init__(self, depth: int = 20, in_channels: int = 3, num_classes: int = 10):
         super().__init__()
         if (depth - 2) % 6 != 0:

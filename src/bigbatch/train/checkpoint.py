@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -75,7 +76,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise TrainingError(f"no checkpoint at '{path}'; train without --resume to start the run")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: unpickling may build tensors and plain containers only, so a checkpoint from
+        # someone else cannot run code here.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise TrainingError(
+            f"checkpoint '{path}' holds objects other than tensors and plain containers, which could "
+            f"run code when loaded ({str(exc).splitlines()[0] if str(exc) else 'refused'}); bigbatch "
+            "does not open it. Use a checkpoint written by this version of bigbatch, or delete it to "
+            "restart the run from scratch"
+        ) from None
     except Exception as exc:  # torch raises many types for a damaged file
         raise TrainingError(
             f"checkpoint '{path}' cannot be read ({type(exc).__name__}: {exc}); "

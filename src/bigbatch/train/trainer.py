@@ -28,7 +28,6 @@ from bigbatch.data.batches import BatchLoader, channel_stats
 from bigbatch.errors import TrainingError
 from bigbatch.models import build_model, has_batchnorm
 from bigbatch.optim.schedules import LRSchedule
-from bigbatch.train.allocator import retain_freed_memory
 from bigbatch.train.distributed import ParallelContext
 from bigbatch.train.checkpoint import (
     CHECKPOINT_NAME,
@@ -149,12 +148,18 @@ def _check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    # Tensors and plain containers only: checkpoints load with weights_only=True.
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    return {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
     random.setstate(state["python"])
 
 
@@ -184,8 +189,6 @@ class Trainer:
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         self.device = resolve_device(cfg.run.device)
-        if cfg.run.retain_memory and self.device.type == "cpu" and not retain_freed_memory():
-            warnings.warn("run.retain_memory needs glibc's allocator (Linux); this process keeps the default", stacklevel=2)
         self.dataset = dataset if dataset is not None else load_run_dataset(cfg)
         ds = self.dataset
         validate_against_data(cfg, ds.num_train, ds.num_test, self.parallel.world_size)

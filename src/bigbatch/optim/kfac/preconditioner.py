@@ -40,7 +40,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bigbatch.fastmm import matmul
 from bigbatch.optim.kfac.layers import LayerFactors, make_layer_factors
 
 FISHER_TYPES = ("empirical", "mc")
@@ -333,11 +332,11 @@ class KFACPreconditioner:
         assert state.decomposition is not None
         if self.inverse_method == "inverse":
             a_inv, g_inv = state.decomposition
-            return matmul(matmul(g_inv, v), a_inv)
+            return g_inv @ v @ a_inv
         if state.scale is None:
             self.set_scale(state)
         qa, _, qg, _ = state.decomposition
-        return matmul(matmul(qg, matmul(qg.t(), matmul(v, qa)).mul_(state.scale)), qa.t())
+        return qg @ (qg.t() @ v @ qa).mul_(state.scale) @ qa.t()
 
     def _precondition(self, lr: float | None) -> None:
         updates: list[tuple[LayerState, torch.Tensor]] = []
