@@ -21,7 +21,7 @@ demo: $(BIN)/.installed
 # Two data-parallel processes (gloo, one thread each) training LeNet-5 at batch 2048 with K-FAC.
 dist-demo: $(BIN)/.installed
 	$(BIN)/torchrun --nproc_per_node=2 -m bigbatch train configs/demo.toml --resume --set data.path=$(DATA) \
-		--set run.threads=1 --set train.batch_size=2048 --set optimizer.name=kfac --set optimizer.lr=0.004 \
+		--set runtime.threads=1 --set train.batch_size=2048 --set optimizer.name=kfac --set optimizer.lr=0.004 \
 		--set run.name=dist-demo-$(basename $(basename $(notdir $(DATA))))
 
 test: $(BIN)/.installed

@@ -29,8 +29,8 @@ def main() -> None:
     parser.add_argument("--data", default="../shared/data/cifar10-jpeg.zip")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(None, [f"data.path={args.data}", f"run.output_dir={out}", "run.name=b", "run.epochs=4",
-                                 "train.progress=off", "train.train_eval_examples=0"])
+        cfg = load_config(None, [f"data.path={args.data}", f"runtime.output_dir={out}", "run.name=b", "run.epochs=4",
+                                 "runtime.progress=off", "train.train_eval_examples=0"])
         rows = Trainer(cfg).fit()
         epoch = statistics.median(r["epoch_time"] for r in rows[1:])  # warm epochs 2-4
         start = time.perf_counter()

@@ -28,7 +28,7 @@ def _port() -> int:
 
 def run_job(out: str, name: str, world: int, sets: list[str]) -> dict:
     args = [sys.executable, "-m", "bigbatch", "train", "--overwrite"]
-    for s in [*sets, f"run.output_dir={out}", f"run.name={name}", "run.threads=1", "train.progress=off"]:
+    for s in [*sets, f"runtime.output_dir={out}", f"run.name={name}", "runtime.threads=1", "runtime.progress=off"]:
         args += ["--set", s]
     port = _port()
     procs = []

@@ -45,8 +45,8 @@ from bigbatch.train.trainer import Trainer
 
 def trainer_epoch(data: str, batch: int, out: str, extra: list[str], epochs: int) -> tuple[float, dict[str, float]]:
     cfg = load_config(None, [
-        f"data.path={data}", f"train.batch_size={batch}", "train.train_eval_examples=0", "train.progress=off",
-        f"run.output_dir={out}", "run.name=bench", "data.test_limit=1000", *extra,
+        f"data.path={data}", f"train.batch_size={batch}", "train.train_eval_examples=0", "runtime.progress=off",
+        f"runtime.output_dir={out}", "run.name=bench", "data.test_limit=1000", *extra,
     ])
     trainer = Trainer(cfg)
     trainer.train_epoch(0)  # warm-up

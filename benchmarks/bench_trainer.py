@@ -89,8 +89,8 @@ def plain_epoch(
 
 def make_trainer(data: str, batch: int, train_limit: int, out: str) -> Trainer:
     cfg = load_config(None, [
-        f"data.path={data}", f"train.batch_size={batch}", "train.train_eval_examples=0", "train.progress=off",
-        f"run.output_dir={out}", f"run.name=bench{batch}", f"data.train_limit={train_limit}", "data.test_limit=1000",
+        f"data.path={data}", f"train.batch_size={batch}", "train.train_eval_examples=0", "runtime.progress=off",
+        f"runtime.output_dir={out}", f"run.name=bench{batch}", f"data.train_limit={train_limit}", "data.test_limit=1000",
     ])
     return Trainer(cfg)
 
@@ -171,7 +171,7 @@ def main() -> None:
 def child_run(data: str, overrides: list[str]) -> list[dict]:
     """Metrics rows of a real `bigbatch train` in its own process (this process holds float copies)."""
     with tempfile.TemporaryDirectory() as out:
-        sets = [f"data.path={data}", "run.epochs=1", f"run.output_dir={out}", "run.name=child", "train.progress=off",
+        sets = [f"data.path={data}", "run.epochs=1", f"runtime.output_dir={out}", "run.name=child", "runtime.progress=off",
                 *overrides]
         subprocess.run([sys.executable, "-m", "bigbatch", "train", *(a for o in sets for a in ("--set", o))],
                        check=True, stdout=subprocess.DEVNULL)

@@ -47,7 +47,7 @@ def _trained_synthetic_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("runs")
     code = main(["train", "--set", "data.format=synthetic", "--set", "data.train_limit=256",
                  "--set", "data.test_limit=128", "--set", "run.epochs=1", "--set", "train.batch_size=64",
-                 "--set", "train.progress=off", "--set", f"run.output_dir={out}", "--set", "run.name=r"])
+                 "--set", "runtime.progress=off", "--set", f"runtime.output_dir={out}", "--set", "run.name=r"])
     assert code == 0
     return out / "r"
 

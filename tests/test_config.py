@@ -1,6 +1,6 @@
 import pytest
 
-from bigbatch.config import Config, load_config, parse_override, validate_against_data
+from bigbatch.config import Config, config_from_dict, load_config, parse_override, validate_against_data
 from bigbatch.errors import ConfigError
 
 
@@ -72,3 +72,52 @@ def test_override_values_parse_as_toml():
     assert parse_override("a.b=[1, 2]") == ("a", "b", [1, 2])
     assert parse_override("a.b=true") == ("a", "b", True)
     assert parse_override("a.b=some/path.zip") == ("a", "b", "some/path.zip")
+
+
+def test_runtime_keys_live_in_their_own_section():
+    cfg = load_config(None, ["runtime.device=cpu", "runtime.threads=1", "runtime.progress=off"])
+    assert (cfg.runtime.device, cfg.runtime.threads, cfg.runtime.progress) == ("cpu", 1, "off")
+    assert "runtime" not in cfg.experiment() and "optimizer" in cfg.experiment()
+    with pytest.raises(ConfigError, match="'run.device' is now 'runtime.device'"):
+        load_config(None, ["run.device=cpu"])
+
+
+def test_stored_configs_of_the_old_layout_still_load():
+    old = {"run": {"name": "r", "output_dir": "elsewhere", "threads": 2, "retain_memory": False},
+           "train": {"batch_size": 64, "progress": "off"}, "data": {"cache_dir": "c"}}
+    cfg = config_from_dict(old, stored=True)
+    assert cfg.runtime.output_dir == "elsewhere" and cfg.runtime.threads == 2
+    assert cfg.runtime.progress == "off" and cfg.runtime.cache_dir == "c" and cfg.train.batch_size == 64
+
+
+def test_data_path_has_no_machine_default(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cfg = load_config()
+    assert cfg.data.path == "" and cfg.runtime.cache_dir == str(tmp_path / "bigbatch")
+
+
+@pytest.mark.parametrize("name", [".", "..", "a/b", "a\\b", "x" * 129, ""])
+def test_run_names_stay_inside_the_output_dir(name):
+    with pytest.raises(ConfigError, match="run.name"):
+        load_config(None, [f'run.name="{name}"'.replace("\\", "\\\\")])
+
+
+def test_include_lies_beneath_the_including_file(tmp_path):
+    (tmp_path / "base.toml").write_text('[optimizer]\nlr = 0.1\nmomentum = 0.5\n[schedule]\ndecay_epochs = [3, 5]\n')
+    (tmp_path / "top.toml").write_text('include = "base.toml"\n[optimizer]\nlr = 0.2\n[schedule]\ndecay_epochs = [4]\n')
+    cfg = load_config(tmp_path / "top.toml")
+    assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.schedule.decay_epochs) == (0.2, 0.5, [4])
+    (tmp_path / "loop.toml").write_text('include = "loop.toml"\n')
+    with pytest.raises(ConfigError, match="includes it again"):
+        load_config(tmp_path / "loop.toml")
+
+
+def test_kfac_validation_is_shared_with_the_preconditioner():
+    from torch import nn
+
+    from bigbatch.optim.kfac import KFACPreconditioner
+
+    with pytest.raises(ConfigError, match="kfac.stats_fraction.*must be in"):
+        load_config(None, ["kfac.stats_fraction=0"])
+    with pytest.raises(ValueError, match="stats_fraction.*must be in"):
+        KFACPreconditioner(nn.Linear(2, 2), stats_fraction=0)

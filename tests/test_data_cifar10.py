@@ -123,7 +123,7 @@ def test_incomplete_or_damaged_archive_names_it(tmp_path):
 
 
 def test_missing_path_says_how_to_get_it(tmp_path):
-    with pytest.raises(DatasetError, match=r"nowhere.*does not exist.*data\.download=true.*cifar-10-python\.tar\.gz"):
+    with pytest.raises(DatasetError, match=r"nowhere.*does not exist.*runtime\.download=true.*cifar-10-python\.tar\.gz"):
         load_dataset("cifar10", tmp_path / "nowhere")
     with pytest.raises(DatasetError, match="holds neither cifar-10-batches-py"):
         load_dataset("cifar10", tmp_path)

@@ -60,7 +60,7 @@ def test_errors_name_the_problem_and_fix(tmp_path):
         load_dataset("imagenet", None)
     with pytest.raises(DatasetError, match=r"data\.path is empty.*image-folder.*train/<class>/"):
         load_dataset("image-folder", "")
-    with pytest.raises(DatasetError, match=r"data\.path is empty.*cifar10.*data\.download=true"):
+    with pytest.raises(DatasetError, match=r"data\.path is empty.*cifar10.*runtime\.download=true"):
         load_dataset("cifar10", None)
     with pytest.raises(DatasetError, match=r"image-folder dataset path '.*gone\.zip' does not exist"):
         load_dataset("auto", tmp_path / "gone.zip")
@@ -152,3 +152,9 @@ def test_unwritable_cache_only_warns(tmp_path):
     with pytest.warns(UserWarning, match="could not write the dataset cache"):
         ds = load_dataset("auto", path, cache_dir=blocker / "cache")
     assert ds.num_train == 8
+
+
+def test_no_path_means_cifar10_in_the_cache_dir(tmp_path):
+    # Nothing is downloaded unless asked: the error names the cache folder and both fixes.
+    with pytest.raises(DatasetError, match=r"CIFAR-10 path '.*cache/cifar10' does not exist.*runtime\.download=true"):
+        load_dataset("auto", "", cache_dir=tmp_path / "cache")

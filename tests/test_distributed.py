@@ -15,7 +15,7 @@ from bigbatch.train.checkpoint import load_checkpoint, read_jsonl
 
 COMMON = [
     "data.format=synthetic", "data.train_limit=600", "data.test_limit=200", "train.batch_size=64",
-    "train.progress=off", "train.train_eval_examples=200", "run.threads=1", "optimizer.lr=0.05",
+    "runtime.progress=off", "train.train_eval_examples=200", "runtime.threads=1", "optimizer.lr=0.05",
 ]
 
 
@@ -35,7 +35,7 @@ def _free_port() -> int:
 
 
 def _args(out, name, extra, flags=()):
-    sets = [*COMMON, f"run.output_dir={out}", f"run.name={name}", *extra]
+    sets = [*COMMON, f"runtime.output_dir={out}", f"run.name={name}", *extra]
     return [sys.executable, "-m", "bigbatch", "train", *flags] + [a for s in sets for a in ("--set", s)]
 
 
@@ -61,7 +61,7 @@ def _compare(tmp_path, extra, epochs):
     # float32 arithmetic per example. Otherwise rounding differences can flip the winner of a near-tie
     # in a max-pooling window, which moves that gradient to another pixel: an O(1) change that K-FAC
     # carries into every later step.
-    half = ["train.micro_batch_size=32"]
+    half = ["runtime.micro_batch_size=32"]
     single = subprocess.run(_args(tmp_path, "single", [*extra, *half]), capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert single.returncode == 0, single.stderr
     _finish(_launch(tmp_path, "two", extra, 2, _free_port()))
@@ -89,7 +89,7 @@ def test_short_sgd_run_on_two_ranks_equals_one_process(tmp_path):
 
 
 def test_killed_rank_ends_the_other_with_a_clear_error(tmp_path):
-    extra = ["run.epochs=50", "run.dist_timeout=20", "data.train_limit=3000", "train.batch_size=32"]
+    extra = ["run.epochs=50", "runtime.dist_timeout=20", "data.train_limit=3000", "train.batch_size=32"]
     procs = _launch(tmp_path, "kill", extra, 2, _free_port())
     deadline = time.time() + 120
     while time.time() < deadline and not (tmp_path / "kill" / "checkpoint.pt").exists():
@@ -117,7 +117,7 @@ def test_killed_rank_ends_the_other_with_a_clear_error(tmp_path):
     ["optimizer.name=kfac", "kfac.factor_interval=1", "kfac.inverse_interval=2"],
 ])
 def test_hung_rank_ends_the_other_within_the_timeout(tmp_path, optimizer):
-    extra = ["run.epochs=50", "run.dist_timeout=10", "data.train_limit=3000", "train.batch_size=32", *optimizer]
+    extra = ["run.epochs=50", "runtime.dist_timeout=10", "data.train_limit=3000", "train.batch_size=32", *optimizer]
     procs = _launch(tmp_path, "hang", extra, 2, _free_port())
     try:
         deadline = time.time() + 120

@@ -479,9 +479,9 @@ def test_kfac_lowers_cifar_loss_faster_per_step_than_sgd(tmp_path):
     losses = {}
     for name in ("sgd", "kfac"):
         cfg = load_config(None, [
-            f"data.path={CIFAR_ZIP}", "data.train_limit=2560", "data.test_limit=500", f"run.output_dir={tmp_path}",
+            f"data.path={CIFAR_ZIP}", "data.train_limit=2560", "data.test_limit=500", f"runtime.output_dir={tmp_path}",
             f"run.name={name}", "run.epochs=3", "train.batch_size=128", "optimizer.lr=0.005", f"optimizer.name={name}",
-            "train.progress=off", "kfac.factor_interval=1", "kfac.inverse_interval=10",
+            "runtime.progress=off", "kfac.factor_interval=1", "kfac.inverse_interval=10",
         ])
         losses[name] = [r["train_loss"] for r in Trainer(cfg).fit()]
     # Same data order, same LR schedule, same number of steps (60): K-FAC ends lower.

@@ -90,8 +90,9 @@ train_limit = 200
 test_limit = 100
 [base.train]
 batch_size = 50
-progress = "off"
 train_eval_examples = 100
+[base.runtime]
+progress = "off"
 [[runs]]
 name = "one"
 [[runs]]

@@ -26,8 +26,8 @@ def synthetic():
 
 def _cfg(tmp_path, *overrides):
     return load_config(None, [
-        "data.format=synthetic", f"run.output_dir={tmp_path}", "run.name=t", "run.epochs=3",
-        "train.batch_size=64", "train.progress=off", "train.train_eval_examples=200", "optimizer.lr=0.05",
+        "data.format=synthetic", f"runtime.output_dir={tmp_path}", "run.name=t", "run.epochs=3",
+        "train.batch_size=64", "runtime.progress=off", "train.train_eval_examples=200", "optimizer.lr=0.05",
         *overrides,
     ])
 
@@ -92,6 +92,10 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path, synthetic):
     Trainer(_cfg(tmp_path, "run.epochs=1"), synthetic).fit(overwrite=True)
     with pytest.raises(TrainingError, match="config changed.*optimizer.lr"):
         Trainer(_cfg(tmp_path, "run.epochs=2", "optimizer.lr=0.1"), synthetic).fit(resume=True)
+    # Runtime keys never change results, so a resume may change any of them (and extend the run).
+    runtime = ["runtime.eval_batch_size=50", "runtime.checkpoint_every=2", "runtime.threads=1"]
+    rows = Trainer(_cfg(tmp_path, "run.epochs=2", *runtime), synthetic).fit(resume=True)
+    assert [r["epoch"] for r in rows] == [1, 2]
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, synthetic):
@@ -136,8 +140,8 @@ def _run_cli(args, **kwargs):
 
 def test_sigkill_mid_epoch_loses_at_most_that_epoch(tmp_path):
     args = ["--set", "data.format=synthetic", "--set", "data.train_limit=3000", "--set", "data.test_limit=200",
-            "--set", f"run.output_dir={tmp_path}", "--set", "run.name=k", "--set", "run.epochs=4",
-            "--set", "train.batch_size=16", "--set", "train.progress=off", "--set", "run.threads=1"]
+            "--set", f"runtime.output_dir={tmp_path}", "--set", "run.name=k", "--set", "run.epochs=4",
+            "--set", "train.batch_size=16", "--set", "runtime.progress=off", "--set", "runtime.threads=1"]
     run = tmp_path / "k"
     proc = _run_cli(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
@@ -161,8 +165,8 @@ def test_sigkill_mid_epoch_loses_at_most_that_epoch(tmp_path):
 @pytest.mark.skipif(not CIFAR_ZIP.exists(), reason="shared CIFAR-10 zip not present")
 def test_end_to_end_cifar_subset_beats_chance(tmp_path):
     cfg = load_config(None, [
-        f"data.path={CIFAR_ZIP}", "data.train_limit=3000", "data.test_limit=1000", f"run.output_dir={tmp_path}",
-        "run.epochs=4", "train.batch_size=32", "optimizer.lr=0.02", "train.progress=off", "data.cache_dir=",
+        f"data.path={CIFAR_ZIP}", "data.train_limit=3000", "data.test_limit=1000", f"runtime.output_dir={tmp_path}",
+        "run.epochs=4", "train.batch_size=32", "optimizer.lr=0.02", "runtime.progress=off", "runtime.cache_dir=",
     ])
     rows = Trainer(cfg).fit()
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]

@@ -24,7 +24,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from bigbatch.train.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
-    parallel = init_parallel(cfg.run.dist_timeout)
+    parallel = init_parallel(cfg.runtime.dist_timeout)
     try:
         trainer = Trainer(cfg, parallel=parallel)
         rows = trainer.fit(resume=args.resume, overwrite=args.overwrite)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -16,12 +17,14 @@ from typing import Any
 
 from bigbatch.errors import ConfigError
 
+# One tuple per set of choices: the config, the CLI, the data loader and K-FAC all read these.
 DATA_FORMATS = ("auto", "cifar10", "image-folder", "idx", "fashion-mnist", "synthetic")
 MODELS = ("lenet5", "resnet20", "resnet32", "resnet44", "resnet56")
 OPTIMIZERS = ("sgd", "kfac")
 FISHER_TYPES = ("empirical", "mc")
 INVERSE_METHODS = ("eigen", "inverse")
-PROGRESS_MODES = ("auto", "on", "off")  # also the choices of train.channels_last
+SWITCH_MODES = ("auto", "on", "off")  # runtime.progress and runtime.channels_last
+MAX_RUN_NAME = 128
 
 
 @dataclass
@@ -29,23 +32,16 @@ class RunConfig:
     name: str = "run"
     seed: int = 0
     epochs: int = 10
-    output_dir: str = "runs"
-    device: str = "auto"
-    # 0 keeps torch's default thread count.
-    threads: int = 0
-    # Seconds a rank waits in a collective before giving up on a dead or hung peer.
-    dist_timeout: float = 300.0
 
 
 @dataclass
 class DataConfig:
     format: str = "auto"
-    path: str = "../shared/data/cifar10-jpeg.zip"
-    download: bool = False
+    # Empty: CIFAR-10 in runtime.cache_dir (downloaded there with runtime.download = true).
+    path: str = ""
     # 0 means the whole split; a positive value takes a class-balanced subset.
     train_limit: int = 0
     test_limit: int = 0
-    cache_dir: str = ".cache/bigbatch"
 
 
 @dataclass
@@ -66,19 +62,9 @@ class AugmentConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = 128
-    # 0 picks automatically: 256-example micro-batches on CPU for models without BatchNorm, whose buffers
-    # the allocator reuses (a whole 2048-example batch page-faults fresh memory every step).
-    micro_batch_size: int = 0
-    # Evaluation batches stay small on CPU: LeNet-5's per-epoch evaluation (20,000 images, one
-    # thread) takes 0.41 s at 256 against 0.48 s at 1000.
-    eval_batch_size: int = 256
     # Clean (no augmentation) accuracy on this many training examples each epoch; 0 disables.
     train_eval_examples: int = 10000
     drop_last: bool = False
-    checkpoint_every: int = 1
-    progress: str = "auto"
-    # NHWC activations: "auto" turns them on for the CPU, where oneDNN convolutions are faster on them.
-    channels_last: str = "auto"
 
 
 @dataclass
@@ -92,7 +78,7 @@ class OptimizerConfig:
 
 @dataclass
 class ScheduleConfig:
-    # 1-based epochs from which the LR is multiplied by decay_factor (the seed: [71], 0.5).
+    # 1-based epochs from which the LR is multiplied by decay_factor (the paper: [71], 0.5).
     decay_epochs: list[int] = field(default_factory=list)
     decay_factor: float = 0.5
     warmup_epochs: float = 0.0
@@ -104,6 +90,8 @@ class ScheduleConfig:
 
 @dataclass
 class KFACConfig:
+    """K-FAC's options; KFACPreconditioner takes them as keywords and validates them here too."""
+
     damping: float = 1e-2
     factor_decay: float = 0.95
     factor_interval: int = 10
@@ -118,6 +106,48 @@ class KFACConfig:
     # Data-parallel runs all-reduce only each factor's upper triangle (about half the bytes).
     upper_triangle: bool = True
 
+    def validate(self, section: str = "kfac") -> None:
+        def key(name: str) -> str:
+            return f"{section}.{name}" if section else name
+
+        _require(self.damping > 0, key("damping"), f"must be > 0, got {self.damping}")
+        _require(0 <= self.factor_decay < 1, key("factor_decay"), "must be in [0, 1)")
+        _require(self.factor_interval >= 1, key("factor_interval"), "must be >= 1")
+        _require(self.inverse_interval >= 1, key("inverse_interval"), "must be >= 1")
+        _require(self.kl_clip >= 0, key("kl_clip"), "must be >= 0 (0 disables KL-clipping)")
+        _choice(self.fisher_type, key("fisher_type"), FISHER_TYPES)
+        _choice(self.inverse_method, key("inverse_method"), INVERSE_METHODS)
+        _require(0 < self.stats_fraction <= 1, key("stats_fraction"), "must be in (0, 1]")
+
+
+def default_cache_dir() -> str:
+    """The user's cache folder for datasets and decoded tensors (XDG), not the working directory."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "bigbatch")
+
+
+@dataclass
+class RuntimeConfig:
+    """How and where a run executes; none of it changes the results, so --resume may change it."""
+
+    device: str = "auto"
+    # 0 keeps torch's default thread count.
+    threads: int = 0
+    # Seconds a rank waits in a collective before giving up on a dead or hung peer.
+    dist_timeout: float = 300.0
+    progress: str = "auto"
+    output_dir: str = "runs"
+    cache_dir: str = field(default_factory=default_cache_dir)
+    # Fetch CIFAR-10 into data.path (or the cache) when no local copy exists.
+    download: bool = False
+    # NHWC activations; "auto": on for the CPU, whose convolutions run faster on them.
+    channels_last: str = "auto"
+    # 0 picks automatically: 256-example micro-batches on CPU for models without BatchNorm, whose
+    # buffers the allocator reuses; the gradient is the whole batch's either way.
+    micro_batch_size: int = 0
+    eval_batch_size: int = 256
+    checkpoint_every: int = 1
+
 
 @dataclass
 class Config:
@@ -129,12 +159,17 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     kfac: KFACConfig = field(default_factory=KFACConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def experiment(self) -> dict[str, Any]:
+        """Every key that can change a run's results: what --resume compares."""
+        return {k: v for k, v in self.to_dict().items() if k != "runtime"}
+
     def run_dir(self) -> Path:
-        return Path(self.run.output_dir) / self.run.name
+        return Path(self.runtime.output_dir) / self.run.name
 
 
 def _suggest(name: str, options: typing.Iterable[str]) -> str:
@@ -169,10 +204,22 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise TypeError(f"unsupported config type {hint!r} for {key}")
 
 
+# Keys that moved to [runtime]; run directories written before the move still name them here.
+MOVED_TO_RUNTIME = {
+    "run.output_dir", "run.device", "run.threads", "run.dist_timeout", "data.cache_dir",
+    "data.download", "train.progress", "train.channels_last", "train.micro_batch_size",
+    "train.eval_batch_size", "train.checkpoint_every",
+}
+
+
 def _apply(section_obj: Any, section: str, values: dict[str, Any]) -> None:
     hints = typing.get_type_hints(type(section_obj))
     for key, value in values.items():
         if key not in hints:
+            if f"{section}.{key}" in MOVED_TO_RUNTIME:
+                raise ConfigError(
+                    f"config key '{section}.{key}' is now 'runtime.{key}'; set it in [runtime]"
+                )
             raise ConfigError(
                 f"unknown config key '{section}.{key}'{_suggest(key, hints)} "
                 f"(valid keys in [{section}]: {', '.join(hints)})"
@@ -180,7 +227,22 @@ def _apply(section_obj: Any, section: str, values: dict[str, Any]) -> None:
         setattr(section_obj, key, _coerce(f"{section}.{key}", value, hints[key]))
 
 
-def config_from_dict(raw: dict[str, Any]) -> Config:
+def _move_legacy_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """A stored config from before [runtime] existed, with those keys moved there."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    runtime = out.setdefault("runtime", {})
+    for dotted in MOVED_TO_RUNTIME:
+        section, key = dotted.split(".")
+        if key in out.get(section, {}):
+            runtime.setdefault(key, out[section].pop(key))
+    out.get("run", {}).pop("retain_memory", None)  # a CPU allocator switch, since removed
+    return out
+
+
+def config_from_dict(raw: dict[str, Any], stored: bool = False) -> Config:
+    """A Config from nested tables; ``stored``: a run's config.json, possibly of an older layout."""
+    if stored:
+        raw = _move_legacy_keys(raw)
     cfg = Config()
     sections = typing.get_type_hints(Config)
     for section, values in raw.items():
@@ -222,15 +284,37 @@ def merge_overrides(raw: dict[str, Any], overrides: typing.Iterable[str]) -> dic
     return merged
 
 
-def read_toml(path: str | Path) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``: tables merge key by key, anything else (lists too) is replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        both_tables = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = deep_merge(out[key], value) if both_tables else value
+    return out
+
+
+def read_toml(path: str | Path, _including: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A TOML file's tables; ``include = "other.toml"`` (relative to the file) lies beneath them."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist; pass the path of a TOML file such as configs/quick.toml")
+        raise ConfigError(
+            f"config file '{path}' does not exist; pass the path of a TOML file such as "
+            "configs/quick.toml"
+        )
     try:
         with path.open("rb") as f:
-            return tomllib.load(f)
+            raw = tomllib.load(f)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file '{path}' is not valid TOML: {exc}") from None
+    include = raw.pop("include", None)
+    if include is None:
+        return raw
+    if not isinstance(include, str):
+        raise ConfigError(f"'include' in '{path}' must be one file name, e.g. include = \"paper.toml\"")
+    target = (path.parent / include).resolve()
+    if target in _including or target == path.resolve():
+        raise ConfigError(f"config file '{path}' includes '{include}', which includes it again")
+    return deep_merge(read_toml(target, (*_including, path.resolve())), raw)
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
@@ -249,15 +333,24 @@ def _choice(value: str, key: str, options: tuple[str, ...]) -> None:
     _require(value in options, key, f"is '{value}'{_suggest(value, options)}; choose one of: {', '.join(options)}")
 
 
+def _check_run_name(name: str) -> None:
+    # The name becomes a directory under runtime.output_dir and must stay inside it.
+    _require(
+        bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
+        and "\0" not in name and len(name) <= MAX_RUN_NAME,
+        "run.name",
+        f"is {name!r}; use a plain directory name (no '/', not '.' or '..', at most "
+        f"{MAX_RUN_NAME} characters)",
+    )
+
+
 def validate(cfg: Config) -> None:
-    """Reject values that cannot work; checks needing the dataset size live in :func:`validate_against_data`."""
+    """Reject values that cannot work; checks needing the dataset live in validate_against_data."""
+    _check_run_name(cfg.run.name)
     _require(cfg.run.epochs >= 1, "run.epochs", f"must be >= 1, got {cfg.run.epochs}")
-    _require(cfg.run.threads >= 0, "run.threads", "must be >= 0 (0 keeps torch's default)")
-    _require(cfg.run.dist_timeout > 0, "run.dist_timeout", "must be > 0 seconds")
-    _require(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", "must be a non-empty name without '/'")
     _choice(cfg.data.format, "data.format", DATA_FORMATS)
-    _require(cfg.data.train_limit >= 0, "data.train_limit", "must be >= 0 (0 means the whole training set)")
-    _require(cfg.data.test_limit >= 0, "data.test_limit", "must be >= 0 (0 means the whole test set)")
+    _require(cfg.data.train_limit >= 0, "data.train_limit", "must be >= 0 (0: the whole training set)")
+    _require(cfg.data.test_limit >= 0, "data.test_limit", "must be >= 0 (0: the whole test set)")
     _choice(cfg.model.name, "model.name", MODELS)
     _require(cfg.augment.crop_padding >= 0, "augment.crop_padding", "must be >= 0")
     for key in ("mixup_alpha", "cutmix_alpha"):
@@ -270,12 +363,7 @@ def validate(cfg: Config) -> None:
     )
     _require(0 <= cfg.augment.label_smoothing < 1, "augment.label_smoothing", "must be in [0, 1)")
     _require(cfg.train.batch_size >= 1, "train.batch_size", f"must be >= 1, got {cfg.train.batch_size}")
-    _require(cfg.train.micro_batch_size >= 0, "train.micro_batch_size", "must be >= 0 (0 picks automatically)")
-    _require(cfg.train.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
     _require(cfg.train.train_eval_examples >= 0, "train.train_eval_examples", "must be >= 0")
-    _require(cfg.train.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
-    _choice(cfg.train.progress, "train.progress", PROGRESS_MODES)
-    _choice(cfg.train.channels_last, "train.channels_last", PROGRESS_MODES)
     _choice(cfg.optimizer.name, "optimizer.name", OPTIMIZERS)
     _require(cfg.optimizer.lr > 0, "optimizer.lr", f"must be > 0, got {cfg.optimizer.lr}")
     _require(0 <= cfg.optimizer.momentum < 1, "optimizer.momentum", "must be in [0, 1)")
@@ -285,19 +373,21 @@ def validate(cfg: Config) -> None:
         "optimizer.nesterov",
         "needs optimizer.momentum > 0",
     )
-    _require(0 < cfg.schedule.decay_factor <= 1, "schedule.decay_factor", "must be in (0, 1]")
-    _require(all(e >= 1 for e in cfg.schedule.decay_epochs), "schedule.decay_epochs", "must hold 1-based epochs >= 1")
-    _require(cfg.schedule.warmup_epochs >= 0, "schedule.warmup_epochs", "must be >= 0")
-    _require(0 < cfg.schedule.warmup_start_factor <= 1, "schedule.warmup_start_factor", "must be in (0, 1]")
-    _require(cfg.schedule.base_batch_size >= 1, "schedule.base_batch_size", "must be >= 1")
-    _require(cfg.kfac.damping > 0, "kfac.damping", f"must be > 0, got {cfg.kfac.damping}")
-    _require(0 <= cfg.kfac.factor_decay < 1, "kfac.factor_decay", "must be in [0, 1)")
-    _require(cfg.kfac.factor_interval >= 1, "kfac.factor_interval", "must be >= 1")
-    _require(cfg.kfac.inverse_interval >= 1, "kfac.inverse_interval", "must be >= 1")
-    _require(cfg.kfac.kl_clip >= 0, "kfac.kl_clip", "must be >= 0 (0 disables KL-clipping)")
-    _choice(cfg.kfac.fisher_type, "kfac.fisher_type", FISHER_TYPES)
-    _choice(cfg.kfac.inverse_method, "kfac.inverse_method", INVERSE_METHODS)
-    _require(0 < cfg.kfac.stats_fraction <= 1, "kfac.stats_fraction", "must be in (0, 1]")
+    s = cfg.schedule
+    _require(0 < s.decay_factor <= 1, "schedule.decay_factor", "must be in (0, 1]")
+    _require(all(e >= 1 for e in s.decay_epochs), "schedule.decay_epochs", "must hold epochs >= 1")
+    _require(s.warmup_epochs >= 0, "schedule.warmup_epochs", "must be >= 0")
+    _require(0 < s.warmup_start_factor <= 1, "schedule.warmup_start_factor", "must be in (0, 1]")
+    _require(s.base_batch_size >= 1, "schedule.base_batch_size", "must be >= 1")
+    cfg.kfac.validate()
+    r = cfg.runtime
+    _require(r.threads >= 0, "runtime.threads", "must be >= 0 (0 keeps torch's default)")
+    _require(r.dist_timeout > 0, "runtime.dist_timeout", "must be > 0 seconds")
+    _choice(r.progress, "runtime.progress", SWITCH_MODES)
+    _choice(r.channels_last, "runtime.channels_last", SWITCH_MODES)
+    _require(r.micro_batch_size >= 0, "runtime.micro_batch_size", "must be >= 0 (0 picks automatically)")
+    _require(r.eval_batch_size >= 1, "runtime.eval_batch_size", "must be >= 1")
+    _require(r.checkpoint_every >= 1, "runtime.checkpoint_every", "must be >= 1")
 
 
 def validate_against_data(cfg: Config, num_train: int, num_test: int, world_size: int = 1) -> None:

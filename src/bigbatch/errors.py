@@ -10,8 +10,8 @@ class BigbatchError(Exception):
     """Base class: the message names the problem and the fix."""
 
 
-class ConfigError(BigbatchError):
-    """A config key or value that cannot work."""
+class ConfigError(BigbatchError, ValueError):
+    """A config key or value that cannot work (a ValueError too, for library callers)."""
 
 
 class TrainingError(BigbatchError):
@@ -24,7 +24,7 @@ class CollectiveError(TrainingError):
 
 def _collective_error(what: str, rank: int, timeout_s: float | None, exc: BaseException) -> CollectiveError:
     first_line = str(exc).splitlines()[0] if str(exc) else ""
-    limit = f"timeout {timeout_s:g}s, run.dist_timeout" if timeout_s is not None else "see run.dist_timeout"
+    limit = f"timeout {timeout_s:g}s, runtime.dist_timeout" if timeout_s is not None else "see runtime.dist_timeout"
     return CollectiveError(
         f"{what} failed on rank {rank}: {type(exc).__name__}: {first_line}. Another rank died or hung ({limit}); "
         "restart the whole job with --resume to continue from the last checkpoint"

@@ -56,15 +56,15 @@ def load_trained_run(run_dir: str | Path, dataset: ImageDataset | None = None) -
     config_path = run_dir / "config.json"
     if not config_path.exists():
         raise BigbatchError(f"'{run_dir}' is not a bigbatch run directory (no config.json); pass the directory of a finished run")
-    cfg = config_from_dict(json.loads(config_path.read_text()))
+    cfg = config_from_dict(json.loads(config_path.read_text()), stored=True)
     state = load_checkpoint(run_dir / CHECKPOINT_NAME)
     d = cfg.data
     key = (d.format, d.path, d.train_limit, d.test_limit)
     if dataset is None:
         dataset = _DATASETS.get(key)
     if dataset is None:
-        dataset = load_dataset(d.format, d.path, train_limit=d.train_limit or None, test_limit=d.test_limit or None,
-                               cache_dir=d.cache_dir or None)
+        dataset = load_dataset(d.format, d.path, train_limit=d.train_limit or None,
+                               test_limit=d.test_limit or None, cache_dir=cfg.runtime.cache_dir or None)
         _DATASETS[key] = dataset
     model = build_model(cfg.model.name, dataset.channels, dataset.image_size, dataset.num_classes)
     model.load_state_dict(state["model"])

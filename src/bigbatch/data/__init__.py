@@ -16,13 +16,14 @@ from pathlib import Path
 
 import torch
 
+from bigbatch.config import DATA_FORMATS
 from bigbatch.data.cifar10 import FOLDER_NAME, GET_HINT, download_cifar10, find_cifar10, is_archive_name, load_cifar10
 from bigbatch.data.dataset import DatasetError, ImageDataset, apply_limits
 from bigbatch.data.folder import load_image_folder
 from bigbatch.data.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_HINT, FASHION_MNIST_PATH, FILES, find_idx_file, load_idx
 from bigbatch.data.synthetic import DEFAULT_TEST, DEFAULT_TRAIN, make_synthetic
 
-DATASET_FORMATS = ("cifar10", "image-folder", "idx", "fashion-mnist", "synthetic")
+DATASET_FORMATS = tuple(f for f in DATA_FORMATS if f != "auto")
 CACHE_VERSION = 2  # bump when a loader's output changes, so old cache files are not reused
 MISSING_HINTS = {
     "cifar10": GET_HINT,
@@ -139,6 +140,9 @@ def load_dataset(
         return make_synthetic(train_limit or DEFAULT_TRAIN, test_limit or DEFAULT_TEST, seed=seed)
     if format == "fashion-mnist" and not path:
         path = FASHION_MNIST_PATH
+    if format in ("auto", "cifar10") and not path and cache_dir:
+        # No path given: CIFAR-10 lives (and is downloaded) in the user's cache.
+        format, path = "cifar10", Path(cache_dir) / "cifar10"
     if path is None or str(path) == "":
         hint = MISSING_HINTS.get(format, "point data.path at the dataset, or set data.format=synthetic")
         raise DatasetError(f"data.path is empty, so there is no {format} dataset to load; {hint}")

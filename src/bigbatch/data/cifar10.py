@@ -39,7 +39,7 @@ ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_BATCH = "test_batch"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-GET_HINT = "pass --set data.download=true when online, or point data.path at cifar-10-python.tar.gz or cifar-10-batches-py/"
+GET_HINT = "pass --set runtime.download=true when online, or point data.path at cifar-10-python.tar.gz or cifar-10-batches-py/"
 
 
 def is_archive_name(path: Path) -> bool:

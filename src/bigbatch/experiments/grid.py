@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 import torch
 
-from bigbatch.config import Config, config_from_dict, merge_overrides, read_toml, validate
+from bigbatch.config import Config, config_from_dict, deep_merge, merge_overrides, read_toml, validate
 from bigbatch.errors import ConfigError
 from bigbatch.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, read_jsonl
 
@@ -50,13 +50,6 @@ class StudyRun:
     @property
     def run_dir(self) -> Path:
         return self.config.run_dir()
-
-
-def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for key, value in b.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def _slug(value: Any) -> str:
@@ -95,7 +88,7 @@ def load_study(
         label = run.pop("name", None)
         if not label:
             raise ConfigError(f"every [[runs]] entry in '{path}' needs a name")
-        base = _deep_merge(raw.get("base", {}), run)
+        base = deep_merge(raw.get("base", {}), run)
         for point in itertools.product(*(values for _, values in axes)):
             point_label = label + "".join(f"-{key.split('.')[-1]}{_slug(v)}" for (key, _), v in zip(axes, point))
             point_overrides = [f"{key}={_toml_value(v)}" for (key, _), v in zip(axes, point)]
@@ -105,7 +98,7 @@ def load_study(
                     raise ConfigError(f"study '{path}' has two runs named '{run_name}'; names must be unique")
                 seen.add(run_name)
                 merged = merge_overrides(base, [*point_overrides, *overrides])
-                merged = _deep_merge(merged, {"run": {"name": run_name, "seed": seed, "output_dir": str(study.output_dir / "runs")}})
+                merged = deep_merge(merged, {"run": {"name": run_name, "seed": seed}, "runtime": {"output_dir": str(study.output_dir / "runs")}})
                 try:
                     cfg = config_from_dict(merged)
                     validate(cfg)

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from bigbatch.augment.mixup import BatchMixer, MixedTargets, mixed_correct, mixed_cross_entropy
-from bigbatch.config import Config, validate_against_data
+from bigbatch.config import Config, config_from_dict, validate_against_data
 from bigbatch.data import ImageDataset, load_dataset
 from bigbatch.data.batches import BatchLoader, channel_stats
 from bigbatch.errors import TrainingError
@@ -37,8 +37,8 @@ from bigbatch.train.checkpoint import (
     write_jsonl,
 )
 
-# Config keys that may differ between a checkpoint and the run resuming it.
-RESUMABLE_CHANGES = {"run.epochs", "run.output_dir", "run.threads", "run.device", "run.dist_timeout", "train.progress", "data.cache_dir"}
+# A run may be extended: its length is the one experiment key --resume does not compare.
+EXTENDABLE = "run.epochs"
 # Micro-batch size that keeps LeNet-5's activations in cache on CPU (see BENCHMARKS.md).
 CPU_MICRO_BATCH = 256
 
@@ -49,23 +49,23 @@ def resolve_device(name: str) -> torch.device:
     try:
         return torch.device(name)
     except RuntimeError:
-        raise TrainingError(f"run.device '{name}' is not a torch device; use auto, cpu or cuda") from None
+        raise TrainingError(f"runtime.device '{name}' is not a torch device; use auto, cpu or cuda") from None
 
 
 def load_run_dataset(cfg: Config) -> ImageDataset:
     return load_dataset(
         cfg.data.format,
         cfg.data.path,
-        download=cfg.data.download,
+        download=cfg.runtime.download,
         train_limit=cfg.data.train_limit or None,
         test_limit=cfg.data.test_limit or None,
-        cache_dir=cfg.data.cache_dir or None,
+        cache_dir=cfg.runtime.cache_dir or None,
     )
 
 
 def micro_batch_size(cfg: Config, model: nn.Module, device: torch.device, local_batch: int) -> int:
-    if cfg.train.micro_batch_size:
-        return min(cfg.train.micro_batch_size, local_batch)
+    if cfg.runtime.micro_batch_size:
+        return min(cfg.runtime.micro_batch_size, local_batch)
     # BatchNorm statistics depend on the batch, so splitting would change the maths: never split then.
     if device.type == "cpu" and not has_batchnorm(model):
         return min(CPU_MICRO_BATCH, local_batch)
@@ -74,7 +74,7 @@ def micro_batch_size(cfg: Config, model: nn.Module, device: torch.device, local_
 
 def use_channels_last(cfg: Config, device: torch.device) -> bool:
     # oneDNN convolutions on CPU run about 1.3-1.8x faster on NHWC tensors (BENCHMARKS.md).
-    return cfg.train.channels_last == "on" or (cfg.train.channels_last == "auto" and device.type == "cpu")
+    return cfg.runtime.channels_last == "on" or (cfg.runtime.channels_last == "auto" and device.type == "cpu")
 
 
 def forward_backward(
@@ -138,7 +138,7 @@ def _flatten_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     a, b = _flatten_config(saved), _flatten_config(current)
-    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k != EXTENDABLE)
     if changed:
         details = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed)
         raise TrainingError(
@@ -186,9 +186,9 @@ class Trainer:
     ):
         self.cfg = cfg
         self.parallel = parallel or ParallelContext()
-        if cfg.run.threads:
-            torch.set_num_threads(cfg.run.threads)
-        self.device = resolve_device(cfg.run.device)
+        if cfg.runtime.threads:
+            torch.set_num_threads(cfg.runtime.threads)
+        self.device = resolve_device(cfg.runtime.device)
         self.dataset = dataset if dataset is not None else load_run_dataset(cfg)
         ds = self.dataset
         validate_against_data(cfg, ds.num_train, ds.num_test, self.parallel.world_size)
@@ -228,7 +228,7 @@ class Trainer:
         )
         # Evaluation shards: each rank takes its part of every evaluation batch.
         shard = dict(rank=self.parallel.rank, world_size=self.parallel.world_size, **common)
-        eval_bs = max(min(cfg.train.eval_batch_size, ds.num_test), self.parallel.world_size)
+        eval_bs = max(min(cfg.runtime.eval_batch_size, ds.num_test), self.parallel.world_size)
         self.test_loader = BatchLoader(ds.test_images, ds.test_labels, eval_bs, shuffle=False, **shard)
         n_eval = min(cfg.train.train_eval_examples, ds.num_train)
         self.train_eval_loader = (
@@ -245,27 +245,12 @@ class Trainer:
         from bigbatch.optim.kfac import KFACPreconditioner
         from bigbatch.optim.kfac.distributed import DistributedKFACPreconditioner
 
-        k = self.cfg.kfac
         extra: dict[str, Any] = {}
         kind: Any = KFACPreconditioner
         if self.parallel.world_size > 1:
-            extra = {"upper_triangle": k.upper_triangle, "timeout_s": getattr(self.parallel, "timeout_s", None)}
+            extra = {"timeout_s": getattr(self.parallel, "timeout_s", None)}
             kind = DistributedKFACPreconditioner
-        return kind(
-            self.model,
-            **extra,
-            damping=k.damping,
-            factor_decay=k.factor_decay,
-            factor_interval=k.factor_interval,
-            inverse_interval=k.inverse_interval,
-            kl_clip=k.kl_clip,
-            fisher_type=k.fisher_type,
-            pi_damping=k.pi_damping,
-            inverse_method=k.inverse_method,
-            stats_fraction=k.stats_fraction,
-            skip_layers=tuple(k.skip_layers),
-            seed=self.cfg.run.seed,
-        )
+        return kind(self.model, self.cfg.kfac, seed=self.cfg.run.seed, **extra)
 
     # -- state ---------------------------------------------------------------------------------
     def _state(self, epoch: int, step: int, train_time: float, wall_time: float, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -285,7 +270,7 @@ class Trainer:
     def _restore(self) -> tuple[int, int, float, float, list[dict[str, Any]]]:
         path = self.run_dir / CHECKPOINT_NAME
         state = load_checkpoint(path)
-        _check_compatible(state["config"], self.cfg.to_dict(), path)
+        _check_compatible(config_from_dict(state["config"], stored=True).experiment(), self.cfg.experiment(), path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.kfac is not None:
@@ -310,7 +295,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.run_dir / "config.json", cfg.to_dict())
             write_jsonl(self.run_dir / "metrics.jsonl", rows)
-        show = _progress_enabled(cfg.train.progress, main)
+        show = _progress_enabled(cfg.runtime.progress, main)
 
         for epoch in range(start_epoch, cfg.run.epochs):
             wall_start = time.perf_counter()
@@ -341,7 +326,7 @@ class Trainer:
             row["max_rss_mib"] = peak_rss_mib()
             rows.append(row)
             if main:
-                if (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.run.epochs:
+                if (epoch + 1) % cfg.runtime.checkpoint_every == 0 or epoch + 1 == cfg.run.epochs:
                     # Checkpoint before metrics: a crash in between re-runs this epoch on resume.
                     atomic_torch_save(self.run_dir / CHECKPOINT_NAME, self._state(epoch + 1, step, train_time, wall_time, rows))
                 write_jsonl(self.run_dir / "metrics.jsonl", rows)

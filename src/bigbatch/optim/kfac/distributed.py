@@ -11,6 +11,7 @@ result equals single-process K-FAC on the same global batch (tests check this).
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -31,9 +32,9 @@ def assign_by_cost(costs: dict[str, float], world_size: int) -> dict[str, int]:
 
 
 class DistributedKFACPreconditioner(KFACPreconditioner):
-    def __init__(self, *args, upper_triangle: bool = True, timeout_s: float | None = None, **kwargs):
+    def __init__(self, *args: Any, timeout_s: float | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.upper_triangle = upper_triangle
+        self.upper_triangle = self.options.upper_triangle
         self.timeout_s = timeout_s  # the process group's, for the error message only
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()

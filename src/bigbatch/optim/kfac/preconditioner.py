@@ -30,6 +30,7 @@ subsample of the step's batch. The gradient itself always uses the whole batch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import time
@@ -40,10 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bigbatch.config import KFACConfig
 from bigbatch.optim.kfac.layers import LayerFactors, make_layer_factors
 
-FISHER_TYPES = ("empirical", "mc")
-INVERSE_METHODS = ("eigen", "inverse")
 TIMING_PARTS = ("statistics", "eigendecomposition", "preconditioning", "communication")
 HEALTH_COUNTERS = ("nonfinite_factors", "eigh_retries", "eigh_failures", "nonfinite_updates")
 
@@ -63,44 +63,37 @@ class LayerState:
 
 
 class KFACPreconditioner:
+    """Keyword options are KFACConfig's fields (bigbatch/config.py: defaults and meaning), checked by
+    the same validation as the config file; ``seed`` seeds the MC Fisher's label sampling."""
+
     def __init__(
         self,
         model: nn.Module,
+        options: KFACConfig | None = None,
         *,
-        damping: float = 1e-2,
-        factor_decay: float = 0.95,
-        factor_interval: int = 10,
-        inverse_interval: int = 100,
-        kl_clip: float = 1e-3,
-        fisher_type: str = "empirical",
-        pi_damping: bool = False,
-        inverse_method: str = "eigen",
-        skip_layers: Iterable[str] = (),
-        stats_fraction: float = 1.0,
         seed: int = 0,
         factor_dtype: torch.dtype = torch.float32,
+        **overrides: Any,
     ):
-        _check(damping > 0, "damping", "must be > 0")
-        _check(0 <= factor_decay < 1, "factor_decay", "must be in [0, 1)")
-        _check(factor_interval >= 1, "factor_interval", "must be >= 1")
-        _check(inverse_interval >= 1, "inverse_interval", "must be >= 1")
-        _check(kl_clip >= 0, "kl_clip", "must be >= 0 (0 disables KL-clipping)")
-        _check(fisher_type in FISHER_TYPES, "fisher_type", f"must be one of {FISHER_TYPES}")
-        _check(inverse_method in INVERSE_METHODS, "inverse_method", f"must be one of {INVERSE_METHODS}")
-        _check(0 < stats_fraction <= 1, "stats_fraction", "must be in (0, 1]")
-        self.damping = damping
-        self.factor_decay = factor_decay
-        self.factor_interval = factor_interval
-        self.inverse_interval = inverse_interval
-        self.kl_clip = kl_clip
-        self.fisher_type = fisher_type
-        self.pi_damping = pi_damping
-        self.inverse_method = inverse_method
-        self.stats_fraction = stats_fraction
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(KFACConfig)}
+        if unknown:
+            raise TypeError(f"KFACPreconditioner got unknown options {sorted(unknown)}")
+        options = dataclasses.replace(options or KFACConfig(), **overrides)
+        options.validate(section="")
+        self.options = options
+        self.damping = options.damping
+        self.factor_decay = options.factor_decay
+        self.factor_interval = options.factor_interval
+        self.inverse_interval = options.inverse_interval
+        self.kl_clip = options.kl_clip
+        self.fisher_type = options.fisher_type
+        self.pi_damping = options.pi_damping
+        self.inverse_method = options.inverse_method
+        self.stats_fraction = options.stats_fraction
         self.factor_dtype = factor_dtype
         self.mc_generator = torch.Generator().manual_seed(seed)
 
-        patterns = [re.compile(p) for p in skip_layers]
+        patterns = [re.compile(p) for p in options.skip_layers]
         self.layers: dict[str, LayerState] = {}
         for name, module in model.named_modules():
             if any(p.fullmatch(name) for p in patterns):
@@ -394,8 +387,3 @@ class KFACPreconditioner:
             layer.A, layer.G = s["A"], s["G"]
             layer.decomposition = tuple(s["decomposition"]) if s["decomposition"] is not None else None
             layer.scale = s.get("scale")  # absent in older checkpoints: recomputed on first use
-
-
-def _check(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise ValueError(f"KFACPreconditioner argument {name} {message}")
