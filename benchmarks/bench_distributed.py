@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 
-from bigbatch.train.checkpoint import read_jsonl
+from bigbatch.io import read_jsonl
 
 
 def _port() -> int:

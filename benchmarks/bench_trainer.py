@@ -35,7 +35,7 @@ from bigbatch.data import load_dataset
 from bigbatch.data.batches import channel_stats
 from bigbatch.models import build_model
 from bigbatch.train.allocator import RETAINED_BYTES
-from bigbatch.train.checkpoint import read_jsonl
+from bigbatch.io import read_jsonl
 from bigbatch.train.trainer import CPU_MICRO_BATCH, Trainer
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from bigbatch.errors import TrainingError
-from bigbatch.train.checkpoint import atomic_torch_save, load_checkpoint
+from bigbatch.io import atomic_torch_save
+from bigbatch.train.checkpoint import load_checkpoint
 
 
 class _RunsCode:

@@ -11,7 +11,8 @@ import time
 import pytest
 import torch
 
-from bigbatch.train.checkpoint import load_checkpoint, read_jsonl
+from bigbatch.io import read_jsonl
+from bigbatch.train.checkpoint import load_checkpoint
 
 COMMON = [
     "data.format=synthetic", "data.train_limit=600", "data.test_limit=200", "train.batch_size=64",

@@ -9,7 +9,7 @@ from bigbatch.config import Config
 from bigbatch.errors import ConfigError
 from bigbatch.experiments.grid import load_study, run_status, run_study
 from bigbatch.report.report import aggregate, degradation, load_run, summarize, write_report
-from bigbatch.train.checkpoint import read_jsonl, write_jsonl
+from bigbatch.io import read_jsonl, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,8 @@ from bigbatch.cli import main as cli_main
 from bigbatch.config import load_config
 from bigbatch.data import load_dataset
 from bigbatch.errors import ConfigError, TrainingError
-from bigbatch.train.checkpoint import load_checkpoint, read_jsonl
+from bigbatch.io import read_jsonl
+from bigbatch.train.checkpoint import load_checkpoint
 from bigbatch.train.trainer import Trainer
 
 CIFAR_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.zip"

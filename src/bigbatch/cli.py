@@ -110,7 +110,7 @@ def cmd_sharpness(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from bigbatch.report.plots import plot_run_curves
-    from bigbatch.train.checkpoint import read_jsonl
+    from bigbatch.io import read_jsonl
 
     for run_dir in map(Path, args.run_dirs):
         rows = read_jsonl(run_dir / "metrics.jsonl")

@@ -18,7 +18,7 @@ from bigbatch.analysis.loading import TrainedRun, load_trained_run
 from bigbatch.analysis.sharpness import epsilon_sharpness
 from bigbatch.errors import BigbatchError
 from bigbatch.report.plots import plt, save_figure
-from bigbatch.train.checkpoint import atomic_write_json, atomic_write_text
+from bigbatch.io import atomic_write_json, atomic_write_text
 
 
 def _bar(total: int, desc: str) -> tqdm:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
 from bigbatch.config import DATA_FORMATS
+from bigbatch.io import atomic_torch_save
 from bigbatch.data.cifar10 import FOLDER_NAME, GET_HINT, download_cifar10, find_cifar10, is_archive_name, load_cifar10
 from bigbatch.data.dataset import DatasetError, ImageDataset, apply_limits
 from bigbatch.data.folder import load_image_folder
@@ -82,19 +82,13 @@ def _read_cache(file: Path) -> ImageDataset | None:
 
 
 def _write_cache(file: Path, ds: ImageDataset) -> None:
-    """Temp file in the same directory, then an atomic rename: readers never see half a file."""
-    tmp = None
     try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(vars(ds)), f)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is as readable as the data it holds
-        os.replace(tmp, file)
+        atomic_torch_save(file, dict(vars(ds)))
     except Exception as exc:  # a cache that cannot be written only costs speed
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        warnings.warn(f"could not write the dataset cache '{file}' ({exc}); the next run decodes the data again", stacklevel=3)
+        warnings.warn(
+            f"could not write the dataset cache '{file}' ({exc}); the next run decodes the data again",
+            stacklevel=3,
+        )
 
 
 def _load_uncached(fmt: str, source: Path, train_limit: int | None, test_limit: int | None) -> ImageDataset:

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from bigbatch.io import atomic_file
 from bigbatch.data.dataset import DatasetError, ImageDataset
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -174,26 +175,21 @@ def download_cifar10(dest: str | Path, url: str | None = None, md5: str | None =
     dest = Path(dest)
     target = dest if is_archive_name(dest) else dest / ARCHIVE_NAME
     created = not target.parent.exists()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     digest = hashlib.md5()
     try:
-        with os.fdopen(fd, "wb") as out:
+        with atomic_file(target, "wb") as out:
             if urllib.parse.urlsplit(url).scheme in ("http", "https"):
                 _resolve_host(url, timeout_s)
             with urllib.request.urlopen(url, timeout=timeout_s) as response:
                 while chunk := response.read(1 << 20):
                     digest.update(chunk)
                     out.write(chunk)
-        if digest.hexdigest() != md5:
-            raise DatasetError(
-                f"downloaded {url} but its MD5 is {digest.hexdigest()}, expected {md5}; the transfer was damaged, "
-                f"try again or download it by hand to '{target}'"
-            )
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the archive is as public as its source
-        os.replace(tmp, target)
+            if digest.hexdigest() != md5:
+                raise DatasetError(
+                    f"downloaded {url} but its MD5 is {digest.hexdigest()}, expected {md5}; the "
+                    f"transfer was damaged, try again or download it by hand to '{target}'"
+                )
     except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
         if created:
             try:
                 target.parent.rmdir()  # leave no empty folder behind a failed first download

@@ -26,7 +26,8 @@ import torch
 
 from bigbatch.config import Config, config_from_dict, deep_merge, merge_overrides, read_toml, validate
 from bigbatch.errors import ConfigError
-from bigbatch.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, read_jsonl
+from bigbatch.io import read_jsonl
+from bigbatch.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 
 STUDY_KEYS = {"name", "output_dir", "seeds", "target_accuracy", "description"}
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -11,15 +10,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from bigbatch.io import atomic_file  # noqa: E402
+
 
 def save_figure(fig: Any, path: str | Path) -> None:
     """Write the PNG atomically so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_file(path, "wb") as f:
+            fig.savefig(f, dpi=120, bbox_inches="tight", format="png")
+    finally:
+        plt.close(fig)
 
 
 def plot_run_curves(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bigbatch.report.plots import plt, save_figure
-from bigbatch.train.checkpoint import atomic_write_text, read_jsonl
+from bigbatch.io import atomic_write_text, read_jsonl
 
 X_AXES = {"epoch": ("epoch", "epoch"), "step": ("step", "updates (optimizer steps)"), "time": ("train_time", "training wall time (s)")}
 

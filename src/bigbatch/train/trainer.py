@@ -29,13 +29,8 @@ from bigbatch.errors import TrainingError
 from bigbatch.models import build_model, has_batchnorm
 from bigbatch.optim.schedules import LRSchedule
 from bigbatch.train.distributed import ParallelContext
-from bigbatch.train.checkpoint import (
-    CHECKPOINT_NAME,
-    atomic_torch_save,
-    atomic_write_json,
-    load_checkpoint,
-    write_jsonl,
-)
+from bigbatch.io import atomic_torch_save, atomic_write_json, write_jsonl
+from bigbatch.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 
 # A run may be extended: its length is the one experiment key --resume does not compare.
 EXTENDABLE = "run.epochs"
