@@ -53,7 +53,7 @@ def trainer_epoch(data: str, batch: int, out: str, extra: list[str], epochs: int
     times, parts = [], []
     for e in range(epochs):
         if trainer.kfac is not None:
-            trainer.kfac.reset_timings()
+            trainer.kfac.reset_metrics()
         times.append(trainer.train_epoch(e + 1)["epoch_time"])
         parts.append(dict(trainer.kfac.timings) if trainer.kfac is not None else {})
     median = statistics.median(times)

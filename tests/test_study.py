@@ -162,9 +162,18 @@ def test_report_from_fake_runs(tmp_path):
     results[5] = load_run(tmp_path / "runs" / "lb-kfac")
     text = write_report(results, tmp_path / "report", title="T", target=0.5).read_text()
     assert "| lb-kfac | 12.5 | 80 | 4.25 |" in text
+    # Without a study's figures: one comparison of all runs, no SB/LB labels.
     pngs = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
+    assert pngs == ["test_vs_epoch_all.png", "test_vs_step_all.png", "test_vs_time_all.png"]
+    # The paper study's figures come from its config, not from the report.
+    paper = load_study(ROOT / "configs" / "paper.toml")
+    assert paper.large_batch_from == 1024
+    out = tmp_path / "paper-report"
+    text = write_report(results, out, title="T", target=0.5, figures=paper.figures,
+                        large_batch_from=paper.large_batch_from).read_text()
+    pngs = sorted(p.name for p in out.glob("*.png"))
     assert "test_vs_epoch_no-smoothing.png" in pngs and "test_vs_time_kfac.png" in pngs
-    assert "test_vs_step_large-batch.png" in pngs
+    assert "test_vs_step_large-batch.png" in pngs and len(pngs) == 3 * 5
     for name in pngs:
         assert f"]({name})" in text
 

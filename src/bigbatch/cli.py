@@ -38,6 +38,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         shutdown_parallel()
     if trainer.parallel.is_main:
+        from bigbatch.report.plots import plot_run_curves
+
+        plot_run_curves(rows, trainer.run_dir / "curves.png", title=cfg.run.name)
         last = rows[-1]
         print(
             f"finished {cfg.run.name}: test acc {last['test_acc']:.4f}, test loss {last['test_loss']:.4f} "
@@ -61,8 +64,9 @@ def _study_report(study, command: str) -> Path:
         raise BigbatchError(f"no run of study '{study.name}' has metrics yet under {study.output_dir}; run `bigbatch reproduce` first")
     missing = len(study.runs) - len(runs)
     notes = study.description + (f"\n\n**{missing} of {len(study.runs)} runs have no results yet.**" if missing else "")
-    return write_report(runs, study.output_dir / "report", title=f"Study: {study.name}", target=study.target_accuracy,
-                        command=command, notes=notes.strip())
+    return write_report(runs, study.output_dir / "report", title=f"Study: {study.name}",
+                        target=study.target_accuracy, command=command, notes=notes.strip(),
+                        figures=study.figures, large_batch_from=study.large_batch_from)
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:

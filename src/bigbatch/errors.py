@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 
 class BigbatchError(Exception):
     """Base class: the message names the problem and the fix."""
@@ -20,23 +17,3 @@ class TrainingError(BigbatchError):
 
 class CollectiveError(TrainingError):
     """A torch.distributed collective failed: another rank died or hung; the process group is broken."""
-
-
-def _collective_error(what: str, rank: int, timeout_s: float | None, exc: BaseException) -> CollectiveError:
-    first_line = str(exc).splitlines()[0] if str(exc) else ""
-    limit = f"timeout {timeout_s:g}s, runtime.dist_timeout" if timeout_s is not None else "see runtime.dist_timeout"
-    return CollectiveError(
-        f"{what} failed on rank {rank}: {type(exc).__name__}: {first_line}. Another rank died or hung ({limit}); "
-        "restart the whole job with --resume to continue from the last checkpoint"
-    )
-
-
-def run_collective(what: str, rank: int, timeout_s: float | None, op: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``op(*args, **kwargs)``, a torch.distributed collective (or a function of several); its failure, which
-    means another rank died or hung, becomes a CollectiveError naming ``what`` and the fix."""
-    import torch.distributed as dist  # here, not at import: the CLI reads this module before torch is needed
-
-    try:
-        return op(*args, **kwargs)
-    except (RuntimeError, dist.DistError) as exc:
-        raise _collective_error(what, rank, timeout_s, exc) from None

@@ -27,9 +27,11 @@ import torch
 from bigbatch.config import Config, config_from_dict, deep_merge, merge_overrides, read_toml, validate
 from bigbatch.errors import ConfigError
 from bigbatch.io import read_jsonl
+from bigbatch.report.report import Figure
 from bigbatch.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 
-STUDY_KEYS = {"name", "output_dir", "seeds", "target_accuracy", "description"}
+STUDY_KEYS = {"name", "output_dir", "seeds", "target_accuracy", "description", "figures",
+              "large_batch_from"}
 
 
 @dataclass
@@ -40,6 +42,9 @@ class Study:
     target_accuracy: float
     runs: list["StudyRun"] = field(default_factory=list)
     description: str = ""
+    # The report's comparison plots and the batch size from which a run counts as large.
+    figures: list[Figure] = field(default_factory=list)
+    large_batch_from: int | None = None
 
 
 @dataclass
@@ -76,6 +81,11 @@ def load_study(
         target_accuracy=float(meta.get("target_accuracy", 0.5)),
         description=meta.get("description", ""),
     )
+    study.figures = _figures(meta.get("figures", []), path)
+    large = meta.get("large_batch_from")
+    if large is not None and (not isinstance(large, int) or isinstance(large, bool) or large < 1):
+        raise ConfigError(f"[study] large_batch_from in '{path}' must be a batch size, e.g. 1024")
+    study.large_batch_from = large
     if not study.seeds or not all(isinstance(s, int) for s in study.seeds):
         raise ConfigError(f"[study] seeds in '{path}' must be a non-empty list of integers, e.g. seeds = [0, 1, 2]")
     runs = raw.get("runs", [])
@@ -109,6 +119,21 @@ def load_study(
     return study
 
 
+def _figures(raw: Any, path: str | Path) -> list[Figure]:
+    example = '[[study.figures]] name = "kfac", title = "K-FAC runs", runs = ["sb-kfac", "lb-kfac"]'
+    if not isinstance(raw, list) or not all(isinstance(f, dict) for f in raw):
+        raise ConfigError(f"[study] figures in '{path}' must be a list of tables, e.g. {example}")
+    figures = []
+    for f in raw:
+        if set(f) - {"name", "title", "runs"} or not isinstance(f.get("name"), str):
+            raise ConfigError(f"a figure in '{path}' needs name, title and runs, e.g. {example}")
+        runs = f.get("runs", [])
+        if not isinstance(runs, list) or not all(isinstance(r, str) for r in runs):
+            raise ConfigError(f"figure '{f['name']}' in '{path}': runs must be a list of run names")
+        figures.append(Figure(f["name"], str(f.get("title", f["name"])), list(runs)))
+    return figures
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -139,11 +164,13 @@ def _estimated_cost(run: StudyRun) -> float:
 
 def _train_one(run: StudyRun, threads: int | None) -> str:
     """Train or resume one run (in this process or a worker); returns a one-line summary."""
+    from bigbatch.report.plots import plot_run_curves
     from bigbatch.train.trainer import Trainer
 
     if threads:
         torch.set_num_threads(threads)
     rows = Trainer(run.config).fit(resume=True)
+    plot_run_curves(rows, run.run_dir / "curves.png", title=run.config.run.name)
     last = rows[-1]
     return f"test acc {last['test_acc']:.4f} after {last['epoch']} epochs, {last['train_time']:.0f}s training"
 

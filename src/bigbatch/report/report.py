@@ -11,12 +11,12 @@ import io
 import json
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from bigbatch.report.plots import plt, save_figure
 from bigbatch.io import atomic_write_text, read_jsonl
+from bigbatch.report.plots import plt, save_figure
 
 X_AXES = {"epoch": ("epoch", "epoch"), "step": ("step", "updates (optimizer steps)"), "time": ("train_time", "training wall time (s)")}
 
@@ -167,39 +167,54 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _style(run: RunResult) -> dict[str, Any]:
+@dataclass
+class Figure:
+    """One comparison plot of a report: the runs with these labels (all runs if none are named)."""
+
+    name: str
+    title: str
+    labels: list[str] = field(default_factory=list)
+
+
+def _is_large(run: RunResult, large_batch_from: int | None) -> bool:
+    return large_batch_from is not None and run.batch_size >= large_batch_from
+
+
+def _style(run: RunResult, large_batch_from: int | None) -> dict[str, Any]:
     color = {"SGD": "tab:blue", "K-FAC": "tab:red"}.get(run.optimizer, "tab:gray")
     if run.smoothed:
         color = {"SGD": "tab:cyan", "K-FAC": "tab:orange"}.get(run.optimizer, "tab:olive")
-    return {"color": color, "linestyle": "-" if run.batch_size <= 512 else "--"}
+    return {"color": color, "linestyle": "--" if _is_large(run, large_batch_from) else "-"}
 
 
-def _run_label(run: RunResult) -> str:
-    sb = "SB" if run.batch_size <= 512 else "LB"
-    return f"{sb} {run.optimizer} ({run.batch_size}{', ' + run.smoothing if run.smoothed else ''})"
+def _run_label(run: RunResult, large_batch_from: int | None) -> str:
+    size = "" if large_batch_from is None else ("LB " if _is_large(run, large_batch_from) else "SB ")
+    return f"{size}{run.optimizer} ({run.batch_size}{', ' + run.smoothing if run.smoothed else ''})"
 
 
-def comparison_groups(runs: list[RunResult]) -> dict[str, tuple[str, list[RunResult]]]:
-    """The seed's figures: SGD vs K-FAC without smoothing (Fig 16), with Mixup (Fig 27), K-FAC with and
-    without Mixup (Fig 30), large batches with and without Mixup (Fig 26)."""
-    groups = {
-        "no-smoothing": ("SGD vs K-FAC, SB vs LB, no smoothing (cf. seed Fig 16-17)", [r for r in runs if not r.smoothed]),
-        "smoothing": ("SGD vs K-FAC, SB vs LB, with smoothing (cf. seed Fig 27-29)", [r for r in runs if r.smoothed]),
-        "kfac": ("K-FAC with and without smoothing (cf. seed Fig 30-31)", [r for r in runs if r.optimizer == "K-FAC"]),
-        "large-batch": ("Large batch with and without smoothing (cf. seed Fig 26)", [r for r in runs if r.batch_size > 512]),
-        "all": ("All runs", runs),
-    }
-    return {k: v for k, v in groups.items() if v[1]}
+def figure_runs(runs: list[RunResult], figures: list[Figure]) -> list[tuple[Figure, list[RunResult]]]:
+    """The runs of each figure (a study's own list, else one figure of all runs); empty ones go."""
+    chosen = figures or [Figure("all", "All runs")]
+    out = []
+    for figure in chosen:
+        members = [r for r in runs if not figure.labels or r.label in figure.labels]
+        if members:
+            out.append((figure, members))
+    return out
 
 
-def plot_comparison(runs: list[RunResult], x_axis: str, title: str, path: Path, target: float | None = None) -> None:
+def plot_comparison(
+    runs: list[RunResult], x_axis: str, title: str, path: Path, target: float | None = None,
+    large_batch_from: int | None = None,
+) -> None:
     key, xlabel = X_AXES[x_axis]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.2))
     for run in runs:
         xs = [r[key] for r in run.rows]
-        style = _style(run)
-        ax_acc.plot(xs, [100 * r["test_acc"] for r in run.rows], label=_run_label(run), **style)
-        ax_loss.plot(xs, [r["test_loss"] for r in run.rows], label=_run_label(run), **style)
+        style = _style(run, large_batch_from)
+        label = _run_label(run, large_batch_from)
+        ax_acc.plot(xs, [100 * r["test_acc"] for r in run.rows], label=label, **style)
+        ax_loss.plot(xs, [r["test_loss"] for r in run.rows], label=label, **style)
     if target:
         ax_acc.axhline(100 * target, color="gray", linewidth=0.8, linestyle=":")
     ax_acc.set_ylabel("test top-1 accuracy (%)")
@@ -233,8 +248,12 @@ def write_report(
     target: float,
     command: str = "",
     notes: str = "",
+    figures: list[Figure] | None = None,
+    large_batch_from: int | None = None,
     progress: Callable[[str], None] = lambda _: None,
 ) -> Path:
+    """report.md, its PNGs and CSVs in ``out_dir``; ``figures`` and ``large_batch_from`` (the batch
+    size from which a run counts as large, for labels and line styles) come from the study."""
     out_dir.mkdir(parents=True, exist_ok=True)
     summaries = [summarize(r, target) for r in runs]
     agg = aggregate(summaries)
@@ -242,11 +261,11 @@ def write_report(
     multi_seed = any(a["seeds"] > 1 for a in agg)
 
     plots = []
-    for group, (group_title, group_runs) in comparison_groups(runs).items():
+    for figure, members in figure_runs(runs, figures or []):
         for x_axis in X_AXES:
-            name = f"test_vs_{x_axis}_{group}.png"
-            plot_comparison(group_runs, x_axis, group_title, out_dir / name, target)
-            plots.append((group_title, x_axis, name))
+            name = f"test_vs_{x_axis}_{figure.name}.png"
+            plot_comparison(members, x_axis, figure.title, out_dir / name, target, large_batch_from)
+            plots.append((figure.title, x_axis, name))
             progress(name)
 
     md = [f"# {title}", ""]

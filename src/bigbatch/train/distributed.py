@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bigbatch.errors import TrainingError, run_collective
+from bigbatch.collectives import run_collective
+from bigbatch.errors import TrainingError
 
 
 class ParallelContext:
@@ -47,9 +48,6 @@ class ParallelContext:
         return values
 
     def broadcast_parameters(self, model: nn.Module) -> None:
-        pass
-
-    def barrier(self) -> None:
         pass
 
 
@@ -89,9 +87,6 @@ class DistributedContext(ParallelContext):
     def broadcast_parameters(self, model: nn.Module) -> None:
         for tensor in [*model.parameters(), *model.buffers()]:
             run_collective("parameter broadcast", self.rank, self.timeout_s, dist.broadcast, tensor.data, src=0)
-
-    def barrier(self) -> None:
-        run_collective("barrier", self.rank, self.timeout_s, dist.barrier)
 
 
 def launched_with_torchrun() -> bool:

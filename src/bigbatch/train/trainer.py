@@ -296,7 +296,7 @@ class Trainer:
             wall_start = time.perf_counter()
             comm_start, bytes_start = self.parallel.communication_time, self.parallel.bytes_communicated
             if self.kfac is not None:
-                self.kfac.reset_timings()
+                self.kfac.reset_metrics()
             row = self.train_epoch(epoch, step, show)
             step = row["step"]
             train_time += row["epoch_time"]
@@ -311,11 +311,7 @@ class Trainer:
                 row["communication_time"] = self.parallel.communication_time - comm_start
                 row["bytes_communicated"] = self.parallel.bytes_communicated - bytes_start
             if self.kfac is not None:
-                if self.parallel.world_size > 1:
-                    row["kfac_factor_bytes"] = self.kfac.factor_bytes
-                    self.kfac.factor_bytes = 0
-                row.update({f"kfac_{k}_time": v for k, v in self.kfac.timings.items()})
-                row.update({f"kfac_{k}": v for k, v in self.kfac.health.items()})
+                row.update(self.kfac.metrics())
             wall_time += time.perf_counter() - wall_start
             row["wall_time"] = wall_time
             row["max_rss_mib"] = peak_rss_mib()
@@ -327,10 +323,6 @@ class Trainer:
                 write_jsonl(self.run_dir / "metrics.jsonl", rows)
                 if show:
                     tqdm.write(_epoch_summary(row))
-        if main:
-            from bigbatch.report.plots import plot_run_curves
-
-            plot_run_curves(rows, self.run_dir / "curves.png", title=cfg.run.name)
         return rows
 
     def train_epoch(self, epoch: int, step: int = 0, show: bool = False) -> dict[str, Any]:

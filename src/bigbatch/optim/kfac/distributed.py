@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from bigbatch.errors import run_collective
+from bigbatch.collectives import run_collective
 from bigbatch.optim.kfac.preconditioner import KFACPreconditioner, LayerState
 
 
@@ -38,11 +38,18 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         self.timeout_s = timeout_s  # the process group's, for the error message only
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        self.factor_bytes = 0  # sent per rank in factor all-reduces since the last reset
+        self.factor_bytes = 0  # sent per rank in factor all-reduces since the last reset_metrics()
         costs = {
             name: float(s.factors.a_dim) ** 3 + float(s.factors.g_dim) ** 3 for name, s in self.layers.items()
         }
         self.owner = assign_by_cost(costs, self.world_size)
+
+    def metrics(self) -> dict[str, float]:
+        return {**super().metrics(), "kfac_factor_bytes": self.factor_bytes}
+
+    def reset_metrics(self) -> None:
+        super().reset_metrics()
+        self.factor_bytes = 0
 
     def _pack(self, m: torch.Tensor) -> torch.Tensor:
         if not self.upper_triangle:

@@ -356,7 +356,14 @@ class KFACPreconditioner:
             state.factors.set_grad_matrix(x.mul_(nu) if nu != 1.0 else x)
 
     # -- bookkeeping -----------------------------------------------------------------------------
-    def reset_timings(self) -> None:
+    def metrics(self) -> dict[str, float]:
+        """Seconds per part since the last reset_metrics(), and the health counters of the run."""
+        out: dict[str, float] = {f"kfac_{k}_time": v for k, v in self.timings.items()}
+        out.update({f"kfac_{k}": v for k, v in self.health.items()})
+        return out
+
+    def reset_metrics(self) -> None:
+        """Start a new measuring period (e.g. an epoch); health counters stay cumulative."""
         self.timings = dict.fromkeys(TIMING_PARTS, 0.0)
 
     def remove(self) -> None:
