@@ -25,12 +25,23 @@ from bigbatch.train.trainer import Trainer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", default="../shared/data/cifar10-jpeg.zip")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(None, [f"data.path={args.data}", f"runtime.output_dir={out}", "run.name=b", "run.epochs=4",
-                                 "runtime.progress=off", "train.train_eval_examples=0"])
+        cfg = load_config(
+            None,
+            [
+                f"data.path={args.data}",
+                f"runtime.output_dir={out}",
+                "run.name=b",
+                "run.epochs=4",
+                "runtime.progress=off",
+                "train.train_eval_examples=0",
+            ],
+        )
         rows = Trainer(cfg).fit()
         epoch = statistics.median(r["epoch_time"] for r in rows[1:])  # warm epochs 2-4
         start = time.perf_counter()
@@ -44,8 +55,12 @@ def main() -> None:
     print("| task | seconds | training epochs (batch 128) |")
     print("|---|---|---|")
     print(f"| one training epoch | {epoch:.2f} | 1 |")
-    print(f"| 1-D landscape, 41 points, 50,000 train + 10,000 test | {land:.1f} | {land / epoch:.1f} |")
-    print(f"| top Hessian eigenvalue, 20 Lanczos steps, 10,000 examples ({top[0]:.3g}) | {eig:.1f} | {eig / epoch:.1f} |")
+    print(
+        f"| 1-D landscape, 41 points, 50,000 train + 10,000 test | {land:.1f} | {land / epoch:.1f} |"
+    )
+    print(
+        f"| top Hessian eigenvalue, 20 Lanczos steps, 10,000 examples ({top[0]:.3g}) | {eig:.1f} | {eig / epoch:.1f} |"
+    )
 
 
 if __name__ == "__main__":

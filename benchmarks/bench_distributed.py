@@ -28,16 +28,31 @@ def _port() -> int:
 
 def run_job(out: str, name: str, world: int, sets: list[str]) -> dict:
     args = [sys.executable, "-m", "bigbatch", "train", "--overwrite"]
-    for s in [*sets, f"runtime.output_dir={out}", f"run.name={name}", "runtime.threads=1", "runtime.progress=off"]:
+    for s in [
+        *sets,
+        f"runtime.output_dir={out}",
+        f"run.name={name}",
+        "runtime.threads=1",
+        "runtime.progress=off",
+    ]:
         args += ["--set", s]
     port = _port()
     procs = []
     for rank in range(world):
         env = dict(os.environ, OMP_NUM_THREADS="1")
         if world > 1:
-            env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(port))
-        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+            env.update(
+                RANK=str(rank),
+                WORLD_SIZE=str(world),
+                LOCAL_RANK=str(rank),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+            )
+        procs.append(
+            subprocess.Popen(
+                args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            )
+        )
     for p in procs:
         _, err = p.communicate()
         if p.returncode:
@@ -46,21 +61,40 @@ def run_job(out: str, name: str, world: int, sets: list[str]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=6, help="steps per measured epoch")
     args = parser.parse_args()
     batch = 2048
-    print("| model | optimizer | ranks | step s | communication share | gradient+metric bytes/step | K-FAC factor bytes/step |")
+    print(
+        "| model | optimizer | ranks | step s | communication share | gradient+metric bytes/step | K-FAC factor bytes/step |"
+    )
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as out:
         for model in ("lenet5", "resnet20"):
-            base = ["data.format=synthetic", f"data.train_limit={batch * args.steps}", "data.test_limit=512",
-                    f"train.batch_size={batch}", f"model.name={model}", "run.epochs=2", "train.train_eval_examples=0"]
+            base = [
+                "data.format=synthetic",
+                f"data.train_limit={batch * args.steps}",
+                "data.test_limit=512",
+                f"train.batch_size={batch}",
+                f"model.name={model}",
+                "run.epochs=2",
+                "train.train_eval_examples=0",
+            ]
             variants = {
                 "SGD": ["optimizer.name=sgd"],
-                "K-FAC, full factors": ["optimizer.name=kfac", "kfac.factor_interval=1", "kfac.inverse_interval=1",
-                                         "kfac.upper_triangle=false"],
-                "K-FAC, upper triangle": ["optimizer.name=kfac", "kfac.factor_interval=1", "kfac.inverse_interval=1"],
+                "K-FAC, full factors": [
+                    "optimizer.name=kfac",
+                    "kfac.factor_interval=1",
+                    "kfac.inverse_interval=1",
+                    "kfac.upper_triangle=false",
+                ],
+                "K-FAC, upper triangle": [
+                    "optimizer.name=kfac",
+                    "kfac.factor_interval=1",
+                    "kfac.inverse_interval=1",
+                ],
             }
             for label, extra in variants.items():
                 for world in (1, 2):
@@ -68,12 +102,17 @@ def main() -> None:
                         continue  # one process communicates nothing
                     row = run_job(out, f"{model}-{world}", world, base + extra)
                     step = row["epoch_time"] / args.steps
-                    comm = row.get("communication_time", 0.0) + row.get("kfac_communication_time", 0.0)
+                    comm = row.get("communication_time", 0.0) + row.get(
+                        "kfac_communication_time", 0.0
+                    )
                     share = comm / row["epoch_time"] if world > 1 else 0.0
                     grad_bytes = row.get("bytes_communicated", 0) / args.steps
                     factor_bytes = row.get("kfac_factor_bytes", 0) / args.steps
-                    print(f"| {model} | {label} | {world} | {step:.3f} | {100 * share:.1f}% | {grad_bytes / 1e6:.2f} MB | "
-                          f"{factor_bytes / 1e6:.2f} MB |", flush=True)
+                    print(
+                        f"| {model} | {label} | {world} | {step:.3f} | {100 * share:.1f}% | {grad_bytes / 1e6:.2f} MB | "
+                        f"{factor_bytes / 1e6:.2f} MB |",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

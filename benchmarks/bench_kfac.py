@@ -29,12 +29,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from bench_trainer import RETAINED_MEMORY, page_faults  # a sibling script: benchmarks/ is on the path
+from bench_trainer import (
+    RETAINED_MEMORY,
+    page_faults,
+)  # a sibling script: benchmarks/ is on the path
 from bigbatch.config import load_config
 from bigbatch.data import load_dataset
 from bigbatch.data.batches import BatchLoader, channel_stats
@@ -43,11 +46,22 @@ from bigbatch.optim.kfac import KFACPreconditioner
 from bigbatch.train.trainer import Trainer
 
 
-def trainer_epoch(data: str, batch: int, out: str, extra: list[str], epochs: int) -> tuple[float, dict[str, float]]:
-    cfg = load_config(None, [
-        f"data.path={data}", f"train.batch_size={batch}", "train.train_eval_examples=0", "runtime.progress=off",
-        f"runtime.output_dir={out}", "run.name=bench", "data.test_limit=1000", *extra,
-    ])
+def trainer_epoch(
+    data: str, batch: int, out: str, extra: list[str], epochs: int
+) -> tuple[float, dict[str, float]]:
+    cfg = load_config(
+        None,
+        [
+            f"data.path={data}",
+            f"train.batch_size={batch}",
+            "train.train_eval_examples=0",
+            "runtime.progress=off",
+            f"runtime.output_dir={out}",
+            "run.name=bench",
+            "data.test_limit=1000",
+            *extra,
+        ],
+    )
     trainer = Trainer(cfg)
     trainer.train_epoch(0)  # warm-up
     times, parts = [], []
@@ -89,9 +103,18 @@ def step_timer(
             F.cross_entropy(model(x), y).backward()
             opt.step()
     elif name.startswith("bigbatch"):
-        method = dict(inverse_method="inverse", pi_damping=True) if name == "bigbatch-inverse" else {}
-        kfac = KFACPreconditioner(model, damping=1e-2, factor_decay=0.95, factor_interval=interval,
-                                  inverse_interval=inverse_interval, kl_clip=0.0, **method)
+        method = (
+            dict(inverse_method="inverse", pi_damping=True) if name == "bigbatch-inverse" else {}
+        )
+        kfac = KFACPreconditioner(
+            model,
+            damping=1e-2,
+            factor_decay=0.95,
+            factor_interval=interval,
+            inverse_interval=inverse_interval,
+            kl_clip=0.0,
+            **method,
+        )
 
         def step(x: torch.Tensor, y: torch.Tensor) -> None:
             opt.zero_grad()
@@ -103,8 +126,11 @@ def step_timer(
         from asdl.precondition import KfacGradientMaker, PreconditioningConfig
 
         config = PreconditioningConfig(
-            data_size=batches[0][0].shape[0], damping=1e-2, ema_decay=0.05,
-            curvature_upd_interval=interval, preconditioner_upd_interval=inverse_interval,
+            data_size=batches[0][0].shape[0],
+            damping=1e-2,
+            ema_decay=0.05,
+            curvature_upd_interval=interval,
+            preconditioner_upd_interval=inverse_interval,
         )
         gm = KfacGradientMaker(model, config, fisher_type="fisher_emp")
 
@@ -131,15 +157,27 @@ def step_timer(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", default="../shared/data/cifar10-jpeg.zip")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the per-step comparison (median)")
-    parser.add_argument("--part", choices=("all", "epochs", "steps"), default="all",
-                        help="epochs: the Trainer table only; steps: the per-step comparison with ASDL only")
-    parser.add_argument("--allocator", choices=("default", "retained"), default=None,
-                        help=argparse.SUPPRESS)  # set by this script for its per-step child processes
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="interleaved rounds of the per-step comparison (median)",
+    )
+    parser.add_argument(
+        "--part",
+        choices=("all", "epochs", "steps"),
+        default="all",
+        help="epochs: the Trainer table only; steps: the per-step comparison with ASDL only",
+    )
+    parser.add_argument(
+        "--allocator", choices=("default", "retained"), default=None, help=argparse.SUPPRESS
+    )  # set by this script for its per-step child processes
     args = parser.parse_args()
     try:
         import asdl  # noqa: F401
@@ -153,24 +191,37 @@ def main() -> None:
     if args.allocator is None:
         print(f"LeNet-5 on {ds.name}, {torch.get_num_threads()} threads; times are medians\n")
     if args.part != "steps":
-        print("| batch | variant | epoch s | vs SGD | statistics s | eigendecomposition s | preconditioning s |")
+        print(
+            "| batch | variant | epoch s | vs SGD | statistics s | eigendecomposition s | preconditioning s |"
+        )
         print("|---|---|---|---|---|---|---|")
         with tempfile.TemporaryDirectory() as out:
             for batch in (128, 2048):
                 variants = {
                     "SGD": ["optimizer.name=sgd"],
                     "K-FAC defaults (10/100)": ["optimizer.name=kfac"],
-                    "K-FAC every step (1/1)": ["optimizer.name=kfac", "kfac.factor_interval=1", "kfac.inverse_interval=1"],
+                    "K-FAC every step (1/1)": [
+                        "optimizer.name=kfac",
+                        "kfac.factor_interval=1",
+                        "kfac.inverse_interval=1",
+                    ],
                 }
                 if batch == 2048:
                     variants["K-FAC paper LB (1/10, 1/4 of batch)"] = [
-                        "optimizer.name=kfac", "kfac.factor_interval=1", "kfac.inverse_interval=10", "kfac.stats_fraction=0.25"]
+                        "optimizer.name=kfac",
+                        "kfac.factor_interval=1",
+                        "kfac.inverse_interval=10",
+                        "kfac.stats_fraction=0.25",
+                    ]
                 sgd = None
                 for name, extra in variants.items():
                     t, parts = trainer_epoch(args.data, batch, out, extra, args.epochs)
                     sgd = sgd or t
-                    print(f"| {batch} | {name} | {t:.2f} | {t / sgd:.2f}x | {parts.get('statistics', 0):.2f} | "
-                          f"{parts.get('eigendecomposition', 0):.2f} | {parts.get('preconditioning', 0):.2f} |", flush=True)
+                    print(
+                        f"| {batch} | {name} | {t:.2f} | {t / sgd:.2f}x | {parts.get('statistics', 0):.2f} | "
+                        f"{parts.get('eigendecomposition', 0):.2f} | {parts.get('preconditioning', 0):.2f} |",
+                        flush=True,
+                    )
 
     if args.part == "epochs":
         return
@@ -180,37 +231,69 @@ def main() -> None:
     if args.allocator is not None:
         compare_steps(ds, mean, std, args.steps, args.rounds, args.allocator)
         return
-    print(f"\nPer step, plain NCHW loop, no micro-batching, empirical Fisher, damping 1e-2; ms/step, median of "
-          f"{args.rounds} interleaved rounds. 'inverse' is bigbatch with ASDL's algorithm (pi-split damping, "
-          "Cholesky inverses); 'eigen' its default. Each allocator in a fresh process:\n")
-    print("| allocator | batch | intervals (stats/inverse) | SGD | bigbatch inverse | bigbatch eigen | ASDL | "
-          "ASDL / bigbatch inverse | ASDL / bigbatch eigen | ASDL / SGD (the ceiling) | page faults per step "
-          "(SGD / inverse / eigen / ASDL) |")
+    print(
+        f"\nPer step, plain NCHW loop, no micro-batching, empirical Fisher, damping 1e-2; ms/step, median of "
+        f"{args.rounds} interleaved rounds. 'inverse' is bigbatch with ASDL's algorithm (pi-split damping, "
+        "Cholesky inverses); 'eigen' its default. Each allocator in a fresh process:\n"
+    )
+    print(
+        "| allocator | batch | intervals (stats/inverse) | SGD | bigbatch inverse | bigbatch eigen | ASDL | "
+        "ASDL / bigbatch inverse | ASDL / bigbatch eigen | ASDL / SGD (the ceiling) | page faults per step "
+        "(SGD / inverse / eigen / ASDL) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for allocator in ("default", "retained"):
         env = dict(os.environ, **(RETAINED_MEMORY if allocator == "retained" else {}))
-        subprocess.run([sys.executable, __file__, "--data", args.data, "--steps", str(args.steps), "--rounds",
-                        str(args.rounds), "--part", "steps", "--allocator", allocator], env=env, check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--data",
+                args.data,
+                "--steps",
+                str(args.steps),
+                "--rounds",
+                str(args.rounds),
+                "--part",
+                "steps",
+                "--allocator",
+                allocator,
+            ],
+            env=env,
+            check=True,
+        )
 
 
-def compare_steps(ds, mean: list[float], std: list[float], steps: int, rounds: int, allocator: str) -> None:
+def compare_steps(
+    ds, mean: list[float], std: list[float], steps: int, rounds: int, allocator: str
+) -> None:
     """Table rows of the per-step comparison, in this process (its allocator set by the caller)."""
     for batch in (128, 2048):
-        loader = BatchLoader(ds.train_images, ds.train_labels, batch, mean=mean, std=std, shuffle=True)
+        loader = BatchLoader(
+            ds.train_images, ds.train_labels, batch, mean=mean, std=std, shuffle=True
+        )
         batches = [b for _, b in zip(range(steps), loader)]
         for interval in (1, 10):
-            timers = {name: step_timer(name, batches, interval) for name in ("sgd", "bigbatch-inverse", "bigbatch", "asdl")}
+            timers = {
+                name: step_timer(name, batches, interval)
+                for name in ("sgd", "bigbatch-inverse", "bigbatch", "asdl")
+            }
             # Rounds interleave the four, so that a slow spell of the machine hits all of them; medians.
             runs: dict[str, list[tuple[float, float]]] = {name: [] for name in timers}
             for _ in range(rounds):
                 for name, run in timers.items():
                     runs[name].append(run())
             t = {name: statistics.median(s for s, _ in values) for name, values in runs.items()}
-            faults = " / ".join(f"{statistics.median(f for _, f in runs[name]):.0f}" for name in timers)
+            faults = " / ".join(
+                f"{statistics.median(f for _, f in runs[name]):.0f}" for name in timers
+            )
             label = "1/1" if interval == 1 else "10/100"
-            print(f"| {allocator} | {batch} | {label} | {1e3 * t['sgd']:.1f} | {1e3 * t['bigbatch-inverse']:.1f} | "
-                  f"{1e3 * t['bigbatch']:.1f} | {1e3 * t['asdl']:.1f} | {t['asdl'] / t['bigbatch-inverse']:.2f}x | "
-                  f"{t['asdl'] / t['bigbatch']:.2f}x | {t['asdl'] / t['sgd']:.2f}x | {faults} |", flush=True)
+            print(
+                f"| {allocator} | {batch} | {label} | {1e3 * t['sgd']:.1f} | {1e3 * t['bigbatch-inverse']:.1f} | "
+                f"{1e3 * t['bigbatch']:.1f} | {1e3 * t['asdl']:.1f} | {t['asdl'] / t['bigbatch-inverse']:.2f}x | "
+                f"{t['asdl'] / t['bigbatch']:.2f}x | {t['asdl'] / t['sgd']:.2f}x | {faults} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -38,8 +38,15 @@ def resnet50_layers() -> list[dict]:
     layers = []
 
     def conv(name, cin, cout, k, out_hw):
-        layers.append({"name": name, "a": cin * k * k, "g": cout, "locations": out_hw * out_hw,
-                       "macs": out_hw * out_hw * cout * cin * k * k})
+        layers.append(
+            {
+                "name": name,
+                "a": cin * k * k,
+                "g": cout,
+                "locations": out_hw * out_hw,
+                "macs": out_hw * out_hw * cout * cin * k * k,
+            }
+        )
 
     conv("conv1", 3, 64, 7, 112)
     cin, hw = 64, 56
@@ -78,7 +85,9 @@ def measure_training_rate() -> float:
     def count(module, inputs, output):
         nonlocal macs
         if isinstance(module, torch.nn.Conv2d):
-            macs += output.numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+            macs += (
+                output.numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+            )
         elif isinstance(module, torch.nn.Linear):
             macs += output.numel() * module.in_features
 
@@ -119,16 +128,34 @@ def broadcast(nbytes: float, p: int, bw: float, lat: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bandwidth-gbs", type=float, default=12.5, help="per-worker network bandwidth, GB/s (12.5 = 100 Gb/s)")
-    parser.add_argument("--latency-us", type=float, default=5.0, help="per-message latency, microseconds")
-    parser.add_argument("--speedup", type=float, nargs="+", default=[1.0, 100.0],
-                        help="worker compute speed as a multiple of one thread of this machine")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--bandwidth-gbs",
+        type=float,
+        default=12.5,
+        help="per-worker network bandwidth, GB/s (12.5 = 100 Gb/s)",
+    )
+    parser.add_argument(
+        "--latency-us", type=float, default=5.0, help="per-message latency, microseconds"
+    )
+    parser.add_argument(
+        "--speedup",
+        type=float,
+        nargs="+",
+        default=[1.0, 100.0],
+        help="worker compute speed as a multiple of one thread of this machine",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     bw, lat = args.bandwidth_gbs * 1e9, args.latency_us * 1e-6
 
-    train_rate, gram_rate, eigh_c = measure_training_rate(), measure_gram_rate(), measure_eigh_constant()
+    train_rate, gram_rate, eigh_c = (
+        measure_training_rate(),
+        measure_gram_rate(),
+        measure_eigh_constant(),
+    )
     layers = resnet50_layers()
     params = sum(l["a"] * l["g"] for l in layers)
     fwd_macs = sum(l["macs"] for l in layers)
@@ -139,23 +166,33 @@ def main() -> None:
     eig_cost = {l["name"]: eigh_c * (l["a"] ** 3 + l["g"] ** 3) for l in layers}
     biggest = max(layers, key=lambda l: l["a"])
 
-    print(f"Measured on one thread here: training {train_rate / 1e9:.1f} GMAC/s (ResNet-20 step), Gram "
-          f"{gram_rate / 1e9:.1f} GMAC/s, eigh {eigh_c * 1e9:.2f} s per 1000^3.")
-    print(f"ResNet-50: {len(layers)} K-FAC layers, {params / 1e6:.1f} M weights, {fwd_macs / 1e9:.2f} GMAC forward per "
-          f"image; factors {full / 1e6:.0f} MB ({upper / 1e6:.0f} MB upper triangles); largest factor "
-          f"{biggest['a']} ({biggest['name']}), its eigendecomposition {eigh_c * biggest['a'] ** 3:.1f} s; all of "
-          f"them {sum(eig_cost.values()):.1f} s on one thread.")
-    print(f"Network model: {args.bandwidth_gbs:g} GB/s per worker, {args.latency_us:g} us per message; "
-          f"statistics every {FACTOR_INTERVAL} steps, eigendecompositions "
-          f"every {INVERSE_INTERVAL}. Seconds per step (amortized):\n")
-    regimes = [(f"weak scaling, {WEAK_LOCAL_BATCH} examples per worker", lambda p: WEAK_LOCAL_BATCH),
-               (f"strong scaling, global batch {STRONG_GLOBAL_BATCH}", lambda p: STRONG_GLOBAL_BATCH / p)]
+    print(
+        f"Measured on one thread here: training {train_rate / 1e9:.1f} GMAC/s (ResNet-20 step), Gram "
+        f"{gram_rate / 1e9:.1f} GMAC/s, eigh {eigh_c * 1e9:.2f} s per 1000^3."
+    )
+    print(
+        f"ResNet-50: {len(layers)} K-FAC layers, {params / 1e6:.1f} M weights, {fwd_macs / 1e9:.2f} GMAC forward per "
+        f"image; factors {full / 1e6:.0f} MB ({upper / 1e6:.0f} MB upper triangles); largest factor "
+        f"{biggest['a']} ({biggest['name']}), its eigendecomposition {eigh_c * biggest['a'] ** 3:.1f} s; all of "
+        f"them {sum(eig_cost.values()):.1f} s on one thread."
+    )
+    print(
+        f"Network model: {args.bandwidth_gbs:g} GB/s per worker, {args.latency_us:g} us per message; "
+        f"statistics every {FACTOR_INTERVAL} steps, eigendecompositions "
+        f"every {INVERSE_INTERVAL}. Seconds per step (amortized):\n"
+    )
+    regimes = [
+        (f"weak scaling, {WEAK_LOCAL_BATCH} examples per worker", lambda p: WEAK_LOCAL_BATCH),
+        (f"strong scaling, global batch {STRONG_GLOBAL_BATCH}", lambda p: STRONG_GLOBAL_BATCH / p),
+    ]
     for speed in args.speedup:
         for regime, local_batch in regimes:
             print(f"Worker = {speed:g}x one thread of this machine; {regime}\n")
-            print("| workers | global batch | forward+backward | statistics | gradient all-reduce | factor all-reduce "
-                  "(upper) | eigendecompositions (max rank) | eigenbasis broadcast | preconditioning | K-FAC step | "
-                  "SGD step | K-FAC / SGD | communication share |")
+            print(
+                "| workers | global batch | forward+backward | statistics | gradient all-reduce | factor all-reduce "
+                "(upper) | eigendecompositions (max rank) | eigenbasis broadcast | preconditioning | K-FAC step | "
+                "SGD step | K-FAC / SGD | communication share |"
+            )
             print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
             for p in (1, 8, 64, 512):
                 b = local_batch(p)
@@ -164,18 +201,29 @@ def main() -> None:
                 grad = ring_all_reduce(params * BYTES, p, bw, lat)
                 factor = ring_all_reduce(upper, p, bw, lat) / FACTOR_INTERVAL
                 owner = assign_by_cost(eig_cost, p)
-                eig = max(sum(eig_cost[n] for n, r in owner.items() if r == rank) for rank in range(p)) / speed
+                eig = (
+                    max(
+                        sum(eig_cost[n] for n, r in owner.items() if r == rank) for rank in range(p)
+                    )
+                    / speed
+                )
                 eig /= INVERSE_INTERVAL
                 # each decomposition (eigenvectors and eigenvalues of A and G) is broadcast from its owner
-                bcast = sum(broadcast((l["a"] ** 2 + l["a"] + l["g"] ** 2 + l["g"]) * BYTES, p, bw, lat) for l in layers)
+                bcast = sum(
+                    broadcast((l["a"] ** 2 + l["a"] + l["g"] ** 2 + l["g"]) * BYTES, p, bw, lat)
+                    for l in layers
+                )
                 bcast /= INVERSE_INTERVAL
                 precond = precond_macs / (gram_rate * speed)  # every rank preconditions every layer
                 sgd = compute + grad
                 kfac = compute + stats + grad + factor + eig + bcast + precond
                 comm = grad + factor + bcast
-                print(f"| {p} | {round(b * p)} | {compute:.3f} | {stats:.3f} | {grad:.4f} | {factor:.4f} | {eig:.3f} | "
-                      f"{bcast:.4f} | {precond:.4f} | {kfac:.3f} | {sgd:.3f} | {kfac / sgd:.2f}x | {100 * comm / kfac:.1f}% |")
+                print(
+                    f"| {p} | {round(b * p)} | {compute:.3f} | {stats:.3f} | {grad:.4f} | {factor:.4f} | {eig:.3f} | "
+                    f"{bcast:.4f} | {precond:.4f} | {kfac:.3f} | {sgd:.3f} | {kfac / sgd:.2f}x | {100 * comm / kfac:.1f}% |"
+                )
             print()
+
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,9 @@ import torch
 
 # The shared CIFAR-10 JPEG copy beside the checkout; BIGBATCH_CIFAR10 points elsewhere.
 CIFAR_ZIP = Path(
-    os.environ.get("BIGBATCH_CIFAR10", Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.zip")
+    os.environ.get(
+        "BIGBATCH_CIFAR10", Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.zip"
+    )
 )
 
 
@@ -45,9 +47,27 @@ def _trained_synthetic_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from bigbatch.cli import main
 
     out = tmp_path_factory.mktemp("runs")
-    code = main(["train", "--set", "data.format=synthetic", "--set", "data.train_limit=256",
-                 "--set", "data.test_limit=128", "--set", "run.epochs=1", "--set", "train.batch_size=64",
-                 "--set", "runtime.progress=off", "--set", f"runtime.output_dir={out}", "--set", "run.name=r"])
+    code = main(
+        [
+            "train",
+            "--set",
+            "data.format=synthetic",
+            "--set",
+            "data.train_limit=256",
+            "--set",
+            "data.test_limit=128",
+            "--set",
+            "run.epochs=1",
+            "--set",
+            "train.batch_size=64",
+            "--set",
+            "runtime.progress=off",
+            "--set",
+            f"runtime.output_dir={out}",
+            "--set",
+            "run.name=r",
+        ]
+    )
     assert code == 0
     return out / "r"
 

@@ -37,12 +37,27 @@ def test_commands_that_open_a_run_refuse_a_hostile_checkpoint(tmp_path, syntheti
     state = load_checkpoint(run / "checkpoint.pt")
     state["payload"] = _RunsCode(marker)
     torch.save(state, run / "checkpoint.pt")
-    for args in (["sharpness", str(run), "--examples", "64"],
-                 ["landscape", str(run), "--points", "3"],
-                 ["train", "--resume", "--set", f"runtime.output_dir={run.parent}",
-                  "--set", f"run.name={run.name}", "--set", "data.format=synthetic",
-                  "--set", "run.epochs=2", "--set", "runtime.progress=off"]):
-        proc = subprocess.run([sys.executable, "-m", "bigbatch", *args], capture_output=True, text=True)
+    for args in (
+        ["sharpness", str(run), "--examples", "64"],
+        ["landscape", str(run), "--points", "3"],
+        [
+            "train",
+            "--resume",
+            "--set",
+            f"runtime.output_dir={run.parent}",
+            "--set",
+            f"run.name={run.name}",
+            "--set",
+            "data.format=synthetic",
+            "--set",
+            "run.epochs=2",
+            "--set",
+            "runtime.progress=off",
+        ],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "bigbatch", *args], capture_output=True, text=True
+        )
         assert proc.returncode != 0, args
         assert "could run code when loaded" in proc.stderr, (args, proc.stderr)
         assert "Traceback" not in proc.stderr

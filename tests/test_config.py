@@ -1,6 +1,12 @@
 import pytest
 
-from bigbatch.config import Config, config_from_dict, load_config, parse_override, validate_against_data
+from bigbatch.config import (
+    Config,
+    config_from_dict,
+    load_config,
+    parse_override,
+    validate_against_data,
+)
 from bigbatch.errors import ConfigError
 
 
@@ -13,7 +19,15 @@ def test_defaults_are_a_valid_config():
 def test_toml_and_overrides(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('[optimizer]\nlr = 0.1\n[schedule]\ndecay_epochs = [71]\n[run]\nname = "x"\n')
-    cfg = load_config(path, ["optimizer.lr=0.01", "train.batch_size=2048", "optimizer.name=kfac", "kfac.pi_damping=false"])
+    cfg = load_config(
+        path,
+        [
+            "optimizer.lr=0.01",
+            "train.batch_size=2048",
+            "optimizer.name=kfac",
+            "kfac.pi_damping=false",
+        ],
+    )
     assert cfg.optimizer.lr == 0.01
     assert cfg.train.batch_size == 2048
     assert cfg.optimizer.name == "kfac"
@@ -30,8 +44,14 @@ def test_int_accepted_for_float():
 @pytest.mark.parametrize(
     "override, words",
     [
-        ("optimizer.learning_rate=0.1", ["unknown config key 'optimizer.learning_rate'", "optimizer"]),
-        ("train.batchsize=12", ["unknown config key 'train.batchsize'", "did you mean 'batch_size'"]),
+        (
+            "optimizer.learning_rate=0.1",
+            ["unknown config key 'optimizer.learning_rate'", "optimizer"],
+        ),
+        (
+            "train.batchsize=12",
+            ["unknown config key 'train.batchsize'", "did you mean 'batch_size'"],
+        ),
         ("trian.batch_size=12", ["unknown config section '[trian]'", "did you mean 'train'"]),
         ("optimizer.lr=-0.1", ["optimizer.lr", "must be > 0"]),
         ("train.batch_size=0", ["train.batch_size", ">= 1"]),
@@ -83,11 +103,18 @@ def test_runtime_keys_live_in_their_own_section():
 
 
 def test_stored_configs_of_the_old_layout_still_load():
-    old = {"run": {"name": "r", "output_dir": "elsewhere", "threads": 2, "retain_memory": False},
-           "train": {"batch_size": 64, "progress": "off"}, "data": {"cache_dir": "c"}}
+    old = {
+        "run": {"name": "r", "output_dir": "elsewhere", "threads": 2, "retain_memory": False},
+        "train": {"batch_size": 64, "progress": "off"},
+        "data": {"cache_dir": "c"},
+    }
     cfg = config_from_dict(old, stored=True)
     assert cfg.runtime.output_dir == "elsewhere" and cfg.runtime.threads == 2
-    assert cfg.runtime.progress == "off" and cfg.runtime.cache_dir == "c" and cfg.train.batch_size == 64
+    assert (
+        cfg.runtime.progress == "off"
+        and cfg.runtime.cache_dir == "c"
+        and cfg.train.batch_size == 64
+    )
 
 
 def test_data_path_has_no_machine_default(monkeypatch, tmp_path):
@@ -103,8 +130,12 @@ def test_run_names_stay_inside_the_output_dir(name):
 
 
 def test_include_lies_beneath_the_including_file(tmp_path):
-    (tmp_path / "base.toml").write_text('[optimizer]\nlr = 0.1\nmomentum = 0.5\n[schedule]\ndecay_epochs = [3, 5]\n')
-    (tmp_path / "top.toml").write_text('include = "base.toml"\n[optimizer]\nlr = 0.2\n[schedule]\ndecay_epochs = [4]\n')
+    (tmp_path / "base.toml").write_text(
+        "[optimizer]\nlr = 0.1\nmomentum = 0.5\n[schedule]\ndecay_epochs = [3, 5]\n"
+    )
+    (tmp_path / "top.toml").write_text(
+        'include = "base.toml"\n[optimizer]\nlr = 0.2\n[schedule]\ndecay_epochs = [4]\n'
+    )
     cfg = load_config(tmp_path / "top.toml")
     assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.schedule.decay_epochs) == (0.2, 0.5, [4])
     (tmp_path / "loop.toml").write_text('include = "loop.toml"\n')

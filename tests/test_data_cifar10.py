@@ -14,7 +14,14 @@ import torch
 from bigbatch.data import DatasetError, cifar10, load_dataset
 from bigbatch.data.cifar10 import CLASSES, download_cifar10, load_cifar10
 
-BATCH_SIZES = {"data_batch_1": 5, "data_batch_2": 4, "data_batch_3": 4, "data_batch_4": 3, "data_batch_5": 4, "test_batch": 6}
+BATCH_SIZES = {
+    "data_batch_1": 5,
+    "data_batch_2": 4,
+    "data_batch_3": 4,
+    "data_batch_4": 3,
+    "data_batch_5": 4,
+    "test_batch": 6,
+}
 
 
 def _batches(str_keys: bool = False) -> dict[str, dict]:
@@ -24,7 +31,11 @@ def _batches(str_keys: bool = False) -> dict[str, dict]:
         rng = np.random.default_rng(k)
         data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
         labels = [(3 * k + i) % 10 for i in range(n)]
-        out[name] = {"data": data, "labels": labels} if str_keys else {b"batch_label": b"x", b"data": data, b"labels": labels}
+        out[name] = (
+            {"data": data, "labels": labels}
+            if str_keys
+            else {b"batch_label": b"x", b"data": data, b"labels": labels}
+        )
     return out
 
 
@@ -33,7 +44,9 @@ def _write_folder(root: Path, batches: dict[str, dict], protocol: int = 2) -> Pa
     folder.mkdir(parents=True)
     for name, batch in batches.items():
         (folder / name).write_bytes(pickle.dumps(batch, protocol=protocol))
-    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [c.encode() for c in CLASSES]}))
+    (folder / "batches.meta").write_bytes(
+        pickle.dumps({b"label_names": [c.encode() for c in CLASSES]})
+    )
     (folder / "readme.html").write_text("<html></html>")
     return folder
 
@@ -41,7 +54,16 @@ def _write_folder(root: Path, batches: dict[str, dict], protocol: int = 2) -> Pa
 def _write_targz(folder: Path, archive: Path) -> Path:
     # The official archive's members are not in name order; reading must not depend on it.
     with tarfile.open(archive, "w:gz") as tar:
-        for name in ["data_batch_4", "readme.html", "test_batch", "data_batch_3", "batches.meta", "data_batch_2", "data_batch_5", "data_batch_1"]:
+        for name in [
+            "data_batch_4",
+            "readme.html",
+            "test_batch",
+            "data_batch_3",
+            "batches.meta",
+            "data_batch_2",
+            "data_batch_5",
+            "data_batch_1",
+        ]:
             tar.add(folder / name, arcname=f"cifar-10-batches-py/{name}")
     return archive
 
@@ -61,18 +83,32 @@ def test_folder_and_archive_load_the_same_tensors(tmp_path):
     train_x, train_y, test_x, test_y = _expected(batches)
     ds = load_dataset("cifar10", folder)
     assert ds.train_images.shape == (20, 3, 32, 32) and ds.test_images.shape == (6, 3, 32, 32)
-    assert ds.train_images.dtype == torch.uint8 and ds.train_labels.dtype == torch.int64 and ds.train_images.is_contiguous()
+    assert (
+        ds.train_images.dtype == torch.uint8
+        and ds.train_labels.dtype == torch.int64
+        and ds.train_images.is_contiguous()
+    )
     assert ds.train_labels.tolist() == train_y and ds.test_labels.tolist() == test_y
-    assert ds.classes == CLASSES and ds.name == "cifar10" and ds.image_size == (32, 32) and ds.channels == 3
+    assert (
+        ds.classes == CLASSES
+        and ds.name == "cifar10"
+        and ds.image_size == (32, 32)
+        and ds.channels == 3
+    )
     # Row layout: the first 1024 bytes are the red plane, row-major.
     assert torch.equal(ds.train_images.reshape(20, -1), torch.from_numpy(train_x))
-    assert ds.train_images[7, 0, 1, 2] == train_x[7, 32 + 2] and ds.train_images[7, 2, 0, 0] == train_x[7, 2048]
+    assert (
+        ds.train_images[7, 0, 1, 2] == train_x[7, 32 + 2]
+        and ds.train_images[7, 2, 0, 0] == train_x[7, 2048]
+    )
     assert torch.equal(ds.test_images.reshape(6, -1), torch.from_numpy(test_x))
 
     archive = _write_targz(folder, tmp_path / "cifar-10-python.tar.gz")
     for path in (archive, tmp_path, tmp_path / "d"):  # the archive, its folder, the batches' parent
         other = load_dataset("auto", path)
-        assert torch.equal(other.train_images, ds.train_images) and torch.equal(other.test_labels, ds.test_labels)
+        assert torch.equal(other.train_images, ds.train_images) and torch.equal(
+            other.test_labels, ds.test_labels
+        )
 
 
 def test_str_keys_and_default_protocol_pickles_load(tmp_path):
@@ -88,7 +124,10 @@ def test_str_keys_and_default_protocol_pickles_load(tmp_path):
         (b"not a pickle", "corrupt"),
         (pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}), r"\[N, 3072\]"),
         (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}), r"\[N, 3072\]"),
-        (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}), "outside 0..9"),
+        (
+            pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}),
+            "outside 0..9",
+        ),
         (pickle.dumps({b"labels": [0]}), "corrupt"),
     ],
 )
@@ -116,23 +155,33 @@ def test_incomplete_or_damaged_archive_names_it(tmp_path):
     (folder / "data_batch_5").unlink()
     with pytest.raises(DatasetError, match="has no data_batch_5"):
         load_cifar10(folder)
-    archive = _write_targz(_write_folder(tmp_path / "e", _batches()), tmp_path / "cifar-10-python.tar.gz")
+    archive = _write_targz(
+        _write_folder(tmp_path / "e", _batches()), tmp_path / "cifar-10-python.tar.gz"
+    )
     archive.write_bytes(archive.read_bytes()[:300])
     with pytest.raises(DatasetError, match="cifar-10-python.tar.gz.*not a readable tar"):
         load_cifar10(archive)
 
 
 def test_missing_path_says_how_to_get_it(tmp_path):
-    with pytest.raises(DatasetError, match=r"nowhere.*does not exist.*runtime\.download=true.*cifar-10-python\.tar\.gz"):
+    with pytest.raises(
+        DatasetError,
+        match=r"nowhere.*does not exist.*runtime\.download=true.*cifar-10-python\.tar\.gz",
+    ):
         load_dataset("cifar10", tmp_path / "nowhere")
     with pytest.raises(DatasetError, match="holds neither cifar-10-batches-py"):
         load_dataset("cifar10", tmp_path)
 
 
 def test_offline_download_fails_fast_and_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(cifar10, "CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")  # discard port: refused
+    monkeypatch.setattr(
+        cifar10, "CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz"
+    )  # discard port: refused
     start = time.perf_counter()
-    with pytest.raises(DatasetError, match=r"could not download CIFAR-10 from http://127\.0\.0\.1:9/.*: .*download it by hand to .*data.path"):
+    with pytest.raises(
+        DatasetError,
+        match=r"could not download CIFAR-10 from http://127\.0\.0\.1:9/.*: .*download it by hand to .*data.path",
+    ):
         load_dataset("cifar10", tmp_path / "data", download=True)
     assert time.perf_counter() - start < 10
     assert not (tmp_path / "data").exists()  # the folder it created for the download is gone again
@@ -167,10 +216,16 @@ def test_limits_take_first_examples_of_each_class(tmp_path):
     ds = load_dataset("cifar10", tmp_path, train_limit=10, test_limit=3)
     present = torch.unique(full.train_labels)
     counts = torch.bincount(ds.train_labels, minlength=10)
-    assert int(counts.sum()) == 10 and int(counts[present].min()) >= 1 and int(counts.max()) - int(counts[present].min()) <= 1
+    assert (
+        int(counts.sum()) == 10
+        and int(counts[present].min()) >= 1
+        and int(counts.max()) - int(counts[present].min()) <= 1
+    )
     for c in present.tolist():  # the first examples of each class, in file order
         k = int(counts[c])
-        assert torch.equal(ds.train_images[ds.train_labels == c], full.train_images[full.train_labels == c][:k])
+        assert torch.equal(
+            ds.train_images[ds.train_labels == c], full.train_images[full.train_labels == c][:k]
+        )
     assert ds.num_test == 3 and len(set(ds.test_labels.tolist())) == 3
 
 
@@ -186,4 +241,14 @@ def test_archive_with_members_read_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tarfile.TarFile, "extractfile", spy)
     load_cifar10(archive)
-    assert calls == [f"cifar-10-batches-py/{n}" for n in ["data_batch_4", "test_batch", "data_batch_3", "data_batch_2", "data_batch_5", "data_batch_1"]]
+    assert calls == [
+        f"cifar-10-batches-py/{n}"
+        for n in [
+            "data_batch_4",
+            "test_batch",
+            "data_batch_3",
+            "data_batch_2",
+            "data_batch_5",
+            "data_batch_1",
+        ]
+    ]

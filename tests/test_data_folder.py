@@ -14,7 +14,18 @@ from bigbatch.data import DatasetError, folder, load_dataset
 from bigbatch.data.folder import load_image_folder
 
 SHARED_ZIP = Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.zip"
-CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR_CLASSES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
 WIDTH, HEIGHT = 20, 12  # deliberately not square and not 32
 
 
@@ -24,11 +35,18 @@ def _encode(array: np.ndarray, fmt: str = "PNG") -> bytes:
     return buf.getvalue()
 
 
-def _arrays(channels: int, per_class=None, classes=("dog", "cat", "bird")) -> dict[tuple[str, str, int], np.ndarray]:
+def _arrays(
+    channels: int, per_class=None, classes=("dog", "cat", "bird")
+) -> dict[tuple[str, str, int], np.ndarray]:
     per_class = per_class or {"train": 4, "test": 2}
     rng = np.random.default_rng(channels)
     shape = (HEIGHT, WIDTH) if channels == 1 else (HEIGHT, WIDTH, channels)
-    return {(s, c, i): rng.integers(0, 256, shape, dtype=np.uint8) for s, n in per_class.items() for c in classes for i in range(n)}
+    return {
+        (s, c, i): rng.integers(0, 256, shape, dtype=np.uint8)
+        for s, n in per_class.items()
+        for c in classes
+        for i in range(n)
+    }
 
 
 def _smooth(arrays):
@@ -42,9 +60,20 @@ def _smooth(arrays):
     return out
 
 
-def _write(tmp_path: Path, arrays, as_zip: bool, fmt="PNG", prefix="", name="imgs", junk=False, compression=zipfile.ZIP_STORED) -> Path:
+def _write(
+    tmp_path: Path,
+    arrays,
+    as_zip: bool,
+    fmt="PNG",
+    prefix="",
+    name="imgs",
+    junk=False,
+    compression=zipfile.ZIP_STORED,
+) -> Path:
     suffix = {"PNG": "png", "JPEG": "jpg", "BMP": "bmp"}[fmt]
-    files = {f"{prefix}{s}/{c}/{i:03d}.{suffix}": _encode(a, fmt) for (s, c, i), a in arrays.items()}
+    files = {
+        f"{prefix}{s}/{c}/{i:03d}.{suffix}": _encode(a, fmt) for (s, c, i), a in arrays.items()
+    }
     if junk:  # what macOS and editors leave behind: must be ignored, not decoded
         files[f"__MACOSX/{prefix}train/dog/._000.{suffix}"] = b"resource fork"
         files[f"{prefix}train/dog/._001.{suffix}"] = b"resource fork"
@@ -75,8 +104,17 @@ def test_png_roundtrip_is_pixel_exact(tmp_path, channels, as_zip):
     path = _write(tmp_path, arrays, as_zip, prefix="wrapped/" if as_zip else "", junk=True)
     ds = load_dataset("auto", path)
     assert ds.classes == ["bird", "cat", "dog"] and ds.name == "imgs"
-    assert ds.train_images.shape == (12, channels, HEIGHT, WIDTH) and ds.test_images.shape == (6, channels, HEIGHT, WIDTH)
-    assert ds.train_images.dtype == torch.uint8 and ds.train_images.is_contiguous() and ds.train_labels.dtype == torch.int64
+    assert ds.train_images.shape == (12, channels, HEIGHT, WIDTH) and ds.test_images.shape == (
+        6,
+        channels,
+        HEIGHT,
+        WIDTH,
+    )
+    assert (
+        ds.train_images.dtype == torch.uint8
+        and ds.train_images.is_contiguous()
+        and ds.train_labels.dtype == torch.int64
+    )
     assert ds.channels == channels and ds.image_size == (HEIGHT, WIDTH)
     for (split, cls, i), expected in arrays.items():
         want = torch.from_numpy(expected).reshape(HEIGHT, WIDTH, channels).permute(2, 0, 1)
@@ -84,12 +122,16 @@ def test_png_roundtrip_is_pixel_exact(tmp_path, channels, as_zip):
         labels = ds.train_labels if split == "train" else ds.test_labels
         assert len(hits) == 1 and labels[hits[0]] == ds.classes.index(cls)
     again = load_dataset("image-folder", path)  # the fixed shuffle is the same on every load
-    assert torch.equal(again.train_images, ds.train_images) and torch.equal(again.train_labels, ds.train_labels)
+    assert torch.equal(again.train_images, ds.train_images) and torch.equal(
+        again.train_labels, ds.train_labels
+    )
 
 
 def test_jpeg_and_bmp_and_deflated_zip(tmp_path):
     arrays = _smooth(_arrays(3))
-    jpeg = load_dataset("auto", _write(tmp_path, arrays, True, fmt="JPEG", compression=zipfile.ZIP_DEFLATED))
+    jpeg = load_dataset(
+        "auto", _write(tmp_path, arrays, True, fmt="JPEG", compression=zipfile.ZIP_DEFLATED)
+    )
     png = load_dataset("auto", _write(tmp_path, arrays, False))
     # JPEG is lossy: close to the source, not equal.
     assert torch.equal(jpeg.train_labels, png.train_labels)
@@ -124,7 +166,9 @@ def test_size_mismatch_names_file_and_sizes(tmp_path):
     arrays = _arrays(3)
     arrays[("train", "dog", 2)] = arrays[("train", "dog", 2)][:7]  # 20 wide, 7 high
     path = _write(tmp_path, arrays, as_zip=False)
-    with pytest.raises(DatasetError, match=r"dog/002\.png' is 20x7 but the dataset's images are 20x12"):
+    with pytest.raises(
+        DatasetError, match=r"dog/002\.png' is 20x7 but the dataset's images are 20x12"
+    ):
         load_dataset("image-folder", path)
 
 
@@ -150,8 +194,12 @@ def test_threaded_decoding_matches_serial_and_reports_the_first_bad_file(tmp_pat
     monkeypatch.setattr(folder, "PARALLEL_MIN_IMAGES", 1)
     monkeypatch.setattr(folder, "_decode_threads", lambda n: 3)
     threaded = load_image_folder(path)
-    assert torch.equal(serial.train_images, threaded.train_images) and torch.equal(serial.test_labels, threaded.test_labels)
-    with zipfile.ZipFile(path, "a") as zf:  # later members are listed after earlier ones: bird/050 sorts last in bird
+    assert torch.equal(serial.train_images, threaded.train_images) and torch.equal(
+        serial.test_labels, threaded.test_labels
+    )
+    with zipfile.ZipFile(
+        path, "a"
+    ) as zf:  # later members are listed after earlier ones: bird/050 sorts last in bird
         zf.writestr("train/dog/050.png", b"bad")
         zf.writestr("train/bird/050.png", b"bad")
     with pytest.raises(DatasetError, match="train/bird/050.png"):
@@ -208,7 +256,14 @@ def test_shared_cifar10_zip_subset():
     elapsed = time.perf_counter() - start
     assert ds.classes == CIFAR_CLASSES and ds.name == "cifar10-jpeg"
     assert ds.train_images.shape == (500, 3, 32, 32) and ds.test_images.shape == (200, 3, 32, 32)
-    assert torch.bincount(ds.train_labels).tolist() == [50] * 10 and torch.bincount(ds.test_labels).tolist() == [20] * 10
+    assert (
+        torch.bincount(ds.train_labels).tolist() == [50] * 10
+        and torch.bincount(ds.test_labels).tolist() == [20] * 10
+    )
     assert 100 < ds.train_images.float().mean() < 140  # CIFAR-10's mean pixel is about 120
-    assert len(set(ds.train_labels[:50].tolist())) >= 8  # shuffled: a prefix holds (nearly) every class
-    assert elapsed < 15, f"loading 700 images took {elapsed:.1f} s; limits should avoid decoding the rest"
+    assert (
+        len(set(ds.train_labels[:50].tolist())) >= 8
+    )  # shuffled: a prefix holds (nearly) every class
+    assert elapsed < 15, (
+        f"loading 700 images took {elapsed:.1f} s; limits should avoid decoding the rest"
+    )

@@ -20,7 +20,11 @@ NAMES = {
 
 
 def _idx(array: np.ndarray, type_code: int = 0x08) -> bytes:
-    return struct.pack(">HBB", 0, type_code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    return (
+        struct.pack(">HBB", 0, type_code, array.ndim)
+        + struct.pack(f">{array.ndim}I", *array.shape)
+        + array.tobytes()
+    )
 
 
 def _make(root: Path, gz: bool, size=(28, 28), n_train=23, n_test=7) -> dict[str, np.ndarray]:
@@ -43,10 +47,17 @@ def test_roundtrip(tmp_path, gz):
     data = _make(tmp_path, gz)
     ds = load_dataset("auto", tmp_path)
     assert ds.train_images.shape == (23, 1, 28, 28) and ds.test_images.shape == (7, 1, 28, 28)
-    assert ds.train_images.dtype == torch.uint8 and ds.train_labels.dtype == torch.int64 and ds.train_images.is_contiguous()
+    assert (
+        ds.train_images.dtype == torch.uint8
+        and ds.train_labels.dtype == torch.int64
+        and ds.train_images.is_contiguous()
+    )
     assert np.array_equal(ds.train_images[:, 0].numpy(), data["train_images"])
     assert np.array_equal(ds.test_images[:, 0].numpy(), data["test_images"])
-    assert ds.train_labels.tolist() == data["train_labels"].tolist() and ds.test_labels.tolist() == data["test_labels"].tolist()
+    assert (
+        ds.train_labels.tolist() == data["train_labels"].tolist()
+        and ds.test_labels.tolist() == data["test_labels"].tolist()
+    )
     assert ds.classes == [str(i) for i in range(10)] and ds.name == tmp_path.name
     fashion = load_dataset("fashion-mnist", tmp_path)
     assert fashion.classes == FASHION_MNIST_CLASSES and fashion.name == "fashion-mnist"
@@ -58,7 +69,9 @@ def test_other_image_sizes_and_dotted_names(tmp_path):
     for stem in NAMES.values():  # some mirrors spell them train-images.idx3-ubyte
         (tmp_path / stem).rename(tmp_path / stem.replace("-idx", ".idx"))
     ds = load_dataset("idx", tmp_path)
-    assert ds.image_size == (9, 13) and torch.equal(ds.train_images[:, 0], torch.from_numpy(data["train_images"]))
+    assert ds.image_size == (9, 13) and torch.equal(
+        ds.train_images[:, 0], torch.from_numpy(data["train_images"])
+    )
 
 
 def test_truncated_bad_magic_and_damaged_gzip_name_the_file(tmp_path):
@@ -66,7 +79,10 @@ def test_truncated_bad_magic_and_damaged_gzip_name_the_file(tmp_path):
     f = tmp_path / "train-images-idx3-ubyte"
     good = f.read_bytes()
     f.write_bytes(good[:-10])
-    with pytest.raises(DatasetError, match=r"train-images-idx3-ubyte' holds .* values but its header \[23, 28, 28\] promises 18032.*truncated"):
+    with pytest.raises(
+        DatasetError,
+        match=r"train-images-idx3-ubyte' holds .* values but its header \[23, 28, 28\] promises 18032.*truncated",
+    ):
         load_dataset("idx", tmp_path)
     f.write_bytes(good[:6])
     with pytest.raises(DatasetError, match="train-images-idx3-ubyte.*shorter than its header"):
@@ -90,7 +106,10 @@ def test_truncated_bad_magic_and_damaged_gzip_name_the_file(tmp_path):
 def test_count_mismatch_and_label_range(tmp_path):
     _make(tmp_path, gz=False)
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(_idx(np.zeros(6, np.uint8)))
-    with pytest.raises(DatasetError, match="t10k-images-idx3-ubyte' holds 7 images but .*t10k-labels-idx1-ubyte' holds 6 labels"):
+    with pytest.raises(
+        DatasetError,
+        match="t10k-images-idx3-ubyte' holds 7 images but .*t10k-labels-idx1-ubyte' holds 6 labels",
+    ):
         load_dataset("idx", tmp_path)
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(_idx(np.full(7, 12, np.uint8)))
     assert load_dataset("idx", tmp_path).num_classes == 13  # generic IDX: classes from the labels
@@ -111,10 +130,16 @@ def test_missing_folder_says_what_to_do(tmp_path):
         load_dataset("idx", tmp_path / "nope")
 
 
-@pytest.mark.skipif(not Path(FASHION_MNIST_PATH).is_dir(), reason=f"Debian's dataset-fashion-mnist is not installed ({FASHION_MNIST_PATH})")
+@pytest.mark.skipif(
+    not Path(FASHION_MNIST_PATH).is_dir(),
+    reason=f"Debian's dataset-fashion-mnist is not installed ({FASHION_MNIST_PATH})",
+)
 def test_real_fashion_mnist():
     ds = load_dataset("fashion-mnist", None, train_limit=1000, test_limit=100)
     assert ds.train_images.shape == (1000, 1, 28, 28) and ds.test_images.shape == (100, 1, 28, 28)
-    assert torch.bincount(ds.train_labels).tolist() == [100] * 10 and torch.bincount(ds.test_labels).tolist() == [10] * 10
+    assert (
+        torch.bincount(ds.train_labels).tolist() == [100] * 10
+        and torch.bincount(ds.test_labels).tolist() == [10] * 10
+    )
     assert ds.classes == FASHION_MNIST_CLASSES
     assert 40 < ds.train_images.float().mean() < 110  # Fashion-MNIST's mean pixel is about 73

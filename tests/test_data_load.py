@@ -28,41 +28,64 @@ def _image_zip(path, per_class=4, classes=("b", "a")):
         for split, n in (("train", per_class), ("test", 2)):
             for c in classes:
                 for i in range(n):
-                    zf.writestr(f"{split}/{c}/{i}.png", _png(rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)))
+                    zf.writestr(
+                        f"{split}/{c}/{i}.png",
+                        _png(rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)),
+                    )
     return path
 
 
 def _idx_dir(root):
     root.mkdir()
-    for name, shape in (("train-images-idx3-ubyte", (4, 5, 5)), ("train-labels-idx1-ubyte", (4,)), ("t10k-images-idx3-ubyte", (2, 5, 5)), ("t10k-labels-idx1-ubyte", (2,))):
+    for name, shape in (
+        ("train-images-idx3-ubyte", (4, 5, 5)),
+        ("train-labels-idx1-ubyte", (4,)),
+        ("t10k-images-idx3-ubyte", (2, 5, 5)),
+        ("t10k-labels-idx1-ubyte", (2,)),
+    ):
         array = np.zeros(shape, np.uint8)
-        (root / f"{name}.gz").write_bytes(gzip.compress(struct.pack(">HBB", 0, 8, len(shape)) + struct.pack(f">{len(shape)}I", *shape) + array.tobytes()))
+        (root / f"{name}.gz").write_bytes(
+            gzip.compress(
+                struct.pack(">HBB", 0, 8, len(shape))
+                + struct.pack(f">{len(shape)}I", *shape)
+                + array.tobytes()
+            )
+        )
     return root
 
 
 def test_detect_format(tmp_path):
     assert detect_format(_image_zip(tmp_path / "x.zip")) == "image-folder"
-    assert detect_format(tmp_path / "not-yet.zip") == "image-folder"  # by name, even before it exists
+    assert (
+        detect_format(tmp_path / "not-yet.zip") == "image-folder"
+    )  # by name, even before it exists
     assert detect_format(tmp_path / "cifar-10-python.tar.gz") == "cifar10"
     assert detect_format(tmp_path / "cifar-10-batches-py") == "cifar10"
     assert detect_format(_idx_dir(tmp_path / "idx")) == "idx"
     (tmp_path / "folder" / "train" / "a").mkdir(parents=True)
     assert detect_format(tmp_path / "folder") == "image-folder"
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DatasetError, match=r"cannot tell what dataset '.*empty' holds.*data\.format"):
+    with pytest.raises(
+        DatasetError, match=r"cannot tell what dataset '.*empty' holds.*data\.format"
+    ):
         detect_format(tmp_path / "empty")
     with pytest.raises(DatasetError, match="does not exist"):
         detect_format(tmp_path / "missing")
 
 
 def test_errors_name_the_problem_and_fix(tmp_path):
-    with pytest.raises(DatasetError, match="unknown dataset format 'imagenet'.*auto, cifar10, image-folder, idx, fashion-mnist, synthetic"):
+    with pytest.raises(
+        DatasetError,
+        match="unknown dataset format 'imagenet'.*auto, cifar10, image-folder, idx, fashion-mnist, synthetic",
+    ):
         load_dataset("imagenet", None)
     with pytest.raises(DatasetError, match=r"data\.path is empty.*image-folder.*train/<class>/"):
         load_dataset("image-folder", "")
     with pytest.raises(DatasetError, match=r"data\.path is empty.*cifar10.*runtime\.download=true"):
         load_dataset("cifar10", None)
-    with pytest.raises(DatasetError, match=r"image-folder dataset path '.*gone\.zip' does not exist"):
+    with pytest.raises(
+        DatasetError, match=r"image-folder dataset path '.*gone\.zip' does not exist"
+    ):
         load_dataset("auto", tmp_path / "gone.zip")
     with pytest.raises(DatasetError, match="train_limit is -1"):
         load_dataset("synthetic", None, train_limit=-1)
@@ -76,8 +99,13 @@ def test_synthetic_is_seeded_balanced_and_learnable():
     assert ds.train_images.dtype == torch.uint8 and ds.num_classes == 10
     assert torch.bincount(ds.train_labels).tolist() == [60] * 10
     same = load_dataset("synthetic", "ignored", train_limit=600, test_limit=200, seed=3)
-    assert torch.equal(same.train_images, ds.train_images) and torch.equal(same.test_labels, ds.test_labels)
-    assert not torch.equal(load_dataset("synthetic", None, train_limit=600, test_limit=200, seed=4).train_images, ds.train_images)
+    assert torch.equal(same.train_images, ds.train_images) and torch.equal(
+        same.test_labels, ds.test_labels
+    )
+    assert not torch.equal(
+        load_dataset("synthetic", None, train_limit=600, test_limit=200, seed=4).train_images,
+        ds.train_images,
+    )
     # Learnable: nearest class mean (from the training set) classifies the test set well, but the
     # noise keeps single pixels from being enough.
     x, y = ds.train_images.float().flatten(1), ds.train_labels
@@ -87,20 +115,32 @@ def test_synthetic_is_seeded_balanced_and_learnable():
     defaults = load_dataset("synthetic", None)
     assert (defaults.num_train, defaults.num_test) == (2000, 500)
     small = data.make_synthetic(50, 20, num_classes=4, channels=1, size=(8, 12))
-    assert small.train_images.shape == (50, 1, 8, 12) and small.classes == ["class0", "class1", "class2", "class3"]
+    assert small.train_images.shape == (50, 1, 8, 12) and small.classes == [
+        "class0",
+        "class1",
+        "class2",
+        "class3",
+    ]
 
 
 def test_image_dataset_checks_its_tensors():
     x, y = torch.zeros(4, 1, 2, 2, dtype=torch.uint8), torch.tensor([0, 1, 0, 1])
     ds = ImageDataset("t", ["a", "b"], x.transpose(2, 3), y, x[:2], y[:2])
-    assert ds.train_images.is_contiguous() and (ds.num_train, ds.num_test, ds.channels, ds.image_size) == (4, 2, 1, (2, 2))
+    assert ds.train_images.is_contiguous() and (
+        ds.num_train,
+        ds.num_test,
+        ds.channels,
+        ds.image_size,
+    ) == (4, 2, 1, (2, 2))
     with pytest.raises(DatasetError, match="'t': train images are torch.float32"):
         ImageDataset("t", ["a", "b"], x.float(), y, x, y)
     with pytest.raises(DatasetError, match="'t': test labels are torch.int32"):
         ImageDataset("t", ["a", "b"], x, y, x, y.int())
     with pytest.raises(DatasetError, match="labels span 0..1 but there are 1 classes"):
         ImageDataset("t", ["a"], x, y, x, y)
-    with pytest.raises(DatasetError, match=r"train images are \(1, 2, 2\) but test images are \(1, 3, 3\)"):
+    with pytest.raises(
+        DatasetError, match=r"train images are \(1, 2, 2\) but test images are \(1, 3, 3\)"
+    ):
         ImageDataset("t", ["a", "b"], x, y, torch.zeros(4, 1, 3, 3, dtype=torch.uint8), y)
 
 
@@ -127,7 +167,9 @@ def test_cache_roundtrip_is_used_and_invalidated(tmp_path, monkeypatch):
     files[0].write_bytes(b"damaged")  # a damaged cache is rebuilt, not fatal
     rebuilt = load_dataset("auto", path, train_limit=4, cache_dir=cache)
     assert len(calls) == 2 and torch.equal(rebuilt.train_images, first.train_images)
-    assert load_dataset("auto", path, train_limit=4, cache_dir=cache) is not None and len(calls) == 2
+    assert (
+        load_dataset("auto", path, train_limit=4, cache_dir=cache) is not None and len(calls) == 2
+    )
 
     _image_zip(path, per_class=5)  # the data changed (size and mtime): decoded afresh
     os.utime(path, ns=(1, 1))
@@ -156,5 +198,8 @@ def test_unwritable_cache_only_warns(tmp_path):
 
 def test_no_path_means_cifar10_in_the_cache_dir(tmp_path):
     # Nothing is downloaded unless asked: the error names the cache folder and both fixes.
-    with pytest.raises(DatasetError, match=r"CIFAR-10 path '.*cache/cifar10' does not exist.*runtime\.download=true"):
+    with pytest.raises(
+        DatasetError,
+        match=r"CIFAR-10 path '.*cache/cifar10' does not exist.*runtime\.download=true",
+    ):
         load_dataset("auto", "", cache_dir=tmp_path / "cache")

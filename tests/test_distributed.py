@@ -15,8 +15,14 @@ from bigbatch.io import read_jsonl
 from bigbatch.train.checkpoint import load_checkpoint
 
 COMMON = [
-    "data.format=synthetic", "data.train_limit=600", "data.test_limit=200", "train.batch_size=64",
-    "runtime.progress=off", "train.train_eval_examples=200", "runtime.threads=1", "optimizer.lr=0.05",
+    "data.format=synthetic",
+    "data.train_limit=600",
+    "data.test_limit=200",
+    "train.batch_size=64",
+    "runtime.progress=off",
+    "train.train_eval_examples=200",
+    "runtime.threads=1",
+    "optimizer.lr=0.05",
 ]
 
 
@@ -37,15 +43,32 @@ def _free_port() -> int:
 
 def _args(out, name, extra, flags=()):
     sets = [*COMMON, f"runtime.output_dir={out}", f"run.name={name}", *extra]
-    return [sys.executable, "-m", "bigbatch", "train", *flags] + [a for s in sets for a in ("--set", s)]
+    return [sys.executable, "-m", "bigbatch", "train", *flags] + [
+        a for s in sets for a in ("--set", s)
+    ]
 
 
 def _launch(out, name, extra, world_size, port, flags=()):
     procs = []
     for rank in range(world_size):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen(_args(out, name, extra, flags), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+        )
+        procs.append(
+            subprocess.Popen(
+                _args(out, name, extra, flags),
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     return procs
 
 
@@ -63,10 +86,18 @@ def _compare(tmp_path, extra, epochs):
     # in a max-pooling window, which moves that gradient to another pixel: an O(1) change that K-FAC
     # carries into every later step.
     half = ["runtime.micro_batch_size=32"]
-    single = subprocess.run(_args(tmp_path, "single", [*extra, *half]), capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    single = subprocess.run(
+        _args(tmp_path, "single", [*extra, *half]),
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert single.returncode == 0, single.stderr
     _finish(_launch(tmp_path, "two", extra, 2, _free_port()))
-    a, b = read_jsonl(tmp_path / "single" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    a, b = (
+        read_jsonl(tmp_path / "single" / "metrics.jsonl"),
+        read_jsonl(tmp_path / "two" / "metrics.jsonl"),
+    )
     assert len(a) == len(b) == epochs
     for ra, rb in zip(a, b):
         assert rb["world_size"] == 2 and rb["bytes_communicated"] > 0
@@ -90,12 +121,19 @@ def test_short_sgd_run_on_two_ranks_equals_one_process(tmp_path):
 
 
 def test_killed_rank_ends_the_other_with_a_clear_error(tmp_path):
-    extra = ["run.epochs=50", "runtime.dist_timeout=20", "data.train_limit=3000", "train.batch_size=32"]
+    extra = [
+        "run.epochs=50",
+        "runtime.dist_timeout=20",
+        "data.train_limit=3000",
+        "train.batch_size=32",
+    ]
     procs = _launch(tmp_path, "kill", extra, 2, _free_port())
     deadline = time.time() + 120
     while time.time() < deadline and not (tmp_path / "kill" / "checkpoint.pt").exists():
         time.sleep(0.1)
-    assert (tmp_path / "kill" / "checkpoint.pt").exists(), procs[0].stderr.read() if procs[0].poll() is not None else "no checkpoint"
+    assert (tmp_path / "kill" / "checkpoint.pt").exists(), (
+        procs[0].stderr.read() if procs[0].poll() is not None else "no checkpoint"
+    )
     procs[1].send_signal(signal.SIGKILL)
     start = time.time()
     _, err = procs[0].communicate(timeout=60)
@@ -107,18 +145,36 @@ def test_killed_rank_ends_the_other_with_a_clear_error(tmp_path):
     epoch = load_checkpoint(tmp_path / "kill" / "checkpoint.pt")["epoch"]
     assert epoch >= 1
     procs[1].communicate()
-    resumed = _launch(tmp_path, "kill", [*extra[1:], f"run.epochs={epoch + 1}"], 2, _free_port(), flags=["--resume"])
+    resumed = _launch(
+        tmp_path,
+        "kill",
+        [*extra[1:], f"run.epochs={epoch + 1}"],
+        2,
+        _free_port(),
+        flags=["--resume"],
+    )
     _finish(resumed)
-    assert [r["epoch"] for r in read_jsonl(tmp_path / "kill" / "metrics.jsonl")] == list(range(1, epoch + 2))
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "kill" / "metrics.jsonl")] == list(
+        range(1, epoch + 2)
+    )
 
 
-@pytest.mark.parametrize("optimizer", [
-    ["optimizer.name=sgd"],
-    # K-FAC communicates factors every step and eigenbases every other: a hang in any of its collectives too.
-    ["optimizer.name=kfac", "kfac.factor_interval=1", "kfac.inverse_interval=2"],
-])
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        ["optimizer.name=sgd"],
+        # K-FAC communicates factors every step and eigenbases every other: a hang in any of its collectives too.
+        ["optimizer.name=kfac", "kfac.factor_interval=1", "kfac.inverse_interval=2"],
+    ],
+)
 def test_hung_rank_ends_the_other_within_the_timeout(tmp_path, optimizer):
-    extra = ["run.epochs=50", "runtime.dist_timeout=10", "data.train_limit=3000", "train.batch_size=32", *optimizer]
+    extra = [
+        "run.epochs=50",
+        "runtime.dist_timeout=10",
+        "data.train_limit=3000",
+        "train.batch_size=32",
+        *optimizer,
+    ]
     procs = _launch(tmp_path, "hang", extra, 2, _free_port())
     try:
         deadline = time.time() + 120
@@ -140,8 +196,17 @@ def test_hung_rank_ends_the_other_within_the_timeout(tmp_path, optimizer):
 def test_kfac_on_two_ranks_equals_one_process(tmp_path, upper):
     # Empirical Fisher, statistics every step and eigendecompositions every 2 steps, so both the
     # factor all-reduce and the rank-assigned, broadcast eigendecompositions are exercised.
-    _compare(tmp_path, ["optimizer.name=kfac", "kfac.factor_interval=1", "kfac.inverse_interval=2",
-                        f"kfac.upper_triangle={upper}", "data.train_limit=256"], epochs=1)
+    _compare(
+        tmp_path,
+        [
+            "optimizer.name=kfac",
+            "kfac.factor_interval=1",
+            "kfac.inverse_interval=2",
+            f"kfac.upper_triangle={upper}",
+            "data.train_limit=256",
+        ],
+        epochs=1,
+    )
     rows = read_jsonl(tmp_path / "two" / "metrics.jsonl")
     assert rows[0]["kfac_factor_bytes"] > 0 and rows[0]["kfac_communication_time"] > 0
 
@@ -149,8 +214,13 @@ def test_kfac_on_two_ranks_equals_one_process(tmp_path, upper):
 def test_eigendecompositions_are_spread_over_ranks():
     from bigbatch.optim.kfac.distributed import assign_by_cost
 
-    costs = {"conv1": 76.0**3 + 6**3, "conv2": 151.0**3 + 16**3, "fc1": 401.0**3 + 120**3, "fc2": 121.0**3 + 84**3,
-             "fc3": 85.0**3 + 10**3}
+    costs = {
+        "conv1": 76.0**3 + 6**3,
+        "conv2": 151.0**3 + 16**3,
+        "fc1": 401.0**3 + 120**3,
+        "fc2": 121.0**3 + 84**3,
+        "fc3": 85.0**3 + 10**3,
+    }
     owner = assign_by_cost(costs, 2)
     assert owner["fc1"] == 0 and set(owner.values()) == {0, 1}  # the largest alone on one rank
     assert all(owner[n] == 1 for n in ("conv1", "conv2", "fc2", "fc3"))

@@ -53,11 +53,17 @@ def test_top_eigenvalues_match_dense(tiny):
     model, batches, dense = tiny
     exact = torch.linalg.eigvalsh(dense).flip(0)
     top = lanczos_top_eigenvalues(model, batches, k=3, steps=dense.shape[0])
-    torch.testing.assert_close(torch.tensor(top, dtype=torch.float64), exact[:3], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(
+        torch.tensor(top, dtype=torch.float64), exact[:3], rtol=1e-6, atol=1e-9
+    )
     # Few steps still pin the top eigenvalue closely.
-    assert lanczos_top_eigenvalues(model, batches, k=1, steps=15)[0] == pytest.approx(float(exact[0]), rel=1e-4)
+    assert lanczos_top_eigenvalues(model, batches, k=1, steps=15)[0] == pytest.approx(
+        float(exact[0]), rel=1e-4
+    )
     dominant = exact[exact.abs().argmax()]
-    assert power_iteration_top_eigenvalue(model, batches, iters=2000, tol=1e-10) == pytest.approx(float(dominant), rel=1e-4)
+    assert power_iteration_top_eigenvalue(model, batches, iters=2000, tol=1e-10) == pytest.approx(
+        float(dominant), rel=1e-4
+    )
 
 
 def test_hutchinson_converges_within_its_error(tiny):

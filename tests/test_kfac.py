@@ -14,8 +14,14 @@ D = torch.float64
 
 
 def _kfac(model, **kw):
-    defaults = dict(damping=1e-12, factor_decay=0.0, factor_interval=1, inverse_interval=1, kl_clip=0.0,
-                    factor_dtype=D)
+    defaults = dict(
+        damping=1e-12,
+        factor_decay=0.0,
+        factor_interval=1,
+        inverse_interval=1,
+        kl_clip=0.0,
+        factor_dtype=D,
+    )
     defaults.update(kw)
     return KFACPreconditioner(model, **defaults)
 
@@ -62,7 +68,9 @@ def test_linear_one_example_kron_equals_exact_fisher_block():
     kfac = _kfac(model)
     _step_once(model, kfac, x, y)
     state = kfac.layers["0"]
-    torch.testing.assert_close(torch.kron(state.G, state.A), torch.outer(flat[0], flat[0]), rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(
+        torch.kron(state.G, state.A), torch.outer(flat[0], flat[0]), rtol=1e-10, atol=1e-14
+    )
 
 
 @pytest.mark.parametrize("micro", [None, 7])
@@ -71,18 +79,26 @@ def test_linear_factors_equal_brute_force(micro):
     x, y = torch.randn(20, 5, dtype=D), torch.randint(0, 3, (20,))
     kfac = _kfac(model)
     _step_once(model, kfac, x, y, micro)
-    for name, layer, inputs in (("0", model[0], x), ("2", model[2], torch.tanh(model[0](x)).detach())):
+    for name, layer, inputs in (
+        ("0", model[0], x),
+        ("2", model[2], torch.tanh(model[0](x)).detach()),
+    ):
         _, gs = _per_example_grads(model, layer, x, y, lambda g: g)
         a_bar = torch.cat([inputs, torch.ones(20, 1, dtype=D)], 1)
         A = a_bar.t() @ a_bar / 20
-        G = sum(torch.outer(g[0] if g.dim() > 1 else g, g[0] if g.dim() > 1 else g) for g in gs) / 20
+        G = (
+            sum(torch.outer(g[0] if g.dim() > 1 else g, g[0] if g.dim() > 1 else g) for g in gs)
+            / 20
+        )
         torch.testing.assert_close(kfac.layers[name].A, A, rtol=1e-10, atol=1e-14)
         torch.testing.assert_close(kfac.layers[name].G, G, rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize("micro", [None, 8])
 @pytest.mark.parametrize("min_rows", [1, 3, 10_000])
-def test_stats_fraction_factors_equal_brute_force_over_the_sampled_rows(micro, min_rows, monkeypatch):
+def test_stats_fraction_factors_equal_brute_force_over_the_sampled_rows(
+    micro, min_rows, monkeypatch
+):
     # Each micro-batch contributes its first quarter; rows are held and reduced in groups of at least
     # min_rows (1: every slice at once, 3: mid-batch flushes, 10_000: all at the step).
     monkeypatch.setattr("bigbatch.optim.kfac.layers.MIN_ROWS_PER_PRODUCT", min_rows)
@@ -94,7 +110,9 @@ def test_stats_fraction_factors_equal_brute_force_over_the_sampled_rows(micro, m
     _, gs = _per_example_grads(model, model[0], x[rows], y[rows], lambda g: g)
     a_bar = torch.cat([x[rows], torch.ones(8, 1, dtype=D)], 1)
     torch.testing.assert_close(kfac.layers["0"].A, a_bar.t() @ a_bar / 8, rtol=1e-10, atol=1e-14)
-    torch.testing.assert_close(kfac.layers["0"].G, sum(torch.outer(g, g) for g in gs) / 8, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(
+        kfac.layers["0"].G, sum(torch.outer(g, g) for g in gs) / 8, rtol=1e-10, atol=1e-14
+    )
 
 
 def test_mc_fisher_uses_sampled_labels():
@@ -136,13 +154,17 @@ class ConvNet(nn.Module):
 
 def test_conv_one_example_one_location_kron_equals_exact_fisher_block():
     torch.manual_seed(1)
-    model = ConvNet(k=3, stride=1, padding=0, hw=3).to(D)  # a 3x3 input and kernel: one output location
+    model = ConvNet(k=3, stride=1, padding=0, hw=3).to(
+        D
+    )  # a 3x3 input and kernel: one output location
     x, y = torch.randn(1, 2, 3, 3, dtype=D), torch.tensor([1])
     flat, _ = _per_example_grads(model, model.conv, x, y, lambda g: g)
     kfac = _kfac(model)
     _step_once(model, kfac, x, y)
     s = kfac.layers["conv"]
-    torch.testing.assert_close(torch.kron(s.G, s.A), torch.outer(flat[0], flat[0]), rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(
+        torch.kron(s.G, s.A), torch.outer(flat[0], flat[0]), rtol=1e-10, atol=1e-14
+    )
 
 
 @pytest.mark.parametrize("stride, padding, dilation", [(2, 1, 1), (1, 0, 2), (1, 2, 1)])
@@ -195,9 +217,12 @@ def _explicit_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 def test_conv_input_factor_is_the_patch_gram_for_uneven_kernels_strides_and_images(memory_format):
     torch.manual_seed(5)
     for cin, k, stride, pad, dil, bias, hw in [
-        (3, 5, 1, 0, 1, True, (12, 12)), (2, (3, 2), 2, 1, 1, True, (9, 11)),
-        (3, 3, 1, 2, 2, False, (10, 8)), (4, (2, 3), (2, 1), (1, 0), (1, 2), True, (7, 12)),
-        (2, 3, (2, 1), 0, (3, 1), True, (11, 7)), (3, 1, 1, 0, 1, True, (5, 17)),
+        (3, 5, 1, 0, 1, True, (12, 12)),
+        (2, (3, 2), 2, 1, 1, True, (9, 11)),
+        (3, 3, 1, 2, 2, False, (10, 8)),
+        (4, (2, 3), (2, 1), (1, 0), (1, 2), True, (7, 12)),
+        (2, 3, (2, 1), 0, (3, 1), True, (11, 7)),
+        (3, 1, 1, 0, 1, True, (5, 17)),
     ]:
         conv = nn.Conv2d(cin, 5, k, stride=stride, padding=pad, dilation=dil, bias=bias).to(D)
         factors = Conv2dFactors("c", conv)
@@ -218,7 +243,9 @@ def _one_layer(n=40):
     return model, torch.randn(n, 4, dtype=D), torch.randint(0, 3, (n,))
 
 
-@pytest.mark.parametrize("method, pi", [("eigen", False), ("eigen", True), ("inverse", False), ("inverse", True)])
+@pytest.mark.parametrize(
+    "method, pi", [("eigen", False), ("eigen", True), ("inverse", False), ("inverse", True)]
+)
 @pytest.mark.parametrize("damping", [1e-12, 0.3])
 def test_preconditioned_gradient_solves_the_dense_system(method, pi, damping):
     # A squared-error loss keeps G full rank (cross-entropy's G has the all-ones null vector).
@@ -263,7 +290,9 @@ def test_kl_clip_scales_the_update():
 # -- batch-size invariance -----------------------------------------------------------------------------
 def test_factors_and_damping_are_batch_size_invariant():
     torch.manual_seed(5)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10)).to(D)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10)
+    ).to(D)
     teacher = torch.randn(10, 3 * 8 * 8, dtype=D)
 
     def sample(n, seed):
@@ -280,7 +309,10 @@ def test_factors_and_damping_are_batch_size_invariant():
     for name in results[128]:
         for small, large in zip(results[128][name], results[2048][name]):
             rel = float((small - large).norm() / large.norm())
-            assert rel < 0.3, (name, rel)  # sampling error only: a batch-size factor would give ~16x
+            assert rel < 0.3, (
+                name,
+                rel,
+            )  # sampling error only: a batch-size factor would give ~16x
         # Traces (the scale damping is compared with) agree closely.
         for small, large in zip(results[128][name], results[2048][name]):
             assert float(small.trace() / large.trace()) == pytest.approx(1.0, abs=0.15)
@@ -375,7 +407,9 @@ def test_nonfinite_cholesky_inverse_falls_back_to_lu_and_is_counted(monkeypatch)
     kfac.decompose(state)
     assert kfac.health["eigh_retries"] == 1
     a_inv, _ = state.decomposition
-    torch.testing.assert_close(a_inv, torch.linalg.inv(state.A + math.sqrt(1e-3) * torch.eye(state.A.shape[0], dtype=D)))
+    torch.testing.assert_close(
+        a_inv, torch.linalg.inv(state.A + math.sqrt(1e-3) * torch.eye(state.A.shape[0], dtype=D))
+    )
 
 
 def test_inverse_falls_back_to_lu_when_cholesky_fails():
@@ -383,21 +417,33 @@ def test_inverse_falls_back_to_lu_when_cholesky_fails():
     kfac = _kfac(model, damping=1e-3, inverse_method="inverse")
     _step_once(model, kfac, x, y)
     state = kfac.layers["0"]
-    state.A = -torch.eye(state.A.shape[0], dtype=D)  # indefinite: no Cholesky factor, still invertible
+    state.A = -torch.eye(
+        state.A.shape[0], dtype=D
+    )  # indefinite: no Cholesky factor, still invertible
     kfac.decompose(state)
     assert kfac.health["eigh_retries"] == 1
     a_inv, _ = state.decomposition
-    torch.testing.assert_close(a_inv, torch.linalg.inv(state.A + math.sqrt(1e-3) * torch.eye(state.A.shape[0], dtype=D)))
+    torch.testing.assert_close(
+        a_inv, torch.linalg.inv(state.A + math.sqrt(1e-3) * torch.eye(state.A.shape[0], dtype=D))
+    )
 
 
-@pytest.mark.parametrize("options", [
-    dict(fisher_type="mc"), dict(fisher_type="mc", pi_damping=True), dict(inverse_method="inverse", pi_damping=True)])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(fisher_type="mc"),
+        dict(fisher_type="mc", pi_damping=True),
+        dict(inverse_method="inverse", pi_damping=True),
+    ],
+)
 def test_state_dict_resume_is_bit_exact(options):
     def run(first, last, state=None):
         torch.manual_seed(0)
         model = _linear_model()
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        kfac = KFACPreconditioner(model, factor_interval=2, inverse_interval=3, seed=1, factor_dtype=D, **options)
+        kfac = KFACPreconditioner(
+            model, factor_interval=2, inverse_interval=3, seed=1, factor_dtype=D, **options
+        )
         if state:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
@@ -411,7 +457,11 @@ def test_state_dict_resume_is_bit_exact(options):
             F.cross_entropy(logits, y).backward()
             kfac.step(lr=0.1)
             opt.step()
-        return model, {"model": model.state_dict(), "opt": opt.state_dict(), "kfac": kfac.state_dict()}
+        return model, {
+            "model": model.state_dict(),
+            "opt": opt.state_dict(),
+            "kfac": kfac.state_dict(),
+        }
 
     import copy
 
@@ -425,7 +475,9 @@ def test_state_dict_resume_is_bit_exact(options):
 
 
 def test_skip_layers_and_unused_layer_warning():
-    model = nn.ModuleDict({"used": nn.Linear(3, 2), "unused": nn.Linear(3, 2), "other": nn.Linear(2, 2)}).to(D)
+    model = nn.ModuleDict(
+        {"used": nn.Linear(3, 2), "unused": nn.Linear(3, 2), "other": nn.Linear(2, 2)}
+    ).to(D)
     kfac = KFACPreconditioner(model, skip_layers=["oth.*"])
     assert set(kfac.layers) == {"used", "unused"}
     x = torch.randn(4, 3, dtype=D)
@@ -452,7 +504,11 @@ def test_kfac_trains_faster_per_step_than_sgd():
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 5))
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        kfac = KFACPreconditioner(model, damping=1e-3, factor_interval=1, inverse_interval=5) if use_kfac else None
+        kfac = (
+            KFACPreconditioner(model, damping=1e-3, factor_interval=1, inverse_interval=5)
+            if use_kfac
+            else None
+        )
         for step in range(60):
             idx = torch.randint(0, 2048, (256,), generator=torch.Generator().manual_seed(step))
             opt.zero_grad()
@@ -468,7 +524,12 @@ def test_kfac_trains_faster_per_step_than_sgd():
     assert kfac < 0.7 * sgd, (kfac, sgd)
 
 
-CIFAR_ZIP = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.zip"
+CIFAR_ZIP = (
+    __import__("pathlib").Path(__file__).resolve().parents[2]
+    / "shared"
+    / "data"
+    / "cifar10-jpeg.zip"
+)
 
 
 @pytest.mark.skipif(not CIFAR_ZIP.exists(), reason="shared CIFAR-10 zip not present")
@@ -478,11 +539,23 @@ def test_kfac_lowers_cifar_loss_faster_per_step_than_sgd(tmp_path):
 
     losses = {}
     for name in ("sgd", "kfac"):
-        cfg = load_config(None, [
-            f"data.path={CIFAR_ZIP}", "data.train_limit=2560", "data.test_limit=500", f"runtime.output_dir={tmp_path}",
-            f"run.name={name}", "run.epochs=3", "train.batch_size=128", "optimizer.lr=0.005", f"optimizer.name={name}",
-            "runtime.progress=off", "kfac.factor_interval=1", "kfac.inverse_interval=10",
-        ])
+        cfg = load_config(
+            None,
+            [
+                f"data.path={CIFAR_ZIP}",
+                "data.train_limit=2560",
+                "data.test_limit=500",
+                f"runtime.output_dir={tmp_path}",
+                f"run.name={name}",
+                "run.epochs=3",
+                "train.batch_size=128",
+                "optimizer.lr=0.005",
+                f"optimizer.name={name}",
+                "runtime.progress=off",
+                "kfac.factor_interval=1",
+                "kfac.inverse_interval=10",
+            ],
+        )
         losses[name] = [r["train_loss"] for r in Trainer(cfg).fit()]
     # Same data order, same LR schedule, same number of steps (60): K-FAC ends lower.
     assert losses["kfac"][-1] < losses["sgd"][-1] - 0.05, losses

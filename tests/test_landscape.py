@@ -16,7 +16,9 @@ from bigbatch.models import CifarResNet, LeNet5
 
 def _conv_net():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
+    )
 
 
 def _data():
@@ -105,11 +107,18 @@ MODELS = {
     "head-registered-first": (_HeadRegisteredFirst, (2, 6, 6), 3),
     "conv-subclass": (
         lambda: nn.Sequential(_DoubledConv2d(2, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)),
-        (2, 8, 8), 3),
+        (2, 8, 8),
+        3,
+    ),
     "reflect-padding": (
-        lambda: nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect"), nn.Flatten(),
-                              nn.Linear(4 * 8 * 8, 3)),
-        (2, 8, 8), 3),
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect"),
+            nn.Flatten(),
+            nn.Linear(4 * 8 * 8, 3),
+        ),
+        (2, 8, 8),
+        3,
+    ),
 }
 POINTS = {
     "1d": [(-0.5,), (0.0,), (0.25,), (1.0,)],
@@ -194,7 +203,10 @@ def test_a_failing_batch_raises_and_stops_reading_data():
         for i in range(50):
             seen.append(i)
             if i == 3:
-                yield torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)  # wrong channel count
+                yield (
+                    torch.randn(4, 3, 8, 8),
+                    torch.zeros(4, dtype=torch.long),
+                )  # wrong channel count
             else:
                 yield torch.randn(4, 2, 8, 8), torch.zeros(4, dtype=torch.long)
 
@@ -216,15 +228,53 @@ def test_epsilon_sharpness_is_nonnegative_and_grows_with_epsilon():
 def two_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     for name, lr in (("a", "0.05"), ("b", "0.2")):
-        assert cli_main(["train", "--set", "data.format=synthetic", "--set", "data.train_limit=300", "--set", "data.test_limit=100",
-                         "--set", f"runtime.output_dir={out}", "--set", f"run.name={name}", "--set", "run.epochs=2",
-                         "--set", "train.batch_size=50", "--set", f"optimizer.lr={lr}", "--set", "runtime.progress=off"]) == 0
+        assert (
+            cli_main(
+                [
+                    "train",
+                    "--set",
+                    "data.format=synthetic",
+                    "--set",
+                    "data.train_limit=300",
+                    "--set",
+                    "data.test_limit=100",
+                    "--set",
+                    f"runtime.output_dir={out}",
+                    "--set",
+                    f"run.name={name}",
+                    "--set",
+                    "run.epochs=2",
+                    "--set",
+                    "train.batch_size=50",
+                    "--set",
+                    f"optimizer.lr={lr}",
+                    "--set",
+                    "runtime.progress=off",
+                ]
+            )
+            == 0
+        )
     return out / "a", out / "b"
 
 
 def test_landscape_command_writes_csv_json_png(two_runs):
     a, b = two_runs
-    assert cli_main(["landscape", str(a), str(b), "--points", "5", "--normalization", "filter", "--seed", "3"]) == 0
+    assert (
+        cli_main(
+            [
+                "landscape",
+                str(a),
+                str(b),
+                "--points",
+                "5",
+                "--normalization",
+                "filter",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
     for run in (a, b):
         base = run / "landscape" / "1d_filter_seed3"
         rows = list(csv.DictReader(base.with_suffix(".csv").open()))
@@ -243,7 +293,10 @@ def test_landscape_batch_size_changes_nothing_but_rounding(two_runs):
     a, _ = two_runs
     curves = []
     for batch in ("128", "7"):
-        assert cli_main(["landscape", str(a), "--points", "3", "--seed", "5", "--batch-size", batch]) == 0
+        assert (
+            cli_main(["landscape", str(a), "--points", "3", "--seed", "5", "--batch-size", batch])
+            == 0
+        )
         curves.append(list(csv.DictReader((a / "landscape" / "1d_none_seed5.csv").open())))
     for r128, r7 in zip(*curves):
         assert float(r7["train_loss"]) == pytest.approx(float(r128["train_loss"]), rel=1e-5)
@@ -253,21 +306,70 @@ def test_landscape_batch_size_changes_nothing_but_rounding(two_runs):
 
 def test_interpolation_and_2d(two_runs):
     a, b = two_runs
-    assert cli_main(["landscape", str(a), str(b), "--interpolate", "--points", "3", "--range", "0", "1"]) == 0
+    assert (
+        cli_main(
+            ["landscape", str(a), str(b), "--interpolate", "--points", "3", "--range", "0", "1"]
+        )
+        == 0
+    )
     rows = json.loads((a / "landscape" / "interpolation_to_b.json").read_text())["points"]
-    assert rows[0]["test_loss"] == pytest.approx(read_jsonl(a / "metrics.jsonl")[-1]["test_loss"], rel=1e-5)
-    assert rows[-1]["test_loss"] == pytest.approx(read_jsonl(b / "metrics.jsonl")[-1]["test_loss"], rel=1e-5)
-    assert cli_main(["landscape", str(a), "--two-d", "--points", "3", "--test-examples", "50", "--train-examples", "50"]) == 0
+    assert rows[0]["test_loss"] == pytest.approx(
+        read_jsonl(a / "metrics.jsonl")[-1]["test_loss"], rel=1e-5
+    )
+    assert rows[-1]["test_loss"] == pytest.approx(
+        read_jsonl(b / "metrics.jsonl")[-1]["test_loss"], rel=1e-5
+    )
+    assert (
+        cli_main(
+            [
+                "landscape",
+                str(a),
+                "--two-d",
+                "--points",
+                "3",
+                "--test-examples",
+                "50",
+                "--train-examples",
+                "50",
+            ]
+        )
+        == 0
+    )
     grid = json.loads((a / "landscape" / "2d_none_seed0.json").read_text())["points"]
-    assert len(grid) == 9 and {(r["c0"], r["c1"]) for r in grid} == {(x, y) for x in (-0.5, 0.5, 1.5) for y in (-0.5, 0.5, 1.5)}
+    assert len(grid) == 9 and {(r["c0"], r["c1"]) for r in grid} == {
+        (x, y) for x in (-0.5, 0.5, 1.5) for y in (-0.5, 0.5, 1.5)
+    }
     assert cli_main(["landscape", str(a), "--interpolate"]) == 2
 
 
 def test_sharpness_command(two_runs, capsys):
     a, _ = two_runs
-    assert cli_main(["sharpness", str(a), "--examples", "200", "--lanczos-steps", "8", "--trace-samples", "4", "--ascent-steps", "3"]) == 0
+    assert (
+        cli_main(
+            [
+                "sharpness",
+                str(a),
+                "--examples",
+                "200",
+                "--lanczos-steps",
+                "8",
+                "--trace-samples",
+                "4",
+                "--ascent-steps",
+                "3",
+            ]
+        )
+        == 0
+    )
     result = json.loads((a / "sharpness.json").read_text())
     assert result["settings"]["examples"] == 200 and result["settings"]["seed"] == 0
-    assert len(result["top_eigenvalues"]) == 3 and result["top_eigenvalues"][0] >= result["top_eigenvalues"][1]
-    assert result["top_eigenvalues"][0] > 0 and result["trace_stderr"] >= 0 and result["epsilon_sharpness"] >= 0
+    assert (
+        len(result["top_eigenvalues"]) == 3
+        and result["top_eigenvalues"][0] >= result["top_eigenvalues"][1]
+    )
+    assert (
+        result["top_eigenvalues"][0] > 0
+        and result["trace_stderr"] >= 0
+        and result["epsilon_sharpness"] >= 0
+    )
     assert "top Hessian eigenvalues" in capsys.readouterr().out

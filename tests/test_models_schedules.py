@@ -5,10 +5,16 @@ from bigbatch.models import LeNet5, build_model, has_batchnorm
 from bigbatch.optim.schedules import LRSchedule
 
 
-@pytest.mark.parametrize("channels, size, flat", [(3, (32, 32), 400), (1, (28, 28), 256), (1, (40, 36), 16 * 7 * 6)])
+@pytest.mark.parametrize(
+    "channels, size, flat", [(3, (32, 32), 400), (1, (28, 28), 256), (1, (40, 36), 16 * 7 * 6)]
+)
 def test_lenet5_matches_the_seed_table(channels, size, flat):
     model = LeNet5(channels, size, 10)
-    assert model.conv1.in_channels == channels and model.conv1.out_channels == 6 and model.conv1.kernel_size == (5, 5)
+    assert (
+        model.conv1.in_channels == channels
+        and model.conv1.out_channels == 6
+        and model.conv1.kernel_size == (5, 5)
+    )
     assert model.conv2.out_channels == 16 and model.conv2.kernel_size == (5, 5)
     assert (model.fc1.in_features, model.fc1.out_features) == (flat, 120)
     assert (model.fc2.out_features, model.fc3.out_features) == (84, 10)
@@ -37,8 +43,16 @@ def test_step_decay_at_epoch_71_as_in_the_seed():
 
 
 def test_warmup_and_linear_scaling():
-    s = LRSchedule(base_lr=0.1, batch_size=2048, base_batch_size=128, linear_scaling=True,
-                   warmup_epochs=5, warmup_start_factor=0.1, decay_epochs=(30, 60), decay_factor=0.1)
+    s = LRSchedule(
+        base_lr=0.1,
+        batch_size=2048,
+        base_batch_size=128,
+        linear_scaling=True,
+        warmup_epochs=5,
+        warmup_start_factor=0.1,
+        decay_epochs=(30, 60),
+        decay_factor=0.1,
+    )
     assert s.peak_lr == pytest.approx(1.6)
     assert s.lr_at(0) == pytest.approx(0.16)
     assert s.lr_at(2, 0.5) == pytest.approx(1.6 * (0.1 + 0.9 * 0.5))

@@ -27,8 +27,14 @@ def synthetic():
 
 def _overrides(tmp_path, *overrides):
     return [
-        "data.format=synthetic", f"runtime.output_dir={tmp_path}", "run.name=t", "run.epochs=3",
-        "train.batch_size=64", "runtime.progress=off", "train.train_eval_examples=200", "optimizer.lr=0.05",
+        "data.format=synthetic",
+        f"runtime.output_dir={tmp_path}",
+        "run.name=t",
+        "run.epochs=3",
+        "train.batch_size=64",
+        "runtime.progress=off",
+        "train.train_eval_examples=200",
+        "optimizer.lr=0.05",
         *overrides,
     ]
 
@@ -42,12 +48,23 @@ def _params(trainer):
 
 
 def _strip_times(rows):
-    return [{k: v for k, v in r.items() if "time" not in k and k not in ("images_per_sec", "max_rss_mib")} for r in rows]
+    return [
+        {
+            k: v
+            for k, v in r.items()
+            if "time" not in k and k not in ("images_per_sec", "max_rss_mib")
+        }
+        for r in rows
+    ]
 
 
 def test_same_seed_same_metrics(tmp_path, synthetic):
-    a = Trainer(_cfg(tmp_path / "a", "augment.crop_flip=true", "augment.mixup_alpha=0.5"), synthetic).fit()
-    b = Trainer(_cfg(tmp_path / "b", "augment.crop_flip=true", "augment.mixup_alpha=0.5"), synthetic).fit()
+    a = Trainer(
+        _cfg(tmp_path / "a", "augment.crop_flip=true", "augment.mixup_alpha=0.5"), synthetic
+    ).fit()
+    b = Trainer(
+        _cfg(tmp_path / "b", "augment.crop_flip=true", "augment.mixup_alpha=0.5"), synthetic
+    ).fit()
     assert _strip_times(a) == _strip_times(b)
     c = Trainer(_cfg(tmp_path / "c", "run.seed=1", "augment.mixup_alpha=0.5"), synthetic).fit()
     assert _strip_times(a) != _strip_times(c)
@@ -66,7 +83,16 @@ def test_run_directory_contents(tmp_path, synthetic):
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert rows[-1]["step"] == 3 * 10  # ceil(600 / 64) updates per epoch
-    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "train_eval_acc", "epoch_time", "images_per_sec", "lr"):
+    for key in (
+        "train_loss",
+        "train_acc",
+        "test_loss",
+        "test_acc",
+        "train_eval_acc",
+        "epoch_time",
+        "images_per_sec",
+        "lr",
+    ):
         assert key in rows[0]
     assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 3
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -75,11 +101,20 @@ def test_run_directory_contents(tmp_path, synthetic):
         assert (run / name).stat().st_mode & 0o777 == 0o640, name
 
 
-@pytest.mark.parametrize("extra", [
-    (),
-    ("augment.mixup_alpha=0.7", "augment.crop_flip=true", "schedule.decay_epochs=[2]"),
-    ("optimizer.name=kfac", "kfac.factor_interval=2", "kfac.inverse_interval=3", "kfac.fisher_type=mc", "schedule.warmup_epochs=1"),
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        (),
+        ("augment.mixup_alpha=0.7", "augment.crop_flip=true", "schedule.decay_epochs=[2]"),
+        (
+            "optimizer.name=kfac",
+            "kfac.factor_interval=2",
+            "kfac.inverse_interval=3",
+            "kfac.fisher_type=mc",
+            "schedule.warmup_epochs=1",
+        ),
+    ],
+)
 def test_resume_equals_uninterrupted(tmp_path, synthetic, extra):
     full = Trainer(_cfg(tmp_path / "full", *extra), synthetic)
     full_rows = full.fit()
@@ -135,8 +170,22 @@ def test_batch_larger_than_dataset_rejected(tmp_path, synthetic):
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert cli_main(["train", "--set", "train.batchsize=3"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("bigbatch: error: unknown config key 'train.batchsize'") and "Traceback" not in err
-    assert cli_main(["train", "--set", f"data.path={tmp_path / 'missing.zip'}", "--set", "data.format=image-folder"]) == 2
+    assert (
+        err.startswith("bigbatch: error: unknown config key 'train.batchsize'")
+        and "Traceback" not in err
+    )
+    assert (
+        cli_main(
+            [
+                "train",
+                "--set",
+                f"data.path={tmp_path / 'missing.zip'}",
+                "--set",
+                "data.format=image-folder",
+            ]
+        )
+        == 2
+    )
     assert "missing.zip" in capsys.readouterr().err
 
 
@@ -146,9 +195,26 @@ def _run_cli(args, **kwargs):
 
 
 def test_sigkill_mid_epoch_loses_at_most_that_epoch(tmp_path):
-    args = ["--set", "data.format=synthetic", "--set", "data.train_limit=3000", "--set", "data.test_limit=200",
-            "--set", f"runtime.output_dir={tmp_path}", "--set", "run.name=k", "--set", "run.epochs=4",
-            "--set", "train.batch_size=16", "--set", "runtime.progress=off", "--set", "runtime.threads=1"]
+    args = [
+        "--set",
+        "data.format=synthetic",
+        "--set",
+        "data.train_limit=3000",
+        "--set",
+        "data.test_limit=200",
+        "--set",
+        f"runtime.output_dir={tmp_path}",
+        "--set",
+        "run.name=k",
+        "--set",
+        "run.epochs=4",
+        "--set",
+        "train.batch_size=16",
+        "--set",
+        "runtime.progress=off",
+        "--set",
+        "runtime.threads=1",
+    ]
     run = tmp_path / "k"
     proc = _run_cli(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
@@ -160,21 +226,43 @@ def test_sigkill_mid_epoch_loses_at_most_that_epoch(tmp_path):
     state = load_checkpoint(run / "checkpoint.pt")
     assert 1 <= state["epoch"] < 4
     assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] in (
-        list(range(1, state["epoch"] + 1)), list(range(1, state["epoch"])))
-    resumed = subprocess.run([sys.executable, "-m", "bigbatch", "train", *args, "--resume"], capture_output=True, text=True)
+        list(range(1, state["epoch"] + 1)),
+        list(range(1, state["epoch"])),
+    )
+    resumed = subprocess.run(
+        [sys.executable, "-m", "bigbatch", "train", *args, "--resume"],
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stderr
     uninterrupted = tmp_path / "u"
-    done = subprocess.run([sys.executable, "-m", "bigbatch", "train", *args, "--set", "run.name=u"], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "bigbatch", "train", *args, "--set", "run.name=u"],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
-    assert _strip_times(read_jsonl(run / "metrics.jsonl")) == _strip_times(read_jsonl(uninterrupted / "metrics.jsonl"))
+    assert _strip_times(read_jsonl(run / "metrics.jsonl")) == _strip_times(
+        read_jsonl(uninterrupted / "metrics.jsonl")
+    )
 
 
 @pytest.mark.skipif(not CIFAR_ZIP.exists(), reason="shared CIFAR-10 zip not present")
 def test_end_to_end_cifar_subset_beats_chance(tmp_path):
-    cfg = load_config(None, [
-        f"data.path={CIFAR_ZIP}", "data.train_limit=3000", "data.test_limit=1000", f"runtime.output_dir={tmp_path}",
-        "run.epochs=4", "train.batch_size=32", "optimizer.lr=0.02", "runtime.progress=off", "runtime.cache_dir=",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"data.path={CIFAR_ZIP}",
+            "data.train_limit=3000",
+            "data.test_limit=1000",
+            f"runtime.output_dir={tmp_path}",
+            "run.epochs=4",
+            "train.batch_size=32",
+            "optimizer.lr=0.02",
+            "runtime.progress=off",
+            "runtime.cache_dir=",
+        ],
+    )
     rows = Trainer(cfg).fit()
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert rows[-1]["test_acc"] > 0.2  # chance is 0.1

@@ -13,7 +13,11 @@ from bigbatch.errors import BigbatchError, CollectiveError
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="TOML config file (every key has a default)")
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
         help="override one config value, e.g. --set optimizer.lr=0.01 (repeatable)",
     )
 
@@ -29,9 +33,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer = Trainer(cfg, parallel=parallel)
         rows = trainer.fit(resume=args.resume, overwrite=args.overwrite)
     except CollectiveError as exc:
-        # The process group is broken: tearing it down (or letting the interpreter do so at exit) can
-        # abort in gloo's C++ destructors while a peer is hung. Checkpoints and metrics are already on
-        # disk (written atomically), so report and leave at once.
+        # The process group is broken: tearing it down (or letting the interpreter do so at exit)
+        # can abort in gloo's C++ destructors while a peer is hung. Checkpoints and metrics are
+        # already on disk (written atomically), so report and leave at once.
         print(f"bigbatch: error: {exc}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(2)
@@ -43,13 +47,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         plot_run_curves(rows, trainer.run_dir / "curves.png", title=cfg.run.name)
         last = rows[-1]
         print(
-            f"finished {cfg.run.name}: test acc {last['test_acc']:.4f}, test loss {last['test_loss']:.4f} "
-            f"after {last['epoch']} epochs ({last['train_time']:.0f}s training)\nresults in {trainer.run_dir}/"
+            f"finished {cfg.run.name}: test acc {last['test_acc']:.4f}, test loss "
+            f"{last['test_loss']:.4f} "
+            f"after {last['epoch']} epochs ({last['train_time']:.0f}s training)\nresults in "
+            f"{trainer.run_dir}/"
         )
     if parallel.world_size > 1:
-        # Skip interpreter finalization: destroying torch.distributed's C++ objects there aborted about
-        # one two-rank run in ten ("terminate called without an active exception") after all results
-        # were written. The group is already destroyed and every file closed.
+        # Skip interpreter finalization: destroying torch.distributed's C++ objects there aborted
+        # about one two-rank run in ten ("terminate called without an active exception") after all
+        # results were written. The group is already destroyed and every file closed.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
@@ -61,24 +67,41 @@ def _study_report(study, command: str) -> Path:
 
     runs = [r for r in (load_run(run.run_dir, run.label) for run in study.runs) if r is not None]
     if not runs:
-        raise BigbatchError(f"no run of study '{study.name}' has metrics yet under {study.output_dir}; run `bigbatch reproduce` first")
+        raise BigbatchError(
+            f"no run of study '{study.name}' has metrics yet under {study.output_dir}; run "
+            "`bigbatch reproduce` first"
+        )
     missing = len(study.runs) - len(runs)
-    notes = study.description + (f"\n\n**{missing} of {len(study.runs)} runs have no results yet.**" if missing else "")
-    return write_report(runs, study.output_dir / "report", title=f"Study: {study.name}",
-                        target=study.target_accuracy, command=command, notes=notes.strip(),
-                        figures=study.figures, large_batch_from=study.large_batch_from)
+    notes = study.description + (
+        f"\n\n**{missing} of {len(study.runs)} runs have no results yet.**" if missing else ""
+    )
+    return write_report(
+        runs,
+        study.output_dir / "report",
+        title=f"Study: {study.name}",
+        target=study.target_accuracy,
+        command=command,
+        notes=notes.strip(),
+        figures=study.figures,
+        large_batch_from=study.large_batch_from,
+    )
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from bigbatch.experiments.grid import load_study, run_study
 
     if not args.config:
-        raise BigbatchError("reproduce needs a study config, e.g. bigbatch reproduce configs/quick.toml")
+        raise BigbatchError(
+            "reproduce needs a study config, e.g. bigbatch reproduce configs/quick.toml"
+        )
     study = load_study(args.config, args.overrides, seeds=args.seeds, output_dir=args.output_dir)
     print(f"study {study.name}: {len(study.runs)} runs under {study.output_dir}/", flush=True)
     if not args.report_only:
         run_study(study, jobs=args.jobs)
-    report = _study_report(study, " ".join(["bigbatch reproduce", args.config, *(f"--set {o}" for o in args.overrides)]))
+    report = _study_report(
+        study,
+        " ".join(["bigbatch reproduce", args.config, *(f"--set {o}" for o in args.overrides)]),
+    )
     print(f"report: {report}")
     return 0
 
@@ -87,9 +110,18 @@ def cmd_landscape(args: argparse.Namespace) -> int:
     from bigbatch.analysis.commands import landscape
 
     written = landscape(
-        args.run_dirs, start=args.range[0], stop=args.range[1], points=args.points, normalization=args.normalization,
-        seed=args.seed, train_examples=args.train_examples, test_examples=args.test_examples,
-        batch_size=args.batch_size, interpolate=args.interpolate, two_d=args.two_d, out=args.out,
+        args.run_dirs,
+        start=args.range[0],
+        stop=args.range[1],
+        points=args.points,
+        normalization=args.normalization,
+        seed=args.seed,
+        train_examples=args.train_examples,
+        test_examples=args.test_examples,
+        batch_size=args.batch_size,
+        interpolate=args.interpolate,
+        two_d=args.two_d,
+        out=args.out,
     )
     print("wrote:\n  " + "\n  ".join(map(str, written)))
     return 0
@@ -101,25 +133,36 @@ def cmd_sharpness(args: argparse.Namespace) -> int:
     from bigbatch.analysis.commands import sharpness
 
     path = sharpness(
-        args.run_dir, examples=args.examples, top_k=args.top_k, lanczos_steps=args.lanczos_steps,
-        trace_samples=args.trace_samples, epsilon=args.epsilon, ascent_steps=args.ascent_steps, seed=args.seed,
+        args.run_dir,
+        examples=args.examples,
+        top_k=args.top_k,
+        lanczos_steps=args.lanczos_steps,
+        trace_samples=args.trace_samples,
+        epsilon=args.epsilon,
+        ascent_steps=args.ascent_steps,
+        seed=args.seed,
     )
     result = json.loads(path.read_text())
-    print(f"top Hessian eigenvalues {['%.4g' % v for v in result['top_eigenvalues']]}, "
-          f"trace {result['trace']:.4g} ± {result['trace_stderr']:.2g}, "
-          f"epsilon-sharpness {result['epsilon_sharpness']:.4g} (eps={args.epsilon:g}) on {result['settings']['examples']} "
-          f"training examples\nwrote {path}")
+    print(
+        f"top Hessian eigenvalues {[f'{v:.4g}' for v in result['top_eigenvalues']]}, "
+        f"trace {result['trace']:.4g} ± {result['trace_stderr']:.2g}, "
+        f"epsilon-sharpness {result['epsilon_sharpness']:.4g} (eps={args.epsilon:g}) on "
+        f"{result['settings']['examples']} "
+        f"training examples\nwrote {path}"
+    )
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from bigbatch.report.plots import plot_run_curves
     from bigbatch.io import read_jsonl
+    from bigbatch.report.plots import plot_run_curves
 
     for run_dir in map(Path, args.run_dirs):
         rows = read_jsonl(run_dir / "metrics.jsonl")
         if not rows:
-            raise BigbatchError(f"'{run_dir}' has no metrics.jsonl rows; is it a bigbatch run directory?")
+            raise BigbatchError(
+                f"'{run_dir}' has no metrics.jsonl rows; is it a bigbatch run directory?"
+            )
         plot_run_curves(rows, run_dir / "curves.png", title=run_dir.name)
         print(f"wrote {run_dir / 'curves.png'}")
     return 0
@@ -130,34 +173,77 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train one run from a config")
     _add_config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint if there is one")
-    p.add_argument("--overwrite", action="store_true", help="start again from scratch over an existing run directory")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the run's last checkpoint if there is one",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again from scratch over an existing run directory",
+    )
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("reproduce", help="run (or resume) every run of a study config, then write its report")
+    p = sub.add_parser(
+        "reproduce", help="run (or resume) every run of a study config, then write its report"
+    )
     _add_config_args(p)
-    p.add_argument("--seeds", type=int, nargs="+", help="run these seeds instead of the study's [study] seeds")
-    p.add_argument("--report-only", action="store_true", help="only rebuild the report from existing runs")
-    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, each on its share of the CPU threads")
-    p.add_argument("--output-dir", help="put the study's runs and report here instead of its [study] output_dir")
+    p.add_argument(
+        "--seeds", type=int, nargs="+", help="run these seeds instead of the study's [study] seeds"
+    )
+    p.add_argument(
+        "--report-only", action="store_true", help="only rebuild the report from existing runs"
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs trained at once, each on its share of the CPU threads",
+    )
+    p.add_argument(
+        "--output-dir",
+        help="put the study's runs and report here instead of its [study] output_dir",
+    )
     p.set_defaults(func=cmd_reproduce)
-    p = sub.add_parser("landscape", help="1-D/2-D loss landscape around trained runs, or interpolation between two")
+    p = sub.add_parser(
+        "landscape", help="1-D/2-D loss landscape around trained runs, or interpolation between two"
+    )
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--range", type=float, nargs=2, default=(-0.5, 1.5), metavar=("START", "STOP"))
     p.add_argument("--points", type=int, default=41)
-    p.add_argument("--normalization", choices=("none", "filter"), default="none",
-                   help="none: plain Gaussian direction (the seed); filter: Li et al. 2018 filter-wise normalization")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random direction (the same for every run)")
+    p.add_argument(
+        "--normalization",
+        choices=("none", "filter"),
+        default="none",
+        help="none: plain Gaussian direction (the paper's); filter: Li et al. 2018 filter-wise "
+        "normalization",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the random direction (the same for every run)"
+    )
     p.add_argument("--train-examples", type=int, default=0, help="0: the whole training set")
     p.add_argument("--test-examples", type=int, default=0, help="0: the whole test set")
-    p.add_argument("--batch-size", type=int, default=128,
-                   help="examples per evaluation batch (results do not depend on it beyond float rounding)")
-    p.add_argument("--interpolate", action="store_true", help="linear path between two runs' solutions instead")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=128,
+        help="examples per evaluation batch (results do not depend on it beyond float rounding)",
+    )
+    p.add_argument(
+        "--interpolate", action="store_true", help="linear path between two runs' solutions instead"
+    )
     p.add_argument("--two-d", action="store_true", help="a 2-D contour over two random directions")
-    p.add_argument("--out", help="where the overlay or interpolation plot goes (default: beside the runs)")
+    p.add_argument(
+        "--out", help="where the overlay or interpolation plot goes (default: beside the runs)"
+    )
     p.set_defaults(func=cmd_landscape)
-    p = sub.add_parser("sharpness", help="top Hessian eigenvalues, Hessian trace and epsilon-sharpness of a run")
+    p = sub.add_parser(
+        "sharpness", help="top Hessian eigenvalues, Hessian trace and epsilon-sharpness of a run"
+    )
     p.add_argument("run_dir")
-    p.add_argument("--examples", type=int, default=10000, help="training examples the loss is measured on")
+    p.add_argument(
+        "--examples", type=int, default=10000, help="training examples the loss is measured on"
+    )
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--lanczos-steps", type=int, default=20)
     p.add_argument("--trace-samples", type=int, default=20)

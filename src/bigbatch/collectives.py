@@ -14,17 +14,27 @@ import torch.distributed as dist
 from bigbatch.errors import CollectiveError
 
 
-def _collective_error(what: str, rank: int, timeout_s: float | None, exc: BaseException) -> CollectiveError:
+def _collective_error(
+    what: str, rank: int, timeout_s: float | None, exc: BaseException
+) -> CollectiveError:
     first_line = str(exc).splitlines()[0] if str(exc) else ""
-    limit = f"timeout {timeout_s:g}s, runtime.dist_timeout" if timeout_s is not None else "see runtime.dist_timeout"
+    limit = (
+        f"timeout {timeout_s:g}s, runtime.dist_timeout"
+        if timeout_s is not None
+        else "see runtime.dist_timeout"
+    )
     return CollectiveError(
-        f"{what} failed on rank {rank}: {type(exc).__name__}: {first_line}. Another rank died or hung ({limit}); "
+        f"{what} failed on rank {rank}: {type(exc).__name__}: {first_line}. Another rank died or "
+        f"hung ({limit}); "
         "restart the whole job with --resume to continue from the last checkpoint"
     )
 
 
-def run_collective(what: str, rank: int, timeout_s: float | None, op: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``op(*args, **kwargs)``, a torch.distributed collective (or a function of several); its failure, which
+def run_collective(
+    what: str, rank: int, timeout_s: float | None, op: Callable[..., Any], *args: Any, **kwargs: Any
+) -> Any:
+    """``op(*args, **kwargs)``, a torch.distributed collective (or a function of several); its
+    failure, which
     means another rank died or hung, becomes a CollectiveError naming ``what`` and the fix."""
     try:
         return op(*args, **kwargs)

@@ -206,9 +206,17 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
 
 # Keys that moved to [runtime]; run directories written before the move still name them here.
 MOVED_TO_RUNTIME = {
-    "run.output_dir", "run.device", "run.threads", "run.dist_timeout", "data.cache_dir",
-    "data.download", "train.progress", "train.channels_last", "train.micro_batch_size",
-    "train.eval_batch_size", "train.checkpoint_every",
+    "run.output_dir",
+    "run.device",
+    "run.threads",
+    "run.dist_timeout",
+    "data.cache_dir",
+    "data.download",
+    "train.progress",
+    "train.channels_last",
+    "train.micro_batch_size",
+    "train.eval_batch_size",
+    "train.checkpoint_every",
 }
 
 
@@ -260,7 +268,9 @@ def config_from_dict(raw: dict[str, Any], stored: bool = False) -> Config:
 def parse_override(text: str) -> tuple[str, str, Any]:
     """Parse ``section.key=value``; the value is read as TOML, or as a bare string."""
     if "=" not in text:
-        raise ConfigError(f"override '{text}' must look like section.key=value, e.g. optimizer.lr=0.01")
+        raise ConfigError(
+            f"override '{text}' must look like section.key=value, e.g. optimizer.lr=0.01"
+        )
     dotted, raw_value = text.split("=", 1)
     parts = dotted.strip().split(".")
     if len(parts) != 2 or not all(parts):
@@ -285,7 +295,8 @@ def merge_overrides(raw: dict[str, Any], overrides: typing.Iterable[str]) -> dic
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """``over`` on top of ``base``: tables merge key by key, anything else (lists too) is replaced."""
+    """``over`` on top of ``base``: tables merge key by key, anything else (lists too) is
+    replaced."""
     out = dict(base)
     for key, value in over.items():
         both_tables = isinstance(value, dict) and isinstance(out.get(key), dict)
@@ -310,7 +321,9 @@ def read_toml(path: str | Path, _including: tuple[Path, ...] = ()) -> dict[str, 
     if include is None:
         return raw
     if not isinstance(include, str):
-        raise ConfigError(f"'include' in '{path}' must be one file name, e.g. include = \"paper.toml\"")
+        raise ConfigError(
+            f"'include' in '{path}' must be one file name, e.g. include = \"paper.toml\""
+        )
     target = (path.parent / include).resolve()
     if target in _including or target == path.resolve():
         raise ConfigError(f"config file '{path}' includes '{include}', which includes it again")
@@ -330,14 +343,22 @@ def _require(ok: bool, key: str, message: str) -> None:
 
 
 def _choice(value: str, key: str, options: tuple[str, ...]) -> None:
-    _require(value in options, key, f"is '{value}'{_suggest(value, options)}; choose one of: {', '.join(options)}")
+    _require(
+        value in options,
+        key,
+        f"is '{value}'{_suggest(value, options)}; choose one of: {', '.join(options)}",
+    )
 
 
 def _check_run_name(name: str) -> None:
     # The name becomes a directory under runtime.output_dir and must stay inside it.
     _require(
-        bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
-        and "\0" not in name and len(name) <= MAX_RUN_NAME,
+        bool(name)
+        and name not in (".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+        and len(name) <= MAX_RUN_NAME,
         "run.name",
         f"is {name!r}; use a plain directory name (no '/', not '.' or '..', at most "
         f"{MAX_RUN_NAME} characters)",
@@ -349,20 +370,26 @@ def validate(cfg: Config) -> None:
     _check_run_name(cfg.run.name)
     _require(cfg.run.epochs >= 1, "run.epochs", f"must be >= 1, got {cfg.run.epochs}")
     _choice(cfg.data.format, "data.format", DATA_FORMATS)
-    _require(cfg.data.train_limit >= 0, "data.train_limit", "must be >= 0 (0: the whole training set)")
+    _require(
+        cfg.data.train_limit >= 0, "data.train_limit", "must be >= 0 (0: the whole training set)"
+    )
     _require(cfg.data.test_limit >= 0, "data.test_limit", "must be >= 0 (0: the whole test set)")
     _choice(cfg.model.name, "model.name", MODELS)
     _require(cfg.augment.crop_padding >= 0, "augment.crop_padding", "must be >= 0")
     for key in ("mixup_alpha", "cutmix_alpha"):
         value = getattr(cfg.augment, key)
-        _require(value >= 0, f"augment.{key}", f"must be > 0 to enable or 0 to disable, got {value}")
+        _require(
+            value >= 0, f"augment.{key}", f"must be > 0 to enable or 0 to disable, got {value}"
+        )
     _require(
         not (cfg.augment.mixup_alpha > 0 and cfg.augment.cutmix_alpha > 0),
         "augment.cutmix_alpha",
         "and augment.mixup_alpha cannot both be enabled; set one of them to 0",
     )
     _require(0 <= cfg.augment.label_smoothing < 1, "augment.label_smoothing", "must be in [0, 1)")
-    _require(cfg.train.batch_size >= 1, "train.batch_size", f"must be >= 1, got {cfg.train.batch_size}")
+    _require(
+        cfg.train.batch_size >= 1, "train.batch_size", f"must be >= 1, got {cfg.train.batch_size}"
+    )
     _require(cfg.train.train_eval_examples >= 0, "train.train_eval_examples", "must be >= 0")
     _choice(cfg.optimizer.name, "optimizer.name", OPTIMIZERS)
     _require(cfg.optimizer.lr > 0, "optimizer.lr", f"must be > 0, got {cfg.optimizer.lr}")
@@ -385,7 +412,9 @@ def validate(cfg: Config) -> None:
     _require(r.dist_timeout > 0, "runtime.dist_timeout", "must be > 0 seconds")
     _choice(r.progress, "runtime.progress", SWITCH_MODES)
     _choice(r.channels_last, "runtime.channels_last", SWITCH_MODES)
-    _require(r.micro_batch_size >= 0, "runtime.micro_batch_size", "must be >= 0 (0 picks automatically)")
+    _require(
+        r.micro_batch_size >= 0, "runtime.micro_batch_size", "must be >= 0 (0 picks automatically)"
+    )
     _require(r.eval_batch_size >= 1, "runtime.eval_batch_size", "must be >= 1")
     _require(r.checkpoint_every >= 1, "runtime.checkpoint_every", "must be >= 1")
 

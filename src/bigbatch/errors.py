@@ -16,4 +16,5 @@ class TrainingError(BigbatchError):
 
 
 class CollectiveError(TrainingError):
-    """A torch.distributed collective failed: another rank died or hung; the process group is broken."""
+    """A torch.distributed collective failed: another rank died or hung; the process group is
+    broken."""

@@ -19,7 +19,8 @@ from bigbatch.errors import BigbatchError
 
 
 def _file_mode() -> int:
-    """What open() would give a new file under the current umask (mkstemp's 0600 would hide results)."""
+    """What open() would give a new file under the current umask (mkstemp's 0600 would hide
+    results)."""
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
@@ -73,7 +74,8 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
                 raise BigbatchError(
-                    f"metrics file '{path}' line {i} is not valid JSON; delete the run directory to "
+                    f"metrics file '{path}' line {i} is not valid JSON; delete the run directory "
+                    "to "
                     "start over"
                 ) from None
     return rows

@@ -1,4 +1,5 @@
-"""`bigbatch landscape` and `bigbatch sharpness`: run an analysis on trained runs, write CSV/JSON/PNG."""
+"""`bigbatch landscape` and `bigbatch sharpness`: run an analysis on trained runs, write
+CSV/JSON/PNG."""
 
 from __future__ import annotations
 
@@ -13,16 +14,23 @@ import torch
 from tqdm import tqdm
 
 from bigbatch.analysis.hessian import hutchinson_trace, lanczos_top_eigenvalues
-from bigbatch.analysis.landscape import difference_direction, evaluate_along, linspace, random_direction
+from bigbatch.analysis.landscape import (
+    difference_direction,
+    evaluate_along,
+    linspace,
+    random_direction,
+)
 from bigbatch.analysis.loading import TrainedRun, load_trained_run
 from bigbatch.analysis.sharpness import epsilon_sharpness
 from bigbatch.errors import BigbatchError
-from bigbatch.report.plots import plt, save_figure
 from bigbatch.io import atomic_write_json, atomic_write_text
+from bigbatch.report.plots import plt, save_figure
 
 
 def _bar(total: int, desc: str) -> tqdm:
-    return tqdm(total=total, desc=desc, disable=not sys.stderr.isatty(), leave=False, dynamic_ncols=True)
+    return tqdm(
+        total=total, desc=desc, disable=not sys.stderr.isatty(), leave=False, dynamic_ncols=True
+    )
 
 
 def _csv_text(rows: list[dict[str, Any]]) -> str:
@@ -33,7 +41,9 @@ def _csv_text(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def _datasets(run: TrainedRun, train_examples: int, test_examples: int, batch_size: int) -> dict[str, Any]:
+def _datasets(
+    run: TrainedRun, train_examples: int, test_examples: int, batch_size: int
+) -> dict[str, Any]:
     # NCHW: evaluate_along keeps its replica's weights in one contiguous buffer.
     return {
         split: run.batches(split, examples, batch_size, memory_format=torch.contiguous_format)
@@ -47,8 +57,11 @@ def _batch_count(run: TrainedRun, train_examples: int, test_examples: int, batch
     return -(-n_train // min(batch_size, n_train)) + -(-n_test // min(batch_size, n_test))
 
 
-def plot_1d(curves: list[tuple[str, list[dict[str, float]]]], path: Path, xlabel: str, title: str) -> None:
-    """Loss (train solid, test dashed) on the left axis, top-1 accuracy on the right, as in the seed's Figs 24-25."""
+def plot_1d(
+    curves: list[tuple[str, list[dict[str, float]]]], path: Path, xlabel: str, title: str
+) -> None:
+    """Loss (train solid, test dashed) on the left axis, top-1 accuracy on the right, as in the
+    seed's Figs 24-25."""
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     acc_ax = ax.twinx()
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -56,8 +69,17 @@ def plot_1d(curves: list[tuple[str, list[dict[str, float]]]], path: Path, xlabel
         c = colors[i % len(colors)]
         xs = [r["c0"] for r in rows]
         ax.plot(xs, [r["train_loss"] for r in rows], color=c, label=f"{label} train loss")
-        ax.plot(xs, [r["test_loss"] for r in rows], color=c, linestyle="--", label=f"{label} test loss")
-        acc_ax.plot(xs, [100 * r["test_acc"] for r in rows], color=c, linestyle=":", alpha=0.8, label=f"{label} test acc")
+        ax.plot(
+            xs, [r["test_loss"] for r in rows], color=c, linestyle="--", label=f"{label} test loss"
+        )
+        acc_ax.plot(
+            xs,
+            [100 * r["test_acc"] for r in rows],
+            color=c,
+            linestyle=":",
+            alpha=0.8,
+            label=f"{label} test acc",
+        )
     losses = [r[k] for _, rows in curves for r in rows for k in ("train_loss", "test_loss")]
     # An unnormalized Gaussian direction can raise the loss a million-fold at the ends; on a linear
     # axis that hides the basin around a = 0, so such curves get a log axis.
@@ -78,7 +100,10 @@ def plot_1d(curves: list[tuple[str, list[dict[str, float]]]], path: Path, xlabel
 def plot_2d(rows: list[dict[str, float]], points: int, path: Path, title: str) -> None:
     xs = sorted({r["c0"] for r in rows})
     ys = sorted({r["c1"] for r in rows})
-    grid = [[next(r["train_loss"] for r in rows if r["c0"] == x and r["c1"] == y) for x in xs] for y in ys]
+    grid = [
+        [next(r["train_loss"] for r in rows if r["c0"] == x and r["c1"] == y) for x in xs]
+        for y in ys
+    ]
     fig, ax = plt.subplots(figsize=(6, 5))
     contour = ax.contour(xs, ys, grid, levels=20, cmap="viridis")
     ax.clabel(contour, fontsize=7)
@@ -90,36 +115,75 @@ def plot_2d(rows: list[dict[str, float]], points: int, path: Path, title: str) -
 
 
 def landscape(
-    run_dirs: list[str], *, start: float = -0.5, stop: float = 1.5, points: int = 41, normalization: str = "none",
-    seed: int = 0, train_examples: int = 0, test_examples: int = 0, batch_size: int = 128,
-    interpolate: bool = False, two_d: bool = False, out: str | None = None,
+    run_dirs: list[str],
+    *,
+    start: float = -0.5,
+    stop: float = 1.5,
+    points: int = 41,
+    normalization: str = "none",
+    seed: int = 0,
+    train_examples: int = 0,
+    test_examples: int = 0,
+    batch_size: int = 128,
+    interpolate: bool = False,
+    two_d: bool = False,
+    out: str | None = None,
 ) -> list[Path]:
     if interpolate and len(run_dirs) != 2:
-        raise BigbatchError("--interpolate needs exactly two run directories: the start (a=0) and the end (a=1)")
+        raise BigbatchError(
+            "--interpolate needs exactly two run directories: the start (a=0) and the end (a=1)"
+        )
     if points < 2:
         raise BigbatchError("--points must be at least 2")
     if batch_size < 1:
         raise BigbatchError("--batch-size must be at least 1")
     runs = [load_trained_run(run_dirs[0])]
-    runs += [load_trained_run(d, runs[0].dataset if _same_data(runs[0], d) else None) for d in run_dirs[1:]]
-    settings = {"start": start, "stop": stop, "points": points, "normalization": normalization, "seed": seed,
-                "train_examples": train_examples or runs[0].dataset.num_train,
-                "test_examples": test_examples or runs[0].dataset.num_test}
+    runs += [
+        load_trained_run(d, runs[0].dataset if _same_data(runs[0], d) else None)
+        for d in run_dirs[1:]
+    ]
+    settings = {
+        "start": start,
+        "stop": stop,
+        "points": points,
+        "normalization": normalization,
+        "seed": seed,
+        "train_examples": train_examples or runs[0].dataset.num_train,
+        "test_examples": test_examples or runs[0].dataset.num_test,
+    }
     written: list[Path] = []
     alphas = linspace(start, stop, points)
     if interpolate:
         first, second = runs
         bar = _bar(_batch_count(first, train_examples, test_examples, batch_size), "interpolating")
         t0 = time.perf_counter()
-        rows = evaluate_along(first.model, [difference_direction(first.model, second.model)], [(a,) for a in alphas],
-                              _datasets(first, train_examples, test_examples, batch_size), bar.update)
+        rows = evaluate_along(
+            first.model,
+            [difference_direction(first.model, second.model)],
+            [(a,) for a in alphas],
+            _datasets(first, train_examples, test_examples, batch_size),
+            bar.update,
+        )
         bar.close()
-        base = Path(out) if out else first.run_dir / "landscape" / f"interpolation_to_{second.run_dir.name}"
-        meta = {**settings, "kind": "interpolation", "start_run": str(first.run_dir), "end_run": str(second.run_dir),
-                "seconds": time.perf_counter() - t0}
+        base = (
+            Path(out)
+            if out
+            else first.run_dir / "landscape" / f"interpolation_to_{second.run_dir.name}"
+        )
+        meta = {
+            **settings,
+            "kind": "interpolation",
+            "start_run": str(first.run_dir),
+            "end_run": str(second.run_dir),
+            "seconds": time.perf_counter() - t0,
+        }
         written += _write_curve(base, rows, meta)
-        plot_1d([(f"{first.run_dir.name} -> {second.run_dir.name}", rows)], base.with_suffix(".png"),
-                "a  (theta = (1 - a) theta_start + a theta_end)", "Linear interpolation between two solutions")
+        plot_1d(
+            [(f"{first.run_dir.name} -> {second.run_dir.name}", rows)],
+            base.with_suffix(".png"),
+            "a  (theta = (1 - a) theta_start + a theta_end)",
+            "Linear interpolation between two solutions",
+        )
         return written + [base.with_suffix(".png")]
 
     name = f"{'2d' if two_d else '1d'}_{normalization}_seed{seed}"
@@ -132,13 +196,30 @@ def landscape(
             grid = [(a, b) for b in alphas for a in alphas]
         else:
             grid = [(a,) for a in alphas]
-        bar = _bar(_batch_count(run, train_examples, test_examples, batch_size), f"landscape {run.run_dir.name}")
-        rows = evaluate_along(run.model, directions, grid, _datasets(run, train_examples, test_examples, batch_size), bar.update)
+        bar = _bar(
+            _batch_count(run, train_examples, test_examples, batch_size),
+            f"landscape {run.run_dir.name}",
+        )
+        rows = evaluate_along(
+            run.model,
+            directions,
+            grid,
+            _datasets(run, train_examples, test_examples, batch_size),
+            bar.update,
+        )
         bar.close()
         base = run.run_dir / "landscape" / name
-        meta = {**settings, "kind": "2d" if two_d else "1d", "run": str(run.run_dir), "seconds": time.perf_counter() - t0}
+        meta = {
+            **settings,
+            "kind": "2d" if two_d else "1d",
+            "run": str(run.run_dir),
+            "seconds": time.perf_counter() - t0,
+        }
         written += _write_curve(base, rows, meta)
-        title = f"{run.run_dir.name}: f(a) = L(theta* + a delta), {normalization} normalization, seed {seed}"
+        title = (
+            f"{run.run_dir.name}: f(a) = L(theta* + a delta), {normalization} normalization, "
+            f"seed {seed}"
+        )
         if two_d:
             plot_2d(rows, points, base.with_suffix(".png"), title)
         else:
@@ -146,8 +227,18 @@ def landscape(
         written.append(base.with_suffix(".png"))
         curves.append((run.run_dir.name, rows))
     if len(runs) > 1 and not two_d:
-        overlay = Path(out) if out else runs[0].run_dir.parent / f"landscape_{name}_{'_vs_'.join(r.run_dir.name for r in runs)}.png"
-        plot_1d(curves, overlay, "a", f"f(a) = L(theta* + a delta), {normalization} normalization, seed {seed}")
+        overlay = (
+            Path(out)
+            if out
+            else runs[0].run_dir.parent
+            / f"landscape_{name}_{'_vs_'.join(r.run_dir.name for r in runs)}.png"
+        )
+        plot_1d(
+            curves,
+            overlay,
+            "a",
+            f"f(a) = L(theta* + a delta), {normalization} normalization, seed {seed}",
+        )
         written.append(overlay)
     return written
 
@@ -157,7 +248,12 @@ def _same_data(run: TrainedRun, other_dir: str) -> bool:
 
     other = json.loads((Path(other_dir) / "config.json").read_text())["data"]
     d = run.config.data
-    return (other["format"], other["path"], other["train_limit"], other["test_limit"]) == (d.format, d.path, d.train_limit, d.test_limit)
+    return (other["format"], other["path"], other["train_limit"], other["test_limit"]) == (
+        d.format,
+        d.path,
+        d.train_limit,
+        d.test_limit,
+    )
 
 
 def _write_curve(base: Path, rows: list[dict[str, float]], meta: dict[str, Any]) -> list[Path]:
@@ -168,26 +264,46 @@ def _write_curve(base: Path, rows: list[dict[str, float]], meta: dict[str, Any])
 
 
 def sharpness(
-    run_dir: str, *, examples: int = 10000, top_k: int = 3, lanczos_steps: int = 20, trace_samples: int = 20,
-    epsilon: float = 1e-3, ascent_steps: int = 10, seed: int = 0, batch_size: int = 1000,
+    run_dir: str,
+    *,
+    examples: int = 10000,
+    top_k: int = 3,
+    lanczos_steps: int = 20,
+    trace_samples: int = 20,
+    epsilon: float = 1e-3,
+    ascent_steps: int = 10,
+    seed: int = 0,
+    batch_size: int = 1000,
 ) -> Path:
     run = load_trained_run(run_dir)
     n = min(examples, run.dataset.num_train) if examples else run.dataset.num_train
     batches = run.batches("train", n, batch_size)
     result: dict[str, Any] = {
-        "settings": {"examples": n, "split": "train (first n, no augmentation)", "top_k": top_k,
-                     "lanczos_steps": lanczos_steps, "trace_samples": trace_samples, "epsilon": epsilon,
-                     "ascent_steps": ascent_steps, "seed": seed, "checkpoint_epoch": run.epoch},
+        "settings": {
+            "examples": n,
+            "split": "train (first n, no augmentation)",
+            "top_k": top_k,
+            "lanczos_steps": lanczos_steps,
+            "trace_samples": trace_samples,
+            "epsilon": epsilon,
+            "ascent_steps": ascent_steps,
+            "seed": seed,
+            "checkpoint_epoch": run.epoch,
+        },
         "seconds": {},
     }
     t0 = time.perf_counter()
     bar = _bar(lanczos_steps, "Lanczos")
-    result["top_eigenvalues"] = lanczos_top_eigenvalues(run.model, batches, top_k, lanczos_steps, seed, lambda _: bar.update())
+    result["top_eigenvalues"] = lanczos_top_eigenvalues(
+        run.model, batches, top_k, lanczos_steps, seed, lambda _: bar.update()
+    )
     bar.close()
     result["seconds"]["top_eigenvalues"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     bar = _bar(trace_samples, "Hutchinson")
-    trace, stderr = hutchinson_trace(run.model, batches, trace_samples, seed, lambda _: bar.update())
+    trace, stderr = hutchinson_trace(
+        run.model, batches, trace_samples, seed, lambda _: bar.update()
+    )
     bar.close()
     result["trace"], result["trace_stderr"] = trace, stderr
     result["seconds"]["trace"] = time.perf_counter() - t0

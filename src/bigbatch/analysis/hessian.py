@@ -8,7 +8,7 @@ that BatchNorm uses its running statistics and the loss is a deterministic funct
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,8 @@ def _norm(x: Vector) -> torch.Tensor:
 
 
 def hessian_vector_product(model: nn.Module, batches: Batches, vector: Vector) -> Vector:
-    """H v for H the Hessian of the mean loss over all examples in ``batches`` (Pearlmutter's trick)."""
+    """H v for H the Hessian of the mean loss over all examples in ``batches`` (Pearlmutter's
+    trick)."""
     params = _params(model)
     out = [torch.zeros_like(p) for p in params]
     total = 0
@@ -65,13 +66,18 @@ def loss_and_gradient(model: nn.Module, batches: Batches) -> tuple[float, Vector
 
 
 def lanczos_top_eigenvalues(
-    model: nn.Module, batches: Batches, k: int = 1, steps: int = 20, seed: int = 0,
+    model: nn.Module,
+    batches: Batches,
+    k: int = 1,
+    steps: int = 20,
+    seed: int = 0,
     progress: Callable[[int], None] = lambda _: None,
 ) -> list[float]:
-    """The k largest Hessian eigenvalues from ``steps`` Lanczos iterations with full reorthogonalization.
+    """The k largest Hessian eigenvalues from ``steps`` Lanczos iterations with full
+    reorthogonalization.
 
-    Lanczos converges to the extreme eigenvalues first; ``steps`` Hessian-vector products give the top
-    few to high accuracy for the sizes used here (tests compare with a dense Hessian).
+    Lanczos converges to the extreme eigenvalues first; ``steps`` Hessian-vector products give the
+    top few to high accuracy for the sizes used here (tests compare with a dense Hessian).
     """
     params = _params(model)
     g = torch.Generator().manual_seed(seed)
@@ -110,7 +116,8 @@ def lanczos_top_eigenvalues(
 def power_iteration_top_eigenvalue(
     model: nn.Module, batches: Batches, iters: int = 100, tol: float = 1e-4, seed: int = 0
 ) -> float:
-    """The dominant eigenvalue (largest in magnitude) by power iteration: a simple cross-check for Lanczos."""
+    """The dominant eigenvalue (largest in magnitude) by power iteration: a simple cross-check for
+    Lanczos."""
     params = _params(model)
     g = torch.Generator().manual_seed(seed)
     v = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
@@ -127,7 +134,10 @@ def power_iteration_top_eigenvalue(
 
 
 def hutchinson_trace(
-    model: nn.Module, batches: Batches, samples: int = 100, seed: int = 0,
+    model: nn.Module,
+    batches: Batches,
+    samples: int = 100,
+    seed: int = 0,
     progress: Callable[[int], None] = lambda _: None,
 ) -> tuple[float, float]:
     """tr(H) ~ mean of v^T H v over Rademacher v; returns (estimate, its standard error)."""

@@ -26,7 +26,8 @@ def random_direction(
 ) -> list[torch.Tensor]:
     if normalization not in NORMALIZATIONS:
         raise ValueError(
-            f"unknown direction normalization '{normalization}'; choose one of {NORMALIZATIONS}")
+            f"unknown direction normalization '{normalization}'; choose one of {NORMALIZATIONS}"
+        )
     g = torch.Generator().manual_seed(seed)
     direction = []
     for p in model.parameters():
@@ -99,8 +100,9 @@ def _flatten_parameters(model: nn.Module) -> torch.Tensor:
     return flat
 
 
-def _combine(out: torch.Tensor, base: torch.Tensor, terms: Sequence[torch.Tensor],
-             coeffs: Sequence[float]) -> None:
+def _combine(
+    out: torch.Tensor, base: torch.Tensor, terms: Sequence[torch.Tensor], coeffs: Sequence[float]
+) -> None:
     """out = base + sum_i coeffs[i] * terms[i]."""
     torch.add(base, terms[0], alpha=coeffs[0], out=out)
     for c, term in zip(coeffs[1:], terms[1:]):
@@ -110,8 +112,12 @@ def _combine(out: torch.Tensor, base: torch.Tensor, terms: Sequence[torch.Tensor
 class _Replica:
     """A copy of the model that evaluates one batch at every point."""
 
-    def __init__(self, model: nn.Module, directions: Sequence[Sequence[torch.Tensor]],
-                 points: Sequence[Sequence[float]]):
+    def __init__(
+        self,
+        model: nn.Module,
+        directions: Sequence[Sequence[torch.Tensor]],
+        points: Sequence[Sequence[float]],
+    ):
         self.model = copy.deepcopy(model)
         self.params = list(self.model.parameters())
         self.flat = _flatten_parameters(self.model)

@@ -1,11 +1,12 @@
-"""What every analysis needs from a run directory: the trained model and its data, never a trainer."""
+"""What every analysis needs from a run directory: the trained model and its data, never a
+trainer."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -31,15 +32,27 @@ class TrainedRun:
     epoch: int
 
     def batches(
-        self, split: str, examples: int = 0, batch_size: int = 1000, dtype: torch.dtype = torch.float32,
+        self,
+        split: str,
+        examples: int = 0,
+        batch_size: int = 1000,
+        dtype: torch.dtype = torch.float32,
         memory_format: torch.memory_format = torch.channels_last,
     ) -> Batches:
-        """A re-iterable over the first ``examples`` (0: all) clean, normalized examples of a split."""
+        """A re-iterable over the first ``examples`` (0: all) clean, normalized examples of a
+        split."""
         images = self.dataset.train_images if split == "train" else self.dataset.test_images
         labels = self.dataset.train_labels if split == "train" else self.dataset.test_labels
         if examples:
             images, labels = images[:examples], labels[:examples]
-        loader = BatchLoader(images, labels, min(batch_size, len(labels)), mean=self.mean, std=self.std, shuffle=False)
+        loader = BatchLoader(
+            images,
+            labels,
+            min(batch_size, len(labels)),
+            mean=self.mean,
+            std=self.std,
+            shuffle=False,
+        )
 
         def iterate() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
             for x, y in loader:
@@ -55,7 +68,10 @@ def load_trained_run(run_dir: str | Path, dataset: ImageDataset | None = None) -
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
     if not config_path.exists():
-        raise BigbatchError(f"'{run_dir}' is not a bigbatch run directory (no config.json); pass the directory of a finished run")
+        raise BigbatchError(
+            f"'{run_dir}' is not a bigbatch run directory (no config.json); pass the directory of "
+            "a finished run"
+        )
     cfg = config_from_dict(json.loads(config_path.read_text()), stored=True)
     state = load_checkpoint(run_dir / CHECKPOINT_NAME)
     d = cfg.data
@@ -63,8 +79,13 @@ def load_trained_run(run_dir: str | Path, dataset: ImageDataset | None = None) -
     if dataset is None:
         dataset = _DATASETS.get(key)
     if dataset is None:
-        dataset = load_dataset(d.format, d.path, train_limit=d.train_limit or None,
-                               test_limit=d.test_limit or None, cache_dir=cfg.runtime.cache_dir or None)
+        dataset = load_dataset(
+            d.format,
+            d.path,
+            train_limit=d.train_limit or None,
+            test_limit=d.test_limit or None,
+            cache_dir=cfg.runtime.cache_dir or None,
+        )
         _DATASETS[key] = dataset
     model = build_model(cfg.model.name, dataset.channels, dataset.image_size, dataset.num_classes)
     model.load_state_dict(state["model"])

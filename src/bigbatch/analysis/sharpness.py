@@ -1,4 +1,5 @@
-"""Keskar et al. (2017) epsilon-sharpness: the largest relative loss increase inside a box around theta*.
+"""Keskar et al. (2017) epsilon-sharpness: the largest relative loss increase inside a box around
+theta*.
 
     sharpness = 100 * (max_{y in C} L(theta* + y) - L(theta*)) / (1 + L(theta*)),
     C = { y : |y_i| <= eps (|theta*_i| + 1) }   (the full-space box, A = I in the paper's notation)
@@ -9,7 +10,7 @@ projected sign-gradient ascent (the steepest ascent direction for a box), starte
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -19,7 +20,10 @@ from bigbatch.analysis.landscape import evaluate_loss
 
 
 def epsilon_sharpness(
-    model: nn.Module, batches: Batches, epsilon: float = 1e-3, steps: int = 10,
+    model: nn.Module,
+    batches: Batches,
+    epsilon: float = 1e-3,
+    steps: int = 10,
     progress: Callable[[int], None] = lambda _: None,
 ) -> dict[str, float]:
     if epsilon <= 0 or steps < 1:

@@ -1,7 +1,8 @@
-"""Loss smoothing by mixing examples: Mixup (Zhang et al. 2018), CutMix (Yun et al. 2019), label smoothing.
+"""Loss smoothing by mixing examples: Mixup (Zhang et al. 2018), CutMix (Yun et al. 2019), label
+smoothing.
 
-Mixup draws lambda ~ Beta(alpha, alpha) once per batch, pairs each example i with example j = perm(i)
-of the same batch, and trains on x~ = lambda x_i + (1 - lambda) x_j with the loss
+Mixup draws lambda ~ Beta(alpha, alpha) once per batch, pairs each example i with example
+j = perm(i) of the same batch, and trains on x~ = lambda x_i + (1 - lambda) x_j with the loss
 lambda L(y_i) + (1 - lambda) L(y_j), which equals cross-entropy against the mixed one-hot target.
 
 With K-FAC: the empirical Fisher is built from the gradients of this mixed loss (soft targets), so
@@ -26,11 +27,15 @@ class MixedTargets:
     y_b: torch.Tensor
     lam: float
 
-    def narrow(self, start: int, length: int) -> "MixedTargets":
-        return MixedTargets(self.y_a.narrow(0, start, length), self.y_b.narrow(0, start, length), self.lam)
+    def narrow(self, start: int, length: int) -> MixedTargets:
+        return MixedTargets(
+            self.y_a.narrow(0, start, length), self.y_b.narrow(0, start, length), self.lam
+        )
 
 
-def mixed_cross_entropy(logits: torch.Tensor, targets: MixedTargets, label_smoothing: float = 0.0) -> torch.Tensor:
+def mixed_cross_entropy(
+    logits: torch.Tensor, targets: MixedTargets, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """Mean over the batch of lam * CE(y_a) + (1 - lam) * CE(y_b)."""
     loss = F.cross_entropy(logits, targets.y_a, label_smoothing=label_smoothing)
     if targets.lam < 1.0:
@@ -50,7 +55,8 @@ def mixed_correct(logits: torch.Tensor, targets: MixedTargets) -> torch.Tensor:
 
 
 class BatchMixer:
-    """Mixes whole batches; randomness depends only on (seed, epoch, batch index), so runs resume exactly."""
+    """Mixes whole batches; randomness depends only on (seed, epoch, batch index), so runs resume
+    exactly."""
 
     def __init__(self, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, seed: int = 0):
         if mixup_alpha < 0 or cutmix_alpha < 0:
@@ -72,8 +78,12 @@ class BatchMixer:
 
     def _beta(self, alpha: float) -> float:
         # Beta(a, a) from two Gammas, drawn with our own generator for reproducibility.
-        g1 = torch._standard_gamma(torch.tensor([alpha], dtype=torch.float64), generator=self.generator)
-        g2 = torch._standard_gamma(torch.tensor([alpha], dtype=torch.float64), generator=self.generator)
+        g1 = torch._standard_gamma(
+            torch.tensor([alpha], dtype=torch.float64), generator=self.generator
+        )
+        g2 = torch._standard_gamma(
+            torch.tensor([alpha], dtype=torch.float64), generator=self.generator
+        )
         return float(g1 / (g1 + g2))
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, MixedTargets]:
@@ -86,7 +96,9 @@ class BatchMixer:
             return mixed, MixedTargets(y, y.index_select(0, perm), lam)
         return self._cutmix(x, y, perm)
 
-    def _cutmix(self, x: torch.Tensor, y: torch.Tensor, perm: torch.Tensor) -> tuple[torch.Tensor, MixedTargets]:
+    def _cutmix(
+        self, x: torch.Tensor, y: torch.Tensor, perm: torch.Tensor
+    ) -> tuple[torch.Tensor, MixedTargets]:
         lam = self._beta(self.cutmix_alpha)
         h, w = x.shape[-2:]
         cut_h, cut_w = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)

@@ -16,19 +16,34 @@ from pathlib import Path
 import torch
 
 from bigbatch.config import DATA_FORMATS
-from bigbatch.io import atomic_torch_save
-from bigbatch.data.cifar10 import FOLDER_NAME, GET_HINT, download_cifar10, find_cifar10, is_archive_name, load_cifar10
+from bigbatch.data.cifar10 import (
+    FOLDER_NAME,
+    GET_HINT,
+    download_cifar10,
+    find_cifar10,
+    is_archive_name,
+    load_cifar10,
+)
 from bigbatch.data.dataset import DatasetError, ImageDataset, apply_limits
 from bigbatch.data.folder import load_image_folder
-from bigbatch.data.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_HINT, FASHION_MNIST_PATH, FILES, find_idx_file, load_idx
+from bigbatch.data.idx import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_HINT,
+    FASHION_MNIST_PATH,
+    FILES,
+    find_idx_file,
+    load_idx,
+)
 from bigbatch.data.synthetic import DEFAULT_TEST, DEFAULT_TRAIN, make_synthetic
+from bigbatch.io import atomic_torch_save
 
 DATASET_FORMATS = tuple(f for f in DATA_FORMATS if f != "auto")
 CACHE_VERSION = 2  # bump when a loader's output changes, so old cache files are not reused
 MISSING_HINTS = {
     "cifar10": GET_HINT,
     "fashion-mnist": FASHION_MNIST_HINT,
-    "image-folder": "point data.path at a directory or .zip holding train/<class>/ and test/<class>/ image folders",
+    "image-folder": "point data.path at a directory or .zip holding train/<class>/ and "
+    "test/<class>/ image folders",
     "idx": f"point data.path at a folder holding {', '.join(FILES.values())} (each may be .gz)",
 }
 
@@ -45,17 +60,20 @@ def detect_format(path: Path) -> str:
         return "idx"
     if not path.exists():
         raise DatasetError(
-            f"dataset path '{path}' does not exist; point data.path at a CIFAR-10 archive or folder, an image "
+            f"dataset path '{path}' does not exist; point data.path at a CIFAR-10 archive or "
+            "folder, an image "
             "folder (directory or .zip), or a directory of IDX files"
         )
     raise DatasetError(
-        f"cannot tell what dataset '{path}' holds (no .zip, train/ folder, CIFAR-10 batches or IDX files); "
+        f"cannot tell what dataset '{path}' holds (no .zip, train/ folder, CIFAR-10 batches or IDX "
+        "files); "
         f"set data.format to one of {', '.join(DATASET_FORMATS)}"
     )
 
 
 def _fingerprint(path: Path) -> str:
-    """Size and mtime of the file, or of every file under the directory: changes when the data does."""
+    """Size and mtime of the file, or of every file under the directory: changes when the data
+    does."""
     if path.is_file():
         stat = path.stat()
         return f"{stat.st_size}:{stat.st_mtime_ns}"
@@ -64,14 +82,30 @@ def _fingerprint(path: Path) -> str:
         dirs.sort()
         for name in sorted(files):
             stat = os.stat(os.path.join(root, name))
-            digest.update(f"{os.path.relpath(os.path.join(root, name), path)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+            digest.update(
+                f"{os.path.relpath(os.path.join(root, name), path)}:{stat.st_size}:"
+                f"{stat.st_mtime_ns}\n".encode()
+            )
     return digest.hexdigest()
 
 
-def cache_file(cache_dir: Path, fmt: str, source: Path, train_limit: int | None, test_limit: int | None) -> Path:
+def cache_file(
+    cache_dir: Path, fmt: str, source: Path, train_limit: int | None, test_limit: int | None
+) -> Path:
     """Where the decoded tensors of ``source`` with these limits are cached."""
-    key = f"v{CACHE_VERSION}|{fmt}|{source.resolve()}|{_fingerprint(source)}|{train_limit}|{test_limit}"
-    return cache_dir / f"{fmt}-{source.name.split('.')[0]}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
+    parts = (
+        f"v{CACHE_VERSION}",
+        fmt,
+        source.resolve(),
+        _fingerprint(source),
+        train_limit,
+        test_limit,
+    )
+    key = "|".join(map(str, parts))
+    return (
+        cache_dir
+        / f"{fmt}-{source.name.split('.')[0]}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
+    )
 
 
 def _read_cache(file: Path) -> ImageDataset | None:
@@ -86,12 +120,15 @@ def _write_cache(file: Path, ds: ImageDataset) -> None:
         atomic_torch_save(file, dict(vars(ds)))
     except Exception as exc:  # a cache that cannot be written only costs speed
         warnings.warn(
-            f"could not write the dataset cache '{file}' ({exc}); the next run decodes the data again",
+            f"could not write the dataset cache '{file}' ({exc}); the next run decodes the data "
+            "again",
             stacklevel=3,
         )
 
 
-def _load_uncached(fmt: str, source: Path, train_limit: int | None, test_limit: int | None) -> ImageDataset:
+def _load_uncached(
+    fmt: str, source: Path, train_limit: int | None, test_limit: int | None
+) -> ImageDataset:
     if fmt == "image-folder":
         return load_image_folder(source, train_limit, test_limit)  # limits applied before decoding
     if fmt == "cifar10":
@@ -105,7 +142,9 @@ def _load_uncached(fmt: str, source: Path, train_limit: int | None, test_limit: 
 
 def _check_limit(name: str, value: int | None) -> int | None:
     if value is not None and value < 0:
-        raise DatasetError(f"{name} is {value}; use a positive count, or 0 / None for the whole split")
+        raise DatasetError(
+            f"{name} is {value}; use a positive count, or 0 / None for the whole split"
+        )
     return value or None
 
 
@@ -127,9 +166,15 @@ def load_dataset(
     mtime and limits. ``seed`` only matters for "synthetic", which ignores ``path`` and makes
     3x32x32 images of 10 classes (train_limit/test_limit examples, default 2000/500).
     """
-    train_limit, test_limit = _check_limit("train_limit", train_limit), _check_limit("test_limit", test_limit)
+    train_limit, test_limit = (
+        _check_limit("train_limit", train_limit),
+        _check_limit("test_limit", test_limit),
+    )
     if format not in DATASET_FORMATS and format != "auto":
-        raise DatasetError(f"unknown dataset format '{format}'; set data.format to one of auto, {', '.join(DATASET_FORMATS)}")
+        raise DatasetError(
+            f"unknown dataset format '{format}'; set data.format to one of auto, "
+            f"{', '.join(DATASET_FORMATS)}"
+        )
     if format == "synthetic":
         return make_synthetic(train_limit or DEFAULT_TRAIN, test_limit or DEFAULT_TEST, seed=seed)
     if format == "fashion-mnist" and not path:
@@ -138,17 +183,26 @@ def load_dataset(
         # No path given: CIFAR-10 lives (and is downloaded) in the user's cache.
         format, path = "cifar10", Path(cache_dir) / "cifar10"
     if path is None or str(path) == "":
-        hint = MISSING_HINTS.get(format, "point data.path at the dataset, or set data.format=synthetic")
+        hint = MISSING_HINTS.get(
+            format, "point data.path at the dataset, or set data.format=synthetic"
+        )
         raise DatasetError(f"data.path is empty, so there is no {format} dataset to load; {hint}")
     path = Path(path).expanduser()
     fmt = detect_format(path) if format == "auto" else format
     if fmt == "cifar10":
         found = find_cifar10(path)
         if found is None and download:
-            # A path naming the archive gets the archive; a folder (or a batches folder's parent) gets it inside.
-            found = download_cifar10(path if is_archive_name(path) else path.parent if path.name == FOLDER_NAME else path)
+            # A path naming the archive gets the archive; a folder (or a batches folder's parent)
+            # gets it inside.
+            found = download_cifar10(
+                path if is_archive_name(path) else path.parent if path.name == FOLDER_NAME else path
+            )
         if found is None:
-            what = "does not exist" if not path.exists() else f"holds neither {FOLDER_NAME}/ nor cifar-10-python.tar.gz"
+            what = (
+                "does not exist"
+                if not path.exists()
+                else f"holds neither {FOLDER_NAME}/ nor cifar-10-python.tar.gz"
+            )
             raise DatasetError(f"CIFAR-10 path '{path}' {what}; {GET_HINT}")
         source = found
     else:
@@ -166,4 +220,11 @@ def load_dataset(
     return ds
 
 
-__all__ = ["DATASET_FORMATS", "DatasetError", "ImageDataset", "detect_format", "load_dataset", "make_synthetic"]
+__all__ = [
+    "DATASET_FORMATS",
+    "DatasetError",
+    "ImageDataset",
+    "detect_format",
+    "load_dataset",
+    "make_synthetic",
+]

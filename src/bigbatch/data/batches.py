@@ -12,7 +12,6 @@ the CPU so that a run gives the same batches on every device.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import torch
@@ -27,7 +26,10 @@ def channel_stats(images_u8: torch.Tensor, chunk: int = 8192) -> tuple[list[floa
     centres it instead of dividing by zero).
     """
     if images_u8.dtype != torch.uint8 or images_u8.dim() != 4 or images_u8.shape[0] == 0:
-        raise ValueError(f"channel_stats needs uint8 images [N, C, H, W] with N >= 1, got {images_u8.dtype} {tuple(images_u8.shape)}")
+        raise ValueError(
+            f"channel_stats needs uint8 images [N, C, H, W] with N >= 1, got {images_u8.dtype} "
+            f"{tuple(images_u8.shape)}"
+        )
     channels = images_u8.shape[1]
     counts = torch.zeros(channels, 256, dtype=torch.int64, device=images_u8.device)
     for start in range(0, images_u8.shape[0], chunk):
@@ -43,7 +45,9 @@ def channel_stats(images_u8: torch.Tensor, chunk: int = 8192) -> tuple[list[floa
     return mean.tolist(), std.tolist()
 
 
-def crop_flip(images: torch.Tensor, padding: int, shifts: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+def crop_flip(
+    images: torch.Tensor, padding: int, shifts: torch.Tensor, flips: torch.Tensor
+) -> torch.Tensor:
     """Random crop with zero padding and horizontal flip for a whole batch at once.
 
     ``shifts`` [b, 2] holds each crop's (row, column) offset in [0, 2 * padding] inside the padded
@@ -63,12 +67,13 @@ def crop_flip(images: torch.Tensor, padding: int, shifts: torch.Tensor, flips: t
 
 
 class BatchLoader:
-    """Iterates (x float32 normalized [b, C, H, W], y int64 [b]) over this rank's part of each batch.
+    """Iterates (x float32 normalized [b, C, H, W], y int64 [b]) over this rank's part of each
+    batch.
 
     ``len(loader)`` is the number of global batches per epoch; every rank yields that many (a rank's
     part of a short last batch can be smaller, or empty when that batch has fewer examples than
-    there are ranks; ``drop_last`` drops the short batch). A short last batch with fewer examples than
-    ranks is always dropped: a rank with nothing to compute would have no loss to average.
+    there are ranks; ``drop_last`` drops the short batch). A short last batch with fewer examples
+    than ranks is always dropped: a rank with nothing to compute would have no loss to average.
     """
 
     def __init__(
@@ -89,16 +94,30 @@ class BatchLoader:
     ):
         n = int(labels.shape[0])
         if images_u8.dtype != torch.uint8 or images_u8.dim() != 4 or images_u8.shape[0] != n:
-            raise ValueError(f"BatchLoader needs uint8 images [N, C, H, W] and N labels, got {images_u8.dtype} {tuple(images_u8.shape)} and {n} labels")
+            raise ValueError(
+                f"BatchLoader needs uint8 images [N, C, H, W] and N labels, got {images_u8.dtype} "
+                f"{tuple(images_u8.shape)} and {n} labels"
+            )
         if not 1 <= batch_size <= n:
-            raise ValueError(f"batch size {batch_size} must be between 1 and the number of examples ({n})")
+            raise ValueError(
+                f"batch size {batch_size} must be between 1 and the number of examples ({n})"
+            )
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} of world size {world_size} is invalid; need world_size >= 1 and 0 <= rank < world_size")
+            raise ValueError(
+                f"rank {rank} of world size {world_size} is invalid; need world_size >= 1 and 0 <= "
+                "rank < world_size"
+            )
         if batch_size < world_size:
-            raise ValueError(f"batch size {batch_size} is smaller than the {world_size} ranks sharing it; each rank needs at least one example")
+            raise ValueError(
+                f"batch size {batch_size} is smaller than the {world_size} ranks sharing it; each "
+                "rank needs at least one example"
+            )
         channels = images_u8.shape[1]
         if len(mean) != channels or len(std) != channels or min(std) <= 0:
-            raise ValueError(f"mean and std need one value per channel ({channels}) and std > 0, got mean {mean}, std {std}")
+            raise ValueError(
+                f"mean and std need one value per channel ({channels}) and std > 0, got mean "
+                f"{mean}, std {std}"
+            )
         if crop_padding < 0:
             raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
         self.images, self.labels = images_u8, labels
@@ -107,8 +126,12 @@ class BatchLoader:
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         # (x / 255 - mean) / std folded into one multiply and one add on the converted batch.
         device = images_u8.device
-        self.scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device).view(1, channels, 1, 1)
-        self.shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=device).view(1, channels, 1, 1)
+        self.scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device).view(
+            1, channels, 1, 1
+        )
+        self.shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=device).view(
+            1, channels, 1, 1
+        )
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -130,7 +153,9 @@ class BatchLoader:
         for b in range(len(self)):
             batch = order[b * self.batch_size : (b + 1) * self.batch_size]
             if self.augment:  # drawn for the whole global batch, whatever this rank's part
-                shifts = torch.randint(0, 2 * self.crop_padding + 1, (batch.shape[0], 2), generator=g)
+                shifts = torch.randint(
+                    0, 2 * self.crop_padding + 1, (batch.shape[0], 2), generator=g
+                )
                 flips = torch.rand(batch.shape[0], generator=g) < 0.5
             if self.world_size > 1:
                 part = torch.tensor_split(torch.arange(batch.shape[0]), self.world_size)[self.rank]
@@ -141,4 +166,7 @@ class BatchLoader:
             x = self.images.index_select(0, batch)
             if self.augment:
                 x = crop_flip(x, self.crop_padding, shifts, flips)
-            yield x.float().mul_(self.scale).add_(self.shift), self.labels.index_select(0, batch.to(self.labels.device))
+            yield (
+                x.float().mul_(self.scale).add_(self.shift),
+                self.labels.index_select(0, batch.to(self.labels.device)),
+            )

@@ -1,4 +1,5 @@
-"""CIFAR-10 in the official python-batches format: ``cifar-10-batches-py/`` or ``cifar-10-python.tar.gz``.
+"""CIFAR-10 in the official python-batches format: ``cifar-10-batches-py/`` or
+``cifar-10-python.tar.gz``.
 
 The archive is read in one pass over its members, with no extraction: a gzip stream cannot seek
 backwards cheaply, so the batches are collected in whatever order the tar holds them. Batches are
@@ -14,11 +15,9 @@ from __future__ import annotations
 import hashlib
 import http.client
 import io
-import os
 import pickle
 import socket
 import tarfile
-import tempfile
 import threading
 import urllib.parse
 import urllib.request
@@ -29,8 +28,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from bigbatch.io import atomic_file
 from bigbatch.data.dataset import DatasetError, ImageDataset
+from bigbatch.io import atomic_file
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -40,7 +39,10 @@ ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_BATCH = "test_batch"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-GET_HINT = "pass --set runtime.download=true when online, or point data.path at cifar-10-python.tar.gz or cifar-10-batches-py/"
+GET_HINT = (
+    "pass --set runtime.download=true when online, or point data.path at cifar-10-python.tar.gz "
+    "or cifar-10-batches-py/"
+)
 
 
 def is_archive_name(path: Path) -> bool:
@@ -60,26 +62,31 @@ def find_cifar10(path: Path) -> Path | None:
 class _BatchUnpickler(pickle.Unpickler):
     """Admits only what CIFAR-10 batches are made of: containers, bytes and numpy arrays."""
 
-    ALLOWED: ClassVar[frozenset[tuple[str, str]]] = frozenset({
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"),  # protocol 5 arrays
-        ("numpy._core.numeric", "_frombuffer"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("_codecs", "encode"),  # how protocol 2 spells a bytes object
-    })
+    ALLOWED: ClassVar[frozenset[tuple[str, str]]] = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy.core.multiarray", "scalar"),
+            ("numpy._core.multiarray", "scalar"),
+            ("numpy.core.numeric", "_frombuffer"),  # protocol 5 arrays
+            ("numpy._core.numeric", "_frombuffer"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),  # how protocol 2 spells a bytes object
+        }
+    )
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}, which a CIFAR-10 batch never contains")
+        raise pickle.UnpicklingError(
+            f"refusing to load {module}.{name}, which a CIFAR-10 batch never contains"
+        )
 
 
 def _field(batch: dict, key: str) -> Any:
-    # The official files were pickled by Python 2 (byte-string keys); re-pickled copies use str keys.
+    # The official files were pickled by Python 2 (byte-string keys); re-pickled copies use str
+    # keys.
     return batch[key.encode()] if key.encode() in batch else batch[key]
 
 
@@ -89,7 +96,9 @@ def _unpickle(data: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
         images = np.asarray(_field(batch, "data"), dtype=np.uint8)
         labels = np.asarray(_field(batch, "labels"), dtype=np.int64)
     except Exception as exc:  # a damaged pickle can raise almost anything
-        raise DatasetError(f"CIFAR-10 batch {where} is corrupt ({type(exc).__name__}: {exc}); download it again") from None
+        raise DatasetError(
+            f"CIFAR-10 batch {where} is corrupt ({type(exc).__name__}: {exc}); download it again"
+        ) from None
     if images.ndim != 2 or images.shape[1] != 3 * 32 * 32 or labels.shape != (images.shape[0],):
         raise DatasetError(
             f"CIFAR-10 batch {where} holds data {images.shape} and {labels.shape[0]} labels, "
@@ -105,9 +114,13 @@ def _read_members(source: Path) -> dict[str, bytes]:
     wanted = {*TRAIN_BATCHES, TEST_BATCH}
     if source.is_dir():
         try:
-            return {name: (source / name).read_bytes() for name in wanted if (source / name).is_file()}
+            return {
+                name: (source / name).read_bytes() for name in wanted if (source / name).is_file()
+            }
         except OSError as exc:
-            raise DatasetError(f"cannot read CIFAR-10 batches in '{source}' ({exc}); check the files' permissions") from None
+            raise DatasetError(
+                f"cannot read CIFAR-10 batches in '{source}' ({exc}); check the files' permissions"
+            ) from None
     found: dict[str, bytes] = {}
     try:
         with tarfile.open(source, "r:*") as tar:
@@ -116,7 +129,9 @@ def _read_members(source: Path) -> dict[str, bytes]:
                 if member.isfile() and name in wanted and name not in found:
                     found[name] = tar.extractfile(member).read()  # type: ignore[union-attr]
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-        raise DatasetError(f"'{source}' is not a readable tar archive ({exc}); delete it and download it again") from None
+        raise DatasetError(
+            f"'{source}' is not a readable tar archive ({exc}); delete it and download it again"
+        ) from None
     return found
 
 
@@ -125,16 +140,22 @@ def load_cifar10(path: str | Path) -> ImageDataset:
     path = Path(path)
     source = find_cifar10(path)
     if source is None:
-        raise DatasetError(f"no CIFAR-10 at '{path}': expected {FOLDER_NAME}/ or {ARCHIVE_NAME} there; {GET_HINT}")
+        raise DatasetError(
+            f"no CIFAR-10 at '{path}': expected {FOLDER_NAME}/ or {ARCHIVE_NAME} there; {GET_HINT}"
+        )
     members = _read_members(source)
     splits = {}
     for split, names in (("train", TRAIN_BATCHES), ("test", [TEST_BATCH])):
         parts = []
         for name in names:
             if name not in members:
-                raise DatasetError(f"'{source}' has no {name}; the copy is incomplete, download it again")
+                raise DatasetError(
+                    f"'{source}' has no {name}; the copy is incomplete, download it again"
+                )
             parts.append(_unpickle(members.pop(name), f"'{name}' in '{source}'"))
-        images = np.concatenate([p[0] for p in parts]).reshape(-1, 3, 32, 32)  # rows are R, G, B planes
+        images = np.concatenate([p[0] for p in parts]).reshape(
+            -1, 3, 32, 32
+        )  # rows are R, G, B planes
         labels = np.concatenate([p[1] for p in parts])
         splits[split] = (torch.from_numpy(images), torch.from_numpy(labels))
     # batches.meta only repeats the published class names, so it is not read.
@@ -142,7 +163,8 @@ def load_cifar10(path: str | Path) -> ImageDataset:
 
 
 def _resolve_host(url: str, timeout_s: float) -> None:
-    """Look the host up with a deadline: urllib's timeout does not cover DNS, which can hang offline."""
+    """Look the host up with a deadline: urllib's timeout does not cover DNS, which can hang
+    offline."""
     host = urllib.parse.urlsplit(url).hostname
     if not host:
         return
@@ -164,7 +186,9 @@ def _resolve_host(url: str, timeout_s: float) -> None:
         raise outcome[0]
 
 
-def download_cifar10(dest: str | Path, url: str | None = None, md5: str | None = None, timeout_s: float = 10.0) -> Path:
+def download_cifar10(
+    dest: str | Path, url: str | None = None, md5: str | None = None, timeout_s: float = 10.0
+) -> Path:
     """Fetch the official archive, verified, written atomically; returns the archive's path.
 
     ``dest`` is a directory (the archive lands in it as cifar-10-python.tar.gz) or the archive's

@@ -32,14 +32,25 @@ class ImageDataset:
         for split in ("train", "test"):
             images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
             if images.dtype != torch.uint8 or images.dim() != 4:
-                raise DatasetError(f"dataset '{self.name}': {split} images are {images.dtype} {tuple(images.shape)}, expected uint8 [N, C, H, W]")
-            if labels.dtype != torch.int64 or labels.dim() != 1 or labels.shape[0] != images.shape[0]:
                 raise DatasetError(
-                    f"dataset '{self.name}': {split} labels are {labels.dtype} {tuple(labels.shape)}, expected int64 [{images.shape[0]}]"
+                    f"dataset '{self.name}': {split} images are {images.dtype} "
+                    f"{tuple(images.shape)}, expected uint8 [N, C, H, W]"
                 )
-            if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < len(self.classes):
+            if (
+                labels.dtype != torch.int64
+                or labels.dim() != 1
+                or labels.shape[0] != images.shape[0]
+            ):
                 raise DatasetError(
-                    f"dataset '{self.name}': {split} labels span {int(labels.min())}..{int(labels.max())} "
+                    f"dataset '{self.name}': {split} labels are {labels.dtype} "
+                    f"{tuple(labels.shape)}, expected int64 [{images.shape[0]}]"
+                )
+            if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < len(
+                self.classes
+            ):
+                raise DatasetError(
+                    f"dataset '{self.name}': {split} labels span "
+                    f"{int(labels.min())}..{int(labels.max())} "
                     f"but there are {len(self.classes)} classes"
                 )
             setattr(self, f"{split}_images", images.contiguous())
@@ -88,16 +99,26 @@ def balanced_subset(labels: torch.Tensor, limit: int | None) -> torch.Tensor | N
         return None
     classes = torch.unique(labels)
     chosen = [
-        torch.nonzero(labels == c).flatten()[: per_class_quota(limit, len(classes), i)] for i, c in enumerate(classes.tolist())
+        torch.nonzero(labels == c).flatten()[: per_class_quota(limit, len(classes), i)]
+        for i, c in enumerate(classes.tolist())
     ]
     return torch.sort(torch.cat(chosen)).values
 
 
 def apply_limits(ds: ImageDataset, train_limit: int | None, test_limit: int | None) -> ImageDataset:
-    """Shrink the splits to class-balanced subsets (for loaders that must read everything anyway)."""
+    """Shrink the splits to class-balanced subsets (for loaders that must read everything
+    anyway)."""
     for split, limit in (("train", train_limit), ("test", test_limit)):
         idx = balanced_subset(getattr(ds, f"{split}_labels"), limit)
         if idx is not None:
-            setattr(ds, f"{split}_images", getattr(ds, f"{split}_images").index_select(0, idx).contiguous())
-            setattr(ds, f"{split}_labels", getattr(ds, f"{split}_labels").index_select(0, idx).contiguous())
+            setattr(
+                ds,
+                f"{split}_images",
+                getattr(ds, f"{split}_images").index_select(0, idx).contiguous(),
+            )
+            setattr(
+                ds,
+                f"{split}_labels",
+                getattr(ds, f"{split}_labels").index_select(0, idx).contiguous(),
+            )
     return ds

@@ -1,4 +1,5 @@
-"""Image-folder datasets: ``train/<class>/*.{png,jpg,jpeg,bmp}`` and ``test/<class>/*``, a directory or a .zip.
+"""Image-folder datasets: ``train/<class>/*.{png,jpg,jpeg,bmp}`` and ``test/<class>/*``, a directory
+or a .zip.
 
 Classes are sorted by name (for the CIFAR-10 JPEG copy that is CIFAR-10's own label order). The
 first training image fixes the mode (grayscale -> 1 channel, anything else -> RGB) and the size;
@@ -25,7 +26,6 @@ import struct
 import sys
 import zipfile
 import zlib
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +39,20 @@ from bigbatch.data.dataset import DatasetError, ImageDataset, per_class_quota
 
 SPLITS = ("train", "test")
 # Suffix -> the Pillow format to try first (a wrong suffix still decodes: Pillow then probes all).
-IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".gif": "GIF", ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP"}
+IMAGE_FORMATS = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".bmp": "BMP",
+    ".gif": "GIF",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".webp": "WEBP",
+}
 GRAYSCALE_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
-LAYOUT_HINT = "an image folder needs train/<class>/*.png|jpg and test/<class>/* (e.g. train/cat/0001.jpg)"
+LAYOUT_HINT = (
+    "an image folder needs train/<class>/*.png|jpg and test/<class>/* (e.g. train/cat/0001.jpg)"
+)
 PARALLEL_MIN_IMAGES = 2000  # below this, thread start-up costs more than it saves
 MAX_DECODE_THREADS = 8  # beyond this the GIL-held part of each decode dominates
 
@@ -78,7 +89,10 @@ class _ZipSource:
         try:
             self.zf = zipfile.ZipFile(path)
         except (zipfile.BadZipFile, OSError, ValueError) as exc:
-            raise DatasetError(f"'{path}' is not a readable .zip archive ({exc}); check the file or download it again") from None
+            raise DatasetError(
+                f"'{path}' is not a readable .zip archive ({exc}); check the file or download it "
+                "again"
+            ) from None
         with open(path, "rb") as file:  # the map keeps its own reference to the file
             self.map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
         self.infos = {info.filename: info for info in self.zf.infolist() if not info.is_dir()}
@@ -97,14 +111,23 @@ class _ZipSource:
                     break
         if len(by_prefix) > 1:
             roots = ", ".join(f"'{p}/'" if p else "the top level" for p in sorted(by_prefix))
-            raise DatasetError(f"'{self.path}' holds train/ and test/ folders in several places ({roots}); keep one")
+            raise DatasetError(
+                f"'{self.path}' holds train/ and test/ folders in several places ({roots}); keep "
+                "one"
+            )
         return next(iter(by_prefix.values()), [])
 
     def read(self, name: str) -> bytes:
         info = self.infos[name]
         offset = info.header_offset
-        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1 or self.map[offset : offset + 4] != b"PK\x03\x04":
-            return self.zf.read(info)  # compressed or unusual: zipfile knows best (and raises its own errors)
+        if (
+            info.compress_type != zipfile.ZIP_STORED
+            or info.flag_bits & 0x1
+            or self.map[offset : offset + 4] != b"PK\x03\x04"
+        ):
+            return self.zf.read(
+                info
+            )  # compressed or unusual: zipfile knows best (and raises its own errors)
         name_len, extra_len = struct.unpack_from("<HH", self.map, offset + 26)
         start = offset + 30 + name_len + extra_len
         data = self.map[start : start + info.compress_size]
@@ -157,7 +180,10 @@ def _group(entries: list[_Entry], where: Path) -> tuple[list[str], dict[str, dic
             members.sort()
     unknown = sorted(set(grouped["test"]) - set(grouped["train"]))
     if unknown:
-        raise DatasetError(f"'{where}': test/ has classes with no training images ({', '.join(unknown)}); add train/<class>/ images or remove them")
+        raise DatasetError(
+            f"'{where}': test/ has classes with no training images ({', '.join(unknown)}); add "
+            "train/<class>/ images or remove them"
+        )
     return sorted(grouped["train"]), grouped
 
 
@@ -188,7 +214,8 @@ class _Decoder:
             if img.size != self.size:
                 assert self.size is not None
                 raise DatasetError(
-                    f"image {self.source.describe(member)} is {img.size[0]}x{img.size[1]} but the dataset's images are "
+                    f"image {self.source.describe(member)} is {img.size[0]}x{img.size[1]} but the "
+                    "dataset's images are "
                     f"{self.size[0]}x{self.size[1]} (width x height); resize it or remove it"
                 )
             if img.mode != self.mode:
@@ -196,8 +223,11 @@ class _Decoder:
             return np.frombuffer(img.tobytes(), dtype=np.uint8)
         except DatasetError:
             raise
-        except Exception as exc:  # decoders of arbitrary files raise many types (OSError, SyntaxError, zlib.error...)
-            raise DatasetError(f"cannot decode image {self.source.describe(member)}: {exc}; replace or remove the file") from None
+        except Exception as exc:  # decoders of arbitrary files raise many types
+            raise DatasetError(
+                f"cannot decode image {self.source.describe(member)}: {exc}; replace or remove the "
+                "file"
+            ) from None
 
     def decode_into(self, out: np.ndarray, members: list[str], slots: list[int]) -> int:
         for member, slot in zip(members, slots):
@@ -208,28 +238,39 @@ class _Decoder:
 def _decode_threads(count: int) -> int:
     if count < PARALLEL_MIN_IMAGES:
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
     return max(1, min(MAX_DECODE_THREADS, cores))
 
 
-def _decode_split(decoder: _Decoder, members: list[str], slots: list[int], out: np.ndarray, bar: tqdm) -> None:
+def _decode_split(
+    decoder: _Decoder, members: list[str], slots: list[int], out: np.ndarray, bar: tqdm
+) -> None:
     threads = _decode_threads(len(members))
     step = max(64, len(members) // (threads * 16))  # small chunks keep threads busy to the end
     chunks = [(members[i : i + step], slots[i : i + step]) for i in range(0, len(members), step)]
-    run: Callable[[tuple[list[str], list[int]]], int] = lambda chunk: decoder.decode_into(out, *chunk)
+
+    def run(chunk: tuple[list[str], list[int]]) -> int:
+        return decoder.decode_into(out, *chunk)
+
     if threads == 1:
         for chunk in chunks:
             bar.update(run(chunk))
         return
     pool = ThreadPoolExecutor(threads, thread_name_prefix="bigbatch-decode")
     try:
-        for done in pool.map(run, chunks):  # in order, so the first bad file in file order is reported
+        for done in pool.map(
+            run, chunks
+        ):  # in order, so the first bad file in file order is reported
             bar.update(done)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def load_image_folder(path: str | Path, train_limit: int | None = None, test_limit: int | None = None) -> ImageDataset:
+def load_image_folder(
+    path: str | Path, train_limit: int | None = None, test_limit: int | None = None
+) -> ImageDataset:
     """An image folder (directory or .zip); limits take the first k images of each class."""
     path = Path(path)
     if path.is_file():
@@ -237,7 +278,10 @@ def load_image_folder(path: str | Path, train_limit: int | None = None, test_lim
     elif path.is_dir():
         source = _DirSource(path)
     else:
-        raise DatasetError(f"image folder '{path}' does not exist; pass a directory or .zip with train/<class>/ and test/<class>/")
+        raise DatasetError(
+            f"image folder '{path}' does not exist; pass a directory or .zip with train/<class>/ "
+            "and test/<class>/"
+        )
     try:
         classes, grouped = _group(source.list(), path)
         chosen: dict[str, tuple[list[str], list[int]]] = {}
@@ -251,15 +295,25 @@ def load_image_folder(path: str | Path, train_limit: int | None = None, test_lim
                 labels += [index] * len(files)
             chosen[split] = (members, labels)
         decoder = _Decoder(source)
-        first = decoder.pixels(chosen["train"][0][0])  # fixes mode and size before the parallel part
+        first = decoder.pixels(
+            chosen["train"][0][0]
+        )  # fixes mode and size before the parallel part
         assert decoder.size is not None
         width, height = decoder.size
         channels = first.size // (width * height)
         total = sum(len(m) for m, _ in chosen.values())
         tensors = {}
-        with tqdm(total=total, desc="decoding images", unit="img", disable=not sys.stderr.isatty(), leave=False, mininterval=0.5) as bar:
+        with tqdm(
+            total=total,
+            desc="decoding images",
+            unit="img",
+            disable=not sys.stderr.isatty(),
+            leave=False,
+            mininterval=0.5,
+        ) as bar:
             for split, (members, labels) in chosen.items():
-                # Decode member i straight into its row of the fixed shuffle: order[j] is the member at row j.
+                # Decode member i straight into its row of the fixed shuffle: order[j] is the member
+                # at row j.
                 order = torch.randperm(len(members), generator=torch.Generator().manual_seed(0))
                 slots = torch.argsort(order).tolist()
                 out = np.empty((len(members), height, width, channels), dtype=np.uint8)

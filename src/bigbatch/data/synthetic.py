@@ -25,7 +25,8 @@ def make_synthetic(
     noise: float = 60.0,
     seed: int = 0,
 ) -> ImageDataset:
-    """``train_size``/``test_size`` examples, classes balanced (sizes differ by at most one), in random order."""
+    """``train_size``/``test_size`` examples, classes balanced (sizes differ by at most one), in
+    random order."""
     if train_size < 1 or test_size < 1 or num_classes < 1 or channels < 1 or min(size) < 1:
         raise ValueError(
             f"synthetic dataset needs positive sizes, got train {train_size}, test {test_size}, "
@@ -39,4 +40,9 @@ def make_synthetic(
         x = prototypes[labels] + noise * torch.randn(n, channels, *size, generator=g)
         return x.clamp_(0, 255).round_().to(torch.uint8), labels
 
-    return ImageDataset("synthetic", [f"class{i}" for i in range(num_classes)], *split(train_size), *split(test_size))
+    return ImageDataset(
+        "synthetic",
+        [f"class{i}" for i in range(num_classes)],
+        *split(train_size),
+        *split(test_size),
+    )

@@ -3,10 +3,12 @@
 A study file is TOML with three parts:
 
     [study]                  name, output_dir, seeds = [0, 1], target_accuracy = 0.5
-    [base]                   config sections shared by every run, e.g. [base.optimizer] momentum = 0.9
+    [base]                   config sections shared by every run,
+                             e.g. [base.optimizer] momentum = 0.9
     [[runs]]                 one table per run: name = "...", then config sections as inline tables,
                              e.g. optimizer = { name = "kfac", lr = 8e-3 }
-    [grid]                   optional axes crossed with every run: "augment.label_smoothing" = [0.0, 0.1]
+    [grid]                   optional axes crossed with every run,
+                             e.g. "augment.label_smoothing" = [0.0, 0.1]
 
 Each run's config is base <- run <- grid point <- seed <- command-line overrides, validated like a
 ``bigbatch train`` config before anything starts.
@@ -17,21 +19,36 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import re
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
-from bigbatch.config import Config, config_from_dict, deep_merge, merge_overrides, read_toml, validate
+from bigbatch.config import (
+    Config,
+    config_from_dict,
+    deep_merge,
+    merge_overrides,
+    read_toml,
+    validate,
+)
 from bigbatch.errors import ConfigError
 from bigbatch.io import read_jsonl
 from bigbatch.report.report import Figure
 from bigbatch.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 
-STUDY_KEYS = {"name", "output_dir", "seeds", "target_accuracy", "description", "figures",
-              "large_batch_from"}
+STUDY_KEYS = {
+    "name",
+    "output_dir",
+    "seeds",
+    "target_accuracy",
+    "description",
+    "figures",
+    "large_batch_from",
+}
 
 
 @dataclass
@@ -40,7 +57,7 @@ class Study:
     output_dir: Path
     seeds: list[int]
     target_accuracy: float
-    runs: list["StudyRun"] = field(default_factory=list)
+    runs: list[StudyRun] = field(default_factory=list)
     description: str = ""
     # The report's comparison plots and the batch size from which a run counts as large.
     figures: list[Figure] = field(default_factory=list)
@@ -63,16 +80,24 @@ def _slug(value: Any) -> str:
 
 
 def load_study(
-    path: str | Path, overrides: Iterable[str] = (), seeds: list[int] | None = None, output_dir: str | None = None
+    path: str | Path,
+    overrides: Iterable[str] = (),
+    seeds: list[int] | None = None,
+    output_dir: str | None = None,
 ) -> Study:
     raw = read_toml(path)
     unknown = set(raw) - {"study", "base", "runs", "grid"}
     if unknown:
-        raise ConfigError(f"study file '{path}' has unknown top-level tables {sorted(unknown)}; use study, base, runs, grid")
+        raise ConfigError(
+            f"study file '{path}' has unknown top-level tables {sorted(unknown)}; use study, base, "
+            "runs, grid"
+        )
     meta = raw.get("study", {})
     bad = set(meta) - STUDY_KEYS
     if bad:
-        raise ConfigError(f"unknown key(s) {sorted(bad)} in [study] of '{path}'; valid: {sorted(STUDY_KEYS)}")
+        raise ConfigError(
+            f"unknown key(s) {sorted(bad)} in [study] of '{path}'; valid: {sorted(STUDY_KEYS)}"
+        )
     name = meta.get("name", Path(path).stem)
     study = Study(
         name=name,
@@ -87,7 +112,10 @@ def load_study(
         raise ConfigError(f"[study] large_batch_from in '{path}' must be a batch size, e.g. 1024")
     study.large_batch_from = large
     if not study.seeds or not all(isinstance(s, int) for s in study.seeds):
-        raise ConfigError(f"[study] seeds in '{path}' must be a non-empty list of integers, e.g. seeds = [0, 1, 2]")
+        raise ConfigError(
+            f"[study] seeds in '{path}' must be a non-empty list of integers, e.g. seeds = [0, 1, "
+            "2]"
+        )
     runs = raw.get("runs", [])
     if not runs:
         raise ConfigError(f"study file '{path}' defines no [[runs]]")
@@ -101,15 +129,25 @@ def load_study(
             raise ConfigError(f"every [[runs]] entry in '{path}' needs a name")
         base = deep_merge(raw.get("base", {}), run)
         for point in itertools.product(*(values for _, values in axes)):
-            point_label = label + "".join(f"-{key.split('.')[-1]}{_slug(v)}" for (key, _), v in zip(axes, point))
+            point_label = label + "".join(
+                f"-{key.split('.')[-1]}{_slug(v)}" for (key, _), v in zip(axes, point)
+            )
             point_overrides = [f"{key}={_toml_value(v)}" for (key, _), v in zip(axes, point)]
             for seed in study.seeds:
                 run_name = point_label if len(study.seeds) == 1 else f"{point_label}-s{seed}"
                 if run_name in seen:
-                    raise ConfigError(f"study '{path}' has two runs named '{run_name}'; names must be unique")
+                    raise ConfigError(
+                        f"study '{path}' has two runs named '{run_name}'; names must be unique"
+                    )
                 seen.add(run_name)
                 merged = merge_overrides(base, [*point_overrides, *overrides])
-                merged = deep_merge(merged, {"run": {"name": run_name, "seed": seed}, "runtime": {"output_dir": str(study.output_dir / "runs")}})
+                merged = deep_merge(
+                    merged,
+                    {
+                        "run": {"name": run_name, "seed": seed},
+                        "runtime": {"output_dir": str(study.output_dir / "runs")},
+                    },
+                )
                 try:
                     cfg = config_from_dict(merged)
                     validate(cfg)
@@ -148,7 +186,11 @@ def run_status(run: StudyRun) -> str:
     if not path.exists():
         return "new"
     rows = read_jsonl(run.run_dir / "metrics.jsonl")
-    if rows and rows[-1]["epoch"] >= run.config.run.epochs and load_checkpoint(path)["epoch"] >= run.config.run.epochs:
+    if (
+        rows
+        and rows[-1]["epoch"] >= run.config.run.epochs
+        and load_checkpoint(path)["epoch"] >= run.config.run.epochs
+    ):
         return "done"
     return "partial"
 
@@ -172,7 +214,10 @@ def _train_one(run: StudyRun, threads: int | None) -> str:
     rows = Trainer(run.config).fit(resume=True)
     plot_run_curves(rows, run.run_dir / "curves.png", title=run.config.run.name)
     last = rows[-1]
-    return f"test acc {last['test_acc']:.4f} after {last['epoch']} epochs, {last['train_time']:.0f}s training"
+    return (
+        f"test acc {last['test_acc']:.4f} after {last['epoch']} epochs, "
+        f"{last['train_time']:.0f}s training"
+    )
 
 
 def run_study(study: Study, jobs: int = 1) -> list[StudyRun]:
@@ -196,7 +241,9 @@ def run_study(study: Study, jobs: int = 1) -> list[StudyRun]:
         return study.runs
     threads = max(1, torch.get_num_threads() // jobs)
     pending.sort(key=lambda item: -_estimated_cost(item[1]))
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(
+        max_workers=jobs, mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
         futures = {pool.submit(_train_one, run, threads): tag for tag, run in pending}
         for future in as_completed(futures):
             print(f"{futures[future]}: {future.result()}", flush=True)

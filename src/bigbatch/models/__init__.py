@@ -8,11 +8,13 @@ from bigbatch.models.lenet5 import LeNet5
 from bigbatch.models.resnet import CifarResNet
 
 
-def build_model(name: str, in_channels: int, image_size: tuple[int, int], num_classes: int) -> nn.Module:
+def build_model(
+    name: str, in_channels: int, image_size: tuple[int, int], num_classes: int
+) -> nn.Module:
     if name == "lenet5":
         return LeNet5(in_channels, image_size, num_classes)
-    if name.startswith("resnet") and name[len("resnet"):].isdigit():
-        return CifarResNet(int(name[len("resnet"):]), in_channels, num_classes)
+    if name.startswith("resnet") and name[len("resnet") :].isdigit():
+        return CifarResNet(int(name[len("resnet") :]), in_channels, num_classes)
     raise ValueError(f"unknown model '{name}'; choose lenet5 or resnet20/32/44/56")
 
 

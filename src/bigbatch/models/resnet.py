@@ -1,4 +1,5 @@
-"""CIFAR ResNets (He et al. 2016, section 4.2): 6n+2 layers, 16/32/64 channels, option-A shortcuts."""
+"""CIFAR ResNets (He et al. 2016, section 4.2): 6n+2 layers, 16/32/64 channels, option-A
+shortcuts."""
 
 from __future__ import annotations
 

@@ -11,14 +11,19 @@ import io
 import json
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bigbatch.io import atomic_write_text, read_jsonl
 from bigbatch.report.plots import plt, save_figure
 
-X_AXES = {"epoch": ("epoch", "epoch"), "step": ("step", "updates (optimizer steps)"), "time": ("train_time", "training wall time (s)")}
+X_AXES = {
+    "epoch": ("epoch", "epoch"),
+    "step": ("step", "updates (optimizer steps)"),
+    "time": ("train_time", "training wall time (s)"),
+}
 
 
 @dataclass
@@ -31,7 +36,9 @@ class RunResult:
 
     @property
     def optimizer(self) -> str:
-        return {"sgd": "SGD", "kfac": "K-FAC"}.get(self.config["optimizer"]["name"], self.config["optimizer"]["name"])
+        return {"sgd": "SGD", "kfac": "K-FAC"}.get(
+            self.config["optimizer"]["name"], self.config["optimizer"]["name"]
+        )
 
     @property
     def batch_size(self) -> int:
@@ -63,7 +70,9 @@ def load_run(run_dir: Path, label: str | None = None) -> RunResult | None:
     sharpness = run_dir / "sharpness.json"
     if sharpness.exists():
         extra["sharpness"] = json.loads(sharpness.read_text())
-    return RunResult(run_dir.name, label or run_dir.name, json.loads(config_path.read_text()), rows, extra)
+    return RunResult(
+        run_dir.name, label or run_dir.name, json.loads(config_path.read_text()), rows, extra
+    )
 
 
 def first_reaching(rows: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
@@ -103,9 +112,20 @@ def summarize(run: RunResult, target: float) -> dict[str, Any]:
     return summary
 
 
-NUMERIC = ("final_test_acc", "best_test_acc", "final_train_acc", "generalization_gap", "final_test_loss",
-           "train_time_s", "epochs_to_target", "updates_to_target", "time_to_target_s",
-           "hessian_top_eigenvalue", "hessian_trace", "epsilon_sharpness")
+NUMERIC = (
+    "final_test_acc",
+    "best_test_acc",
+    "final_train_acc",
+    "generalization_gap",
+    "final_test_loss",
+    "train_time_s",
+    "epochs_to_target",
+    "updates_to_target",
+    "time_to_target_s",
+    "hessian_top_eigenvalue",
+    "hessian_trace",
+    "epsilon_sharpness",
+)
 
 
 def aggregate(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -114,8 +134,11 @@ def aggregate(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for s in summaries:
         by_label.setdefault(s["label"], []).append(s)
     out = []
-    for label, group in by_label.items():
-        row = {k: group[0][k] for k in ("label", "optimizer", "batch_size", "smoothing", "lr", "epochs", "updates")}
+    for group in by_label.values():
+        row = {
+            k: group[0][k]
+            for k in ("label", "optimizer", "batch_size", "smoothing", "lr", "epochs", "updates")
+        }
         row["seeds"] = len(group)
         for key in NUMERIC:
             values = [g[key] for g in group if key in g and not math.isnan(g[key])]
@@ -126,7 +149,8 @@ def aggregate(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def degradation(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Small-batch minus large-batch test accuracy per optimizer and smoothing, and Mixup's reduction of it."""
+    """Small-batch minus large-batch test accuracy per optimizer and smoothing, and Mixup's
+    reduction of it."""
     groups: dict[tuple[str, bool], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["optimizer"], r["smoothing"] != "none"), []).append(r)
@@ -136,17 +160,31 @@ def degradation(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         sb = min(group, key=lambda g: g["batch_size"])
         lb = max(group, key=lambda g: g["batch_size"])
-        label = sb["smoothing"] if sb["smoothing"] == lb["smoothing"] else f"{sb['smoothing']} (SB) / {lb['smoothing']} (LB)"
-        out.append({
-            "optimizer": opt, "smoothing": label, "smoothed": smoothed,
-            "small_batch": sb["batch_size"], "large_batch": lb["batch_size"],
-            "small_batch_test_acc": sb["final_test_acc"], "large_batch_test_acc": lb["final_test_acc"],
-            "degradation": sb["final_test_acc"] - lb["final_test_acc"],
-            "best_degradation": sb["best_test_acc"] - lb["best_test_acc"],
-        })
+        label = (
+            sb["smoothing"]
+            if sb["smoothing"] == lb["smoothing"]
+            else f"{sb['smoothing']} (SB) / {lb['smoothing']} (LB)"
+        )
+        out.append(
+            {
+                "optimizer": opt,
+                "smoothing": label,
+                "smoothed": smoothed,
+                "small_batch": sb["batch_size"],
+                "large_batch": lb["batch_size"],
+                "small_batch_test_acc": sb["final_test_acc"],
+                "large_batch_test_acc": lb["final_test_acc"],
+                "degradation": sb["final_test_acc"] - lb["final_test_acc"],
+                "best_degradation": sb["best_test_acc"] - lb["best_test_acc"],
+            }
+        )
     for row in out:
-        twin = next((o for o in out if o["optimizer"] == row["optimizer"] and not o["smoothed"]), None)
-        row["reduction_by_smoothing"] = (twin["degradation"] - row["degradation"]) if row["smoothed"] and twin else math.nan
+        twin = next(
+            (o for o in out if o["optimizer"] == row["optimizer"] and not o["smoothed"]), None
+        )
+        row["reduction_by_smoothing"] = (
+            (twin["degradation"] - row["degradation"]) if row["smoothed"] and twin else math.nan
+        )
     return out
 
 
@@ -154,7 +192,11 @@ def _fmt(value: Any, pct: bool = False, std: float | None = None) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "-"
-        text = f"{100 * value:.2f}" if pct else (f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}")
+        text = (
+            f"{100 * value:.2f}"
+            if pct
+            else (f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}")
+        )
         if std is not None and not math.isnan(std):
             text += f" ± {100 * std:.2f}" if pct else f" ± {std:.2g}"
         return text
@@ -188,11 +230,15 @@ def _style(run: RunResult, large_batch_from: int | None) -> dict[str, Any]:
 
 
 def _run_label(run: RunResult, large_batch_from: int | None) -> str:
-    size = "" if large_batch_from is None else ("LB " if _is_large(run, large_batch_from) else "SB ")
+    size = (
+        "" if large_batch_from is None else ("LB " if _is_large(run, large_batch_from) else "SB ")
+    )
     return f"{size}{run.optimizer} ({run.batch_size}{', ' + run.smoothing if run.smoothed else ''})"
 
 
-def figure_runs(runs: list[RunResult], figures: list[Figure]) -> list[tuple[Figure, list[RunResult]]]:
+def figure_runs(
+    runs: list[RunResult], figures: list[Figure]
+) -> list[tuple[Figure, list[RunResult]]]:
     """The runs of each figure (a study's own list, else one figure of all runs); empty ones go."""
     chosen = figures or [Figure("all", "All runs")]
     out = []
@@ -204,7 +250,11 @@ def figure_runs(runs: list[RunResult], figures: list[Figure]) -> list[tuple[Figu
 
 
 def plot_comparison(
-    runs: list[RunResult], x_axis: str, title: str, path: Path, target: float | None = None,
+    runs: list[RunResult],
+    x_axis: str,
+    title: str,
+    path: Path,
+    target: float | None = None,
     large_batch_from: int | None = None,
 ) -> None:
     key, xlabel = X_AXES[x_axis]
@@ -275,47 +325,131 @@ def write_report(
         md += [notes, ""]
     md += ["## Runs", ""]
     seeds_note = " (mean ± std over seeds)" if multi_seed else ""
-    md.append(_table(
-        ["run", "optimizer", "batch", "smoothing", "lr", "epochs", "updates", f"final test acc %{seeds_note}",
-         "best test acc %", "train acc %", "gap (train - test) %", "train time s"],
-        [[a["label"], a["optimizer"], str(a["batch_size"]), a["smoothing"], f"{a['lr']:g}", str(a["epochs"]),
-          str(a["updates"]), _fmt(a["final_test_acc"], True, a["final_test_acc_std"]),
-          _fmt(a["best_test_acc"], True, a["best_test_acc_std"]), _fmt(a["final_train_acc"], True),
-          _fmt(a["generalization_gap"], True, a["generalization_gap_std"]), _fmt(a["train_time_s"])] for a in agg],
-    ))
-    md += ["", "Train accuracy is measured without augmentation or Mixup on a fixed subset of the training set "
-           "(`train.train_eval_examples`), at the last epoch.", ""]
+    md.append(
+        _table(
+            [
+                "run",
+                "optimizer",
+                "batch",
+                "smoothing",
+                "lr",
+                "epochs",
+                "updates",
+                f"final test acc %{seeds_note}",
+                "best test acc %",
+                "train acc %",
+                "gap (train - test) %",
+                "train time s",
+            ],
+            [
+                [
+                    a["label"],
+                    a["optimizer"],
+                    str(a["batch_size"]),
+                    a["smoothing"],
+                    f"{a['lr']:g}",
+                    str(a["epochs"]),
+                    str(a["updates"]),
+                    _fmt(a["final_test_acc"], True, a["final_test_acc_std"]),
+                    _fmt(a["best_test_acc"], True, a["best_test_acc_std"]),
+                    _fmt(a["final_train_acc"], True),
+                    _fmt(a["generalization_gap"], True, a["generalization_gap_std"]),
+                    _fmt(a["train_time_s"]),
+                ]
+                for a in agg
+            ],
+        )
+    )
+    md += [
+        "",
+        "Train accuracy is measured without augmentation or Mixup on a fixed subset of the "
+        "training set "
+        "(`train.train_eval_examples`), at the last epoch.",
+        "",
+    ]
     md += [f"## Time to {100 * target:g}% test accuracy", ""]
-    md.append(_table(
-        ["run", "epochs", "updates", "train time s"],
-        [[a["label"], _fmt(a["epochs_to_target"]), _fmt(a["updates_to_target"]), _fmt(a["time_to_target_s"])] for a in agg],
-    ))
+    md.append(
+        _table(
+            ["run", "epochs", "updates", "train time s"],
+            [
+                [
+                    a["label"],
+                    _fmt(a["epochs_to_target"]),
+                    _fmt(a["updates_to_target"]),
+                    _fmt(a["time_to_target_s"]),
+                ]
+                for a in agg
+            ],
+        )
+    )
     md += ["", "`-`: the run never reached the target.", ""]
     if deg:
-        md += ["## Large-batch degradation", "",
-               "Small-batch minus large-batch final test accuracy, per optimizer and smoothing; the last "
-               "column is how many points smoothing removes from the unsmoothed degradation.", ""]
-        md.append(_table(
-            ["optimizer", "smoothing", "SB", "LB", "SB test acc %", "LB test acc %", "degradation (points)",
-             "best-epoch degradation", "reduced by smoothing"],
-            [[d["optimizer"], d["smoothing"], str(d["small_batch"]), str(d["large_batch"]), _fmt(d["small_batch_test_acc"], True),
-              _fmt(d["large_batch_test_acc"], True), _fmt(d["degradation"], True), _fmt(d["best_degradation"], True),
-              _fmt(d["reduction_by_smoothing"], True)] for d in deg],
-        ))
+        md += [
+            "## Large-batch degradation",
+            "",
+            "Small-batch minus large-batch final test accuracy, per optimizer and smoothing; the "
+            "last "
+            "column is how many points smoothing removes from the unsmoothed degradation.",
+            "",
+        ]
+        md.append(
+            _table(
+                [
+                    "optimizer",
+                    "smoothing",
+                    "SB",
+                    "LB",
+                    "SB test acc %",
+                    "LB test acc %",
+                    "degradation (points)",
+                    "best-epoch degradation",
+                    "reduced by smoothing",
+                ],
+                [
+                    [
+                        d["optimizer"],
+                        d["smoothing"],
+                        str(d["small_batch"]),
+                        str(d["large_batch"]),
+                        _fmt(d["small_batch_test_acc"], True),
+                        _fmt(d["large_batch_test_acc"], True),
+                        _fmt(d["degradation"], True),
+                        _fmt(d["best_degradation"], True),
+                        _fmt(d["reduction_by_smoothing"], True),
+                    ]
+                    for d in deg
+                ],
+            )
+        )
         md.append("")
     if any("hessian_top_eigenvalue" in s for s in summaries):
         md += ["## Flatness", ""]
-        md.append(_table(
-            ["run", "top Hessian eigenvalue", "Hessian trace", "epsilon-sharpness"],
-            [[s["run"], _fmt(s.get("hessian_top_eigenvalue", math.nan)), _fmt(s.get("hessian_trace", math.nan)),
-              _fmt(s.get("epsilon_sharpness", math.nan))] for s in summaries],
-        ))
+        md.append(
+            _table(
+                ["run", "top Hessian eigenvalue", "Hessian trace", "epsilon-sharpness"],
+                [
+                    [
+                        s["run"],
+                        _fmt(s.get("hessian_top_eigenvalue", math.nan)),
+                        _fmt(s.get("hessian_trace", math.nan)),
+                        _fmt(s.get("epsilon_sharpness", math.nan)),
+                    ]
+                    for s in summaries
+                ],
+            )
+        )
         md.append("")
     md += ["## Plots", ""]
     for group_title, x_axis, name in plots:
         md += [f"### {group_title}, against {X_AXES[x_axis][1]}", "", f"![{name}]({name})", ""]
-    md += ["## Files", "", "- `summary.csv`: every number above, one row per run and seed",
-           "- `aggregate.csv`: one row per run label (means and std over seeds)", "- `degradation.csv`", ""]
+    md += [
+        "## Files",
+        "",
+        "- `summary.csv`: every number above, one row per run and seed",
+        "- `aggregate.csv`: one row per run label (means and std over seeds)",
+        "- `degradation.csv`",
+        "",
+    ]
 
     atomic_write_text(out_dir / "summary.csv", _csv(summaries))
     atomic_write_text(out_dir / "aggregate.csv", _csv(agg))

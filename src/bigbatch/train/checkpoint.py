@@ -24,7 +24,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except pickle.UnpicklingError as exc:
         first_line = str(exc).splitlines()[0] if str(exc) else "refused"
         raise TrainingError(
-            f"checkpoint '{path}' holds objects other than tensors and plain containers, which could "
+            f"checkpoint '{path}' holds objects other than tensors and plain containers, which "
+            "could "
             f"run code when loaded ({first_line}); bigbatch does not open it. Use a checkpoint "
             "written by this version of bigbatch, or delete it to restart the run from scratch"
         ) from None

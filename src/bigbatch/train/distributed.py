@@ -57,7 +57,11 @@ class DistributedContext(ParallelContext):
         self.timeout_s = timeout_s
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend() == "nccl"
+            else torch.device("cpu")
+        )
 
     def _all_reduce(self, tensor: torch.Tensor, what: str) -> None:
         start = time.perf_counter()
@@ -68,7 +72,11 @@ class DistributedContext(ParallelContext):
     def reduce_step(self, model: nn.Module, local_count: int, extras: list[float]) -> list[float]:
         params = [p for p in model.parameters() if p.grad is not None]
         grads = [p.grad.reshape(-1) * local_count for p in params]  # local mean -> local sum
-        tail = torch.tensor([*extras, float(local_count)], dtype=grads[0].dtype if grads else torch.float64, device=self.device)
+        tail = torch.tensor(
+            [*extras, float(local_count)],
+            dtype=grads[0].dtype if grads else torch.float64,
+            device=self.device,
+        )
         flat = torch.cat([*grads, tail.to(self.device)])
         self._all_reduce(flat, "gradient all-reduce")
         total = flat[-1]
@@ -86,7 +94,9 @@ class DistributedContext(ParallelContext):
 
     def broadcast_parameters(self, model: nn.Module) -> None:
         for tensor in [*model.parameters(), *model.buffers()]:
-            run_collective("parameter broadcast", self.rank, self.timeout_s, dist.broadcast, tensor.data, src=0)
+            run_collective(
+                "parameter broadcast", self.rank, self.timeout_s, dist.broadcast, tensor.data, src=0
+            )
 
 
 def launched_with_torchrun() -> bool:
@@ -94,7 +104,8 @@ def launched_with_torchrun() -> bool:
 
 
 def init_parallel(timeout_s: float = 300.0) -> ParallelContext:
-    """A DistributedContext under torchrun (gloo on CPU, nccl on GPU), else a single-process context."""
+    """A DistributedContext under torchrun (gloo on CPU, nccl on GPU), else a single-process
+    context."""
     if not launched_with_torchrun():
         return ParallelContext()
     if not dist.is_initialized():
@@ -104,14 +115,18 @@ def init_parallel(timeout_s: float = 300.0) -> ParallelContext:
         try:
             dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
         except (RuntimeError, dist.DistError, ValueError) as exc:
-            raise TrainingError(f"could not join the process group ({exc}); check MASTER_ADDR/MASTER_PORT and that every rank started") from None
+            raise TrainingError(
+                f"could not join the process group ({exc}); check MASTER_ADDR/MASTER_PORT and that "
+                "every rank started"
+            ) from None
     return DistributedContext(timeout_s)
 
 
 def shutdown_parallel() -> None:
     if dist.is_initialized():
         try:
-            dist.barrier()  # no rank tears down the store (rank 0 hosts it) while another still uses it
+            # No rank tears down the store (rank 0 hosts it) while another still uses it.
+            dist.barrier()
         except (RuntimeError, dist.DistError):
             pass  # a peer died: nothing to wait for
         dist.destroy_process_group()

@@ -11,7 +11,6 @@ import random
 import resource
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +25,11 @@ from bigbatch.config import Config, config_from_dict, validate_against_data
 from bigbatch.data import ImageDataset, load_dataset
 from bigbatch.data.batches import BatchLoader, channel_stats
 from bigbatch.errors import TrainingError
+from bigbatch.io import atomic_torch_save, atomic_write_json, write_jsonl
 from bigbatch.models import build_model, has_batchnorm
 from bigbatch.optim.schedules import LRSchedule
-from bigbatch.train.distributed import ParallelContext
-from bigbatch.io import atomic_torch_save, atomic_write_json, write_jsonl
 from bigbatch.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from bigbatch.train.distributed import ParallelContext
 
 # A run may be extended: its length is the one experiment key --resume does not compare.
 EXTENDABLE = "run.epochs"
@@ -44,7 +43,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         return torch.device(name)
     except RuntimeError:
-        raise TrainingError(f"runtime.device '{name}' is not a torch device; use auto, cpu or cuda") from None
+        raise TrainingError(
+            f"runtime.device '{name}' is not a torch device; use auto, cpu or cuda"
+        ) from None
 
 
 def load_run_dataset(cfg: Config) -> ImageDataset:
@@ -61,7 +62,8 @@ def load_run_dataset(cfg: Config) -> ImageDataset:
 def micro_batch_size(cfg: Config, model: nn.Module, device: torch.device, local_batch: int) -> int:
     if cfg.runtime.micro_batch_size:
         return min(cfg.runtime.micro_batch_size, local_batch)
-    # BatchNorm statistics depend on the batch, so splitting would change the maths: never split then.
+    # BatchNorm statistics depend on the batch, so splitting would change the maths: never split
+    # then.
     if device.type == "cpu" and not has_batchnorm(model):
         return min(CPU_MICRO_BATCH, local_batch)
     return local_batch
@@ -69,7 +71,9 @@ def micro_batch_size(cfg: Config, model: nn.Module, device: torch.device, local_
 
 def use_channels_last(cfg: Config, device: torch.device) -> bool:
     # oneDNN convolutions on CPU run about 1.3-1.8x faster on NHWC tensors (BENCHMARKS.md).
-    return cfg.runtime.channels_last == "on" or (cfg.runtime.channels_last == "auto" and device.type == "cpu")
+    return cfg.runtime.channels_last == "on" or (
+        cfg.runtime.channels_last == "auto" and device.type == "cpu"
+    )
 
 
 def forward_backward(
@@ -110,7 +114,8 @@ def evaluate(
     memory_format: torch.memory_format = torch.contiguous_format,
     parallel: ParallelContext | None = None,
 ) -> dict[str, float]:
-    """Mean loss and top-1 accuracy; with several ranks each evaluates its shard and the sums are reduced."""
+    """Mean loss and top-1 accuracy; with several ranks each evaluates its shard and the sums are
+    reduced."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -123,7 +128,9 @@ def evaluate(
         hits += (logits.argmax(1) == y).sum()
         count += y.shape[0]
     model.train(was_training)
-    total_loss, total_hits, total = (parallel or ParallelContext()).all_sum([float(loss_sum), float(hits), float(count)])
+    total_loss, total_hits, total = (parallel or ParallelContext()).all_sum(
+        [float(loss_sum), float(hits), float(count)]
+    )
     return {"loss": total_loss / total, "acc": total_hits / total}
 
 
@@ -145,8 +152,13 @@ def _check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path
 def _rng_state() -> dict[str, Any]:
     # Tensors and plain containers only: checkpoints load with weights_only=True.
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    numpy_state = {
+        "kind": kind,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
     return {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
 
 
@@ -190,8 +202,12 @@ class Trainer:
         self.run_dir = cfg.run_dir()
 
         _seed_everything(cfg.run.seed)
-        self.model = build_model(cfg.model.name, ds.channels, ds.image_size, ds.num_classes).to(self.device)
-        self.memory_format = torch.channels_last if use_channels_last(cfg, self.device) else torch.contiguous_format
+        self.model = build_model(cfg.model.name, ds.channels, ds.image_size, ds.num_classes).to(
+            self.device
+        )
+        self.memory_format = (
+            torch.channels_last if use_channels_last(cfg, self.device) else torch.contiguous_format
+        )
         self.model = self.model.to(memory_format=self.memory_format)
         self.parallel.broadcast_parameters(self.model)
         self.optimizer = torch.optim.SGD(
@@ -203,7 +219,9 @@ class Trainer:
         )
         self.kfac = self._build_kfac() if cfg.optimizer.name == "kfac" else None
         # Only the MC Fisher needs the logits of every forward (for its sampled-label backward).
-        self.mc_fisher = self.kfac if self.kfac is not None and cfg.kfac.fisher_type == "mc" else None
+        self.mc_fisher = (
+            self.kfac if self.kfac is not None and cfg.kfac.fisher_type == "mc" else None
+        )
         self.schedule = LRSchedule(
             base_lr=cfg.optimizer.lr,
             decay_epochs=tuple(cfg.schedule.decay_epochs),
@@ -217,22 +235,39 @@ class Trainer:
         mean, std = channel_stats(ds.train_images)
         common = dict(mean=mean, std=std)
         self.train_loader = BatchLoader(
-            ds.train_images, ds.train_labels, cfg.train.batch_size, shuffle=True, seed=cfg.run.seed,
-            augment=cfg.augment.crop_flip, crop_padding=cfg.augment.crop_padding,
-            rank=self.parallel.rank, world_size=self.parallel.world_size, drop_last=cfg.train.drop_last, **common,
+            ds.train_images,
+            ds.train_labels,
+            cfg.train.batch_size,
+            shuffle=True,
+            seed=cfg.run.seed,
+            augment=cfg.augment.crop_flip,
+            crop_padding=cfg.augment.crop_padding,
+            rank=self.parallel.rank,
+            world_size=self.parallel.world_size,
+            drop_last=cfg.train.drop_last,
+            **common,
         )
         # Evaluation shards: each rank takes its part of every evaluation batch.
         shard = dict(rank=self.parallel.rank, world_size=self.parallel.world_size, **common)
         eval_bs = max(min(cfg.runtime.eval_batch_size, ds.num_test), self.parallel.world_size)
-        self.test_loader = BatchLoader(ds.test_images, ds.test_labels, eval_bs, shuffle=False, **shard)
+        self.test_loader = BatchLoader(
+            ds.test_images, ds.test_labels, eval_bs, shuffle=False, **shard
+        )
         n_eval = min(cfg.train.train_eval_examples, ds.num_train)
         self.train_eval_loader = (
-            BatchLoader(ds.train_images[:n_eval], ds.train_labels[:n_eval], max(min(eval_bs, n_eval), self.parallel.world_size),
-                        shuffle=False, **shard)
+            BatchLoader(
+                ds.train_images[:n_eval],
+                ds.train_labels[:n_eval],
+                max(min(eval_bs, n_eval), self.parallel.world_size),
+                shuffle=False,
+                **shard,
+            )
             if n_eval >= self.parallel.world_size
             else None
         )
-        self.mixer = BatchMixer(cfg.augment.mixup_alpha, cfg.augment.cutmix_alpha, seed=cfg.run.seed)
+        self.mixer = BatchMixer(
+            cfg.augment.mixup_alpha, cfg.augment.cutmix_alpha, seed=cfg.run.seed
+        )
         local_batch = math.ceil(cfg.train.batch_size / self.parallel.world_size)
         self.micro_batch = micro_batch_size(cfg, self.model, self.device, local_batch)
 
@@ -248,7 +283,9 @@ class Trainer:
         return kind(self.model, self.cfg.kfac, seed=self.cfg.run.seed, **extra)
 
     # -- state ---------------------------------------------------------------------------------
-    def _state(self, epoch: int, step: int, train_time: float, wall_time: float, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    def _state(
+        self, epoch: int, step: int, train_time: float, wall_time: float, rows: list[dict[str, Any]]
+    ) -> dict[str, Any]:
         return {
             "epoch": epoch,
             "metrics": rows,
@@ -265,14 +302,22 @@ class Trainer:
     def _restore(self) -> tuple[int, int, float, float, list[dict[str, Any]]]:
         path = self.run_dir / CHECKPOINT_NAME
         state = load_checkpoint(path)
-        _check_compatible(config_from_dict(state["config"], stored=True).experiment(), self.cfg.experiment(), path)
+        _check_compatible(
+            config_from_dict(state["config"], stored=True).experiment(), self.cfg.experiment(), path
+        )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.kfac is not None:
             self.kfac.load_state_dict(state["kfac"])
         _set_rng_state(state["rng"])
         # The checkpoint carries the metrics up to its epoch: rows logged after it are re-run.
-        return state["epoch"], state["step"], state["train_time"], state["wall_time"], list(state["metrics"])
+        return (
+            state["epoch"],
+            state["step"],
+            state["train_time"],
+            state["wall_time"],
+            list(state["metrics"]),
+        )
 
     # -- loop ----------------------------------------------------------------------------------
     def fit(self, resume: bool = False, overwrite: bool = False) -> list[dict[str, Any]]:
@@ -283,7 +328,8 @@ class Trainer:
             start_epoch, step, train_time, wall_time, rows = self._restore()
         elif checkpoint.exists() and not overwrite:
             raise TrainingError(
-                f"'{self.run_dir}' already holds a run; pass --resume to continue it, --overwrite to start "
+                f"'{self.run_dir}' already holds a run; pass --resume to continue it, --overwrite "
+                "to start "
                 "it again from scratch, or choose another run.name"
             )
         if main:
@@ -294,17 +340,28 @@ class Trainer:
 
         for epoch in range(start_epoch, cfg.run.epochs):
             wall_start = time.perf_counter()
-            comm_start, bytes_start = self.parallel.communication_time, self.parallel.bytes_communicated
+            comm_start, bytes_start = (
+                self.parallel.communication_time,
+                self.parallel.bytes_communicated,
+            )
             if self.kfac is not None:
                 self.kfac.reset_metrics()
             row = self.train_epoch(epoch, step, show)
             step = row["step"]
             train_time += row["epoch_time"]
             row["train_time"] = train_time
-            test = evaluate(self.model, self.test_loader, self.device, self.memory_format, self.parallel)
+            test = evaluate(
+                self.model, self.test_loader, self.device, self.memory_format, self.parallel
+            )
             row.update(test_loss=test["loss"], test_acc=test["acc"])
             if self.train_eval_loader is not None:
-                clean = evaluate(self.model, self.train_eval_loader, self.device, self.memory_format, self.parallel)
+                clean = evaluate(
+                    self.model,
+                    self.train_eval_loader,
+                    self.device,
+                    self.memory_format,
+                    self.parallel,
+                )
                 row.update(train_eval_loss=clean["loss"], train_eval_acc=clean["acc"])
             if self.parallel.world_size > 1:
                 row["world_size"] = self.parallel.world_size
@@ -319,22 +376,31 @@ class Trainer:
             if main:
                 if (epoch + 1) % cfg.runtime.checkpoint_every == 0 or epoch + 1 == cfg.run.epochs:
                     # Checkpoint before metrics: a crash in between re-runs this epoch on resume.
-                    atomic_torch_save(self.run_dir / CHECKPOINT_NAME, self._state(epoch + 1, step, train_time, wall_time, rows))
+                    atomic_torch_save(
+                        self.run_dir / CHECKPOINT_NAME,
+                        self._state(epoch + 1, step, train_time, wall_time, rows),
+                    )
                 write_jsonl(self.run_dir / "metrics.jsonl", rows)
                 if show:
                     tqdm.write(_epoch_summary(row))
         return rows
 
     def train_epoch(self, epoch: int, step: int = 0, show: bool = False) -> dict[str, Any]:
-        """One pass over the training set (no evaluation); returns its metrics and the new step count."""
+        """One pass over the training set (no evaluation); returns its metrics and the new step
+        count."""
         cfg = self.cfg
         self.train_loader.set_epoch(epoch)
         self.mixer.set_epoch(epoch)
         self.model.train()
         steps_per_epoch = len(self.train_loader)
         loss_sum, hits, seen = 0.0, 0.0, 0
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.run.epochs}", disable=not show,
-                   leave=False, dynamic_ncols=True)
+        bar = tqdm(
+            total=steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{cfg.run.epochs}",
+            disable=not show,
+            leave=False,
+            dynamic_ncols=True,
+        )
         start = time.perf_counter()
         for i, (x, y) in enumerate(self.train_loader):
             lr = self.schedule.lr_at(epoch, i / steps_per_epoch)
@@ -344,7 +410,13 @@ class Trainer:
             x, targets = self.mixer(x, y)
             self.optimizer.zero_grad(set_to_none=True)
             local_loss, local_hits = forward_backward(
-                self.model, x, targets, self.micro_batch, cfg.augment.label_smoothing, self.mc_fisher, self.memory_format
+                self.model,
+                x,
+                targets,
+                self.micro_batch,
+                cfg.augment.label_smoothing,
+                self.mc_fisher,
+                self.memory_format,
             )
             # One collective averages gradients and sums the step's metrics over ranks.
             batch_loss, batch_hits, batch_size = self.parallel.reduce_step(
@@ -376,7 +448,11 @@ class Trainer:
 
     def _fail_non_finite(self, epoch: int, index: int, loss: float) -> None:
         path = self.run_dir / CHECKPOINT_NAME
-        kept = f"the last good checkpoint is kept at '{path}'" if path.exists() else "no checkpoint was written yet"
+        kept = (
+            f"the last good checkpoint is kept at '{path}'"
+            if path.exists()
+            else "no checkpoint was written yet"
+        )
         raise TrainingError(
             f"non-finite training loss ({loss}) at epoch {epoch + 1}, batch {index + 1}; {kept}. "
             "Lower optimizer.lr (or raise kfac.damping / add warm-up) and run again"
@@ -385,7 +461,8 @@ class Trainer:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process; VmHWM, unlike ru_maxrss, does not count a parent's pages before exec."""
+    """Peak resident memory of this process; VmHWM, unlike ru_maxrss, does not count a parent's
+    pages before exec."""
     try:
         for line in open("/proc/self/status"):
             if line.startswith("VmHWM:"):

@@ -21,7 +21,8 @@ from bigbatch.optim.kfac.preconditioner import KFACPreconditioner, LayerState
 
 
 def assign_by_cost(costs: dict[str, float], world_size: int) -> dict[str, int]:
-    """Longest-processing-time-first: each layer, most expensive first, goes to the least loaded rank."""
+    """Longest-processing-time-first: each layer, most expensive first, goes to the least loaded
+    rank."""
     load = [0.0] * world_size
     owner = {}
     for name in sorted(costs, key=lambda n: (-costs[n], n)):
@@ -40,7 +41,8 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         self.world_size = dist.get_world_size()
         self.factor_bytes = 0  # sent per rank in factor all-reduces since the last reset_metrics()
         costs = {
-            name: float(s.factors.a_dim) ** 3 + float(s.factors.g_dim) ** 3 for name, s in self.layers.items()
+            name: float(s.factors.a_dim) ** 3 + float(s.factors.g_dim) ** 3
+            for name, s in self.layers.items()
         }
         self.owner = assign_by_cost(costs, self.world_size)
 
@@ -73,19 +75,33 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         shapes = {n: (s.factors.a_dim, s.factors.g_dim) for n, s in self.layers.items()}
         parts = []
         for name, (a_dim, g_dim) in shapes.items():
-            a, g, count = batch.get(name, (torch.zeros(a_dim, a_dim, dtype=dtype), torch.zeros(g_dim, g_dim, dtype=dtype), 0.0))
+            a, g, count = batch.get(
+                name,
+                (
+                    torch.zeros(a_dim, a_dim, dtype=dtype),
+                    torch.zeros(g_dim, g_dim, dtype=dtype),
+                    0.0,
+                ),
+            )
             parts += [self._pack(a), self._pack(g), a.new_tensor([count])]
         flat = torch.cat(parts)
         run_collective("K-FAC factor all-reduce", self.rank, self.timeout_s, dist.all_reduce, flat)
         self.factor_bytes += flat.numel() * flat.element_size()
         offset = 0
         for name, (a_dim, g_dim) in shapes.items():
-            like_a, like_g = torch.empty(a_dim, a_dim, dtype=dtype), torch.empty(g_dim, g_dim, dtype=dtype)
+            like_a, like_g = (
+                torch.empty(a_dim, a_dim, dtype=dtype),
+                torch.empty(g_dim, g_dim, dtype=dtype),
+            )
             sizes = [self._pack(like_a).numel(), self._pack(like_g).numel(), 1]
             a_flat, g_flat, count = flat[offset : offset + sum(sizes)].split(sizes)
             offset += sum(sizes)
             if float(count) > 0:
-                batch[name] = (self._unpack(a_flat, like_a), self._unpack(g_flat, like_g), float(count))
+                batch[name] = (
+                    self._unpack(a_flat, like_a),
+                    self._unpack(g_flat, like_g),
+                    float(count),
+                )
         self.timings["communication"] += time.perf_counter() - start
 
     def compute_decompositions(self, states: list[LayerState]) -> None:
@@ -97,25 +113,45 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         start = time.perf_counter()
         # Which layers have a decomposition to share (an owner's eigh may have failed).
         ready = torch.tensor(
-            [float(s.decomposition is not None and self.owner[s.factors.name] == self.rank) for s in states]
+            [
+                float(s.decomposition is not None and self.owner[s.factors.name] == self.rank)
+                for s in states
+            ]
         )
-        run_collective("K-FAC decomposition check", self.rank, self.timeout_s, dist.all_reduce, ready)
+        run_collective(
+            "K-FAC decomposition check", self.rank, self.timeout_s, dist.all_reduce, ready
+        )
         for state, ok in zip(states, ready.tolist()):
             if not ok:
                 continue
             src = self.owner[state.factors.name]
             if self.rank != src:
-                state.decomposition = tuple(torch.empty_like(t) for t in self._decomposition_like(state))
+                state.decomposition = tuple(
+                    torch.empty_like(t) for t in self._decomposition_like(state)
+                )
             for tensor in state.decomposition:
-                run_collective("K-FAC eigenbasis broadcast", self.rank, self.timeout_s, dist.broadcast, tensor, src=src)
+                run_collective(
+                    "K-FAC eigenbasis broadcast",
+                    self.rank,
+                    self.timeout_s,
+                    dist.broadcast,
+                    tensor,
+                    src=src,
+                )
             if self.rank != src:
-                self.set_scale(state)  # the owner set its own in decompose(); A and G agree on all ranks
+                self.set_scale(
+                    state
+                )  # the owner set its own in decompose(); A and G agree on all ranks
         self.timings["communication"] += time.perf_counter() - start
 
     def _decomposition_like(self, state: LayerState) -> tuple[torch.Tensor, ...]:
         a, g = state.factors.a_dim, state.factors.g_dim
         dtype = self.factor_dtype
         if self.inverse_method == "eigen":
-            return (torch.empty(a, a, dtype=dtype), torch.empty(a, dtype=dtype),
-                    torch.empty(g, g, dtype=dtype), torch.empty(g, dtype=dtype))
+            return (
+                torch.empty(a, a, dtype=dtype),
+                torch.empty(a, dtype=dtype),
+                torch.empty(g, g, dtype=dtype),
+                torch.empty(g, dtype=dtype),
+            )
         return torch.empty(a, a, dtype=dtype), torch.empty(g, g, dtype=dtype)

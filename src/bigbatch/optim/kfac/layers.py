@@ -2,10 +2,11 @@
 
 Scale convention (one place for it; tests check it against brute force):
 
-    A = E_n[ mean_t  a_{n,t} a_{n,t}^T ]        a = layer input (im2col patch for conv), with a 1 appended
-                                                when the layer has a bias (bias = homogeneous coordinate)
-    G = E_n[ sum_t   g_{n,t} g_{n,t}^T ]        g = gradient of example n's OWN loss with respect to the
-                                                layer's pre-activation output at location t
+    A = E_n[ mean_t  a_{n,t} a_{n,t}^T ]   a = layer input (im2col patch for conv), with a 1
+                                           appended when the layer has a bias (the homogeneous
+                                           coordinate)
+    G = E_n[ sum_t   g_{n,t} g_{n,t}^T ]   g = gradient of example n's OWN loss with respect to the
+                                           layer's pre-activation output at location t
 
 E_n is the mean over the examples that contribute statistics; t runs over the spatial locations of a
 conv layer's output (one location for Linear). The Fisher block of the layer's flattened
@@ -33,7 +34,8 @@ MIN_ROWS_PER_PRODUCT = 256
 
 
 class LayerFactors:
-    """Accumulates raw factor sums of one layer between K-FAC steps and maps its gradient to a matrix."""
+    """Accumulates raw factor sums of one layer between K-FAC steps and maps its gradient to a
+    matrix."""
 
     def __init__(self, name: str, module: nn.Module):
         self.name = name
@@ -109,11 +111,14 @@ class LayerFactors:
         weight.grad.copy_(m.reshape(weight.shape))
 
     def has_grad(self) -> bool:
-        return self.module.weight.grad is not None and (not self.has_bias or self.module.bias.grad is not None)
+        return self.module.weight.grad is not None and (
+            not self.has_bias or self.module.bias.grad is not None
+        )
 
 
 def _homogeneous_outer(rows: torch.Tensor, with_ones: bool) -> torch.Tensor:
-    """sum_i [r_i; 1][r_i; 1]^T over the rows r_i of ``rows``, without materializing the ones column."""
+    """sum_i [r_i; 1][r_i; 1]^T over the rows r_i of ``rows``, without materializing the ones
+    column."""
     gram = rows.t() @ rows
     return _with_ones(gram, rows.sum(0), rows.shape[0]) if with_ones else gram
 
@@ -145,10 +150,14 @@ class LinearFactors(LayerFactors):
 class Conv2dFactors(LayerFactors):
     def __init__(self, name: str, module: nn.Conv2d):
         if module.groups != 1:
-            raise ValueError(f"K-FAC supports Conv2d with groups=1 only; skip layer '{name}' with skip_layers")
+            raise ValueError(
+                f"K-FAC supports Conv2d with groups=1 only; skip layer '{name}' with skip_layers"
+            )
         if module.padding_mode != "zeros" or module.padding == "same":
             # Reflect/circular padding and 'same' change the patches that unfold would see.
-            raise ValueError(f"K-FAC needs numeric zero padding on Conv2d '{name}'; skip it with skip_layers")
+            raise ValueError(
+                f"K-FAC needs numeric zero padding on Conv2d '{name}'; skip it with skip_layers"
+            )
         super().__init__(name, module)
 
     @property

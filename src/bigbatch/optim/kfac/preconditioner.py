@@ -8,12 +8,13 @@ schedule stay the optimizer's: weight decay is added by SGD after preconditionin
 
 Schedules: statistics are collected on steps where ``step_count % factor_interval == 0`` and folded
 into running averages F <- decay * F + (1 - decay) * F_batch (the weight ``decay`` is on the OLD
-value; the first batch initializes F). Eigendecompositions (or inverses) are recomputed on steps where
-``step_count % inverse_interval == 0``. Damping:
+value; the first batch initializes F). Eigendecompositions (or inverses) are recomputed on steps
+where ``step_count % inverse_interval == 0``. Damping:
   * inverse_method="eigen", pi_damping=False (default): exact Tikhonov damping of the Kronecker
     product, (G (x) A + damping I)^-1, through the eigenvalues g_i a_j + damping;
-  * pi_damping=True: the factored split (G + pi sqrt(d) I) (x) (A + sqrt(d)/pi I) of Martens & Grosse
-    (2015, sec 6.3), pi = sqrt((tr A / dim A) / (tr G / dim G)) from the factors being decomposed;
+  * pi_damping=True: the factored split (G + pi sqrt(d) I) (x) (A + sqrt(d)/pi I) of Martens &
+    Grosse (2015, sec 6.3), pi = sqrt((tr A / dim A) / (tr G / dim G)) from the factors being
+    decomposed;
     "inverse" always uses this split (with pi = 1 unless pi_damping), through Cholesky inverses.
 KL-clipping (Ba et al. 2017) scales all preconditioned gradients by
 min(1, sqrt(kl_clip / (lr^2 sum_layers <F^-1 g, g>))).
@@ -24,8 +25,8 @@ extra backward per micro-batch on statistics steps: call ``accumulate_mc_fisher(
 forward, before the loss's backward.
 
 Subsampled statistics: with ``stats_fraction`` < 1, the first ceil(fraction * n) examples of every
-forward pass (each micro-batch of n) contribute to A and G; batches are shuffled, so that is a uniform
-subsample of the step's batch. The gradient itself always uses the whole batch.
+forward pass (each micro-batch of n) contribute to A and G; batches are shuffled, so that is a
+uniform subsample of the step's batch. The gradient itself always uses the whole batch.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import math
 import re
 import time
 import warnings
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,13 +58,14 @@ class LayerState:
         self.G: torch.Tensor | None = None
         # eigen: (QA, dA, QG, dG); inverse: (A_inv, G_inv)
         self.decomposition: tuple[torch.Tensor, ...] | None = None
-        # eigen: 1 / (damped eigenvalues of kron(G, A)) as a [g_dim, a_dim] matrix, fixed until the next
-        # decomposition so each step's preconditioning is four products and one multiply.
+        # eigen: 1 / (damped eigenvalues of kron(G, A)) as a [g_dim, a_dim] matrix, fixed until the
+        # next decomposition so each step's preconditioning is four products and one multiply.
         self.scale: torch.Tensor | None = None
 
 
 class KFACPreconditioner:
-    """Keyword options are KFACConfig's fields (bigbatch/config.py: defaults and meaning), checked by
+    """Keyword options are KFACConfig's fields (bigbatch/config.py: defaults and meaning), checked
+    by
     the same validation as the config file; ``seed`` seeds the MC Fisher's label sampling."""
 
     def __init__(
@@ -102,16 +104,21 @@ class KFACPreconditioner:
             if factors is not None:
                 self.layers[name] = LayerState(factors)
         if not self.layers:
-            warnings.warn("KFACPreconditioner found no Linear or Conv2d layer to precondition", stacklevel=2)
+            warnings.warn(
+                "KFACPreconditioner found no Linear or Conv2d layer to precondition", stacklevel=2
+            )
 
         self.steps = 0
-        self.examples_seen = 0  # examples through the model since the last step (all, not only sampled)
+        self.examples_seen = (
+            0  # examples through the model since the last step (all, not only sampled)
+        )
         self.timings = dict.fromkeys(TIMING_PARTS, 0.0)
         self.health = dict.fromkeys(HEALTH_COUNTERS, 0)
         self._mc_outputs: list[tuple[LayerFactors, torch.Tensor]] = []
         self._warned_missing = False
         self._handles = [
-            state.factors.module.register_forward_hook(self._forward_hook(state.factors)) for state in self.layers.values()
+            state.factors.module.register_forward_hook(self._forward_hook(state.factors))
+            for state in self.layers.values()
         ]
         self._handles.append(model.register_forward_pre_hook(self._count_examples))
 
@@ -146,14 +153,19 @@ class KFACPreconditioner:
         self.timings["statistics"] += time.perf_counter() - start
 
     def accumulate_mc_fisher(self, logits: torch.Tensor) -> None:
-        """MC Fisher: backprop a loss with labels sampled from softmax(logits) to the layer outputs only."""
+        """MC Fisher: backprop a loss with labels sampled from softmax(logits) to the layer outputs
+        only."""
         if self.fisher_type != "mc" or not self._mc_outputs:
             self._mc_outputs.clear()
             return
         start = time.perf_counter()
         with torch.no_grad():
             probs = torch.softmax(logits.detach().float(), dim=1)
-            sampled = torch.multinomial(probs.cpu(), 1, generator=self.mc_generator).squeeze(1).to(logits.device)
+            sampled = (
+                torch.multinomial(probs.cpu(), 1, generator=self.mc_generator)
+                .squeeze(1)
+                .to(logits.device)
+            )
         # A sum of per-example losses: each output gradient is already that example's own gradient.
         loss = F.cross_entropy(logits, sampled, reduction="sum")
         outputs = [o for _, o in self._mc_outputs]
@@ -200,25 +212,36 @@ class KFACPreconditioner:
             if f.a_sum is None or f.g_sum is None or f.count == 0:
                 missing.append(name)
                 continue
-            out[name] = (f.a_sum.to(self.factor_dtype), f.g_sum.to(self.factor_dtype) * scale, float(f.count))
+            out[name] = (
+                f.a_sum.to(self.factor_dtype),
+                f.g_sum.to(self.factor_dtype) * scale,
+                float(f.count),
+            )
         if missing and not self._warned_missing:
             warnings.warn(
-                f"K-FAC layers recorded no statistics this step: {', '.join(missing)} (not used in forward, or no "
-                "backward reached them); they keep their raw gradients. Skip them with skip_layers to silence this.",
+                f"K-FAC layers recorded no statistics this step: {', '.join(missing)} (not used in "
+                "forward, or no "
+                "backward reached them); they keep their raw gradients. Skip them with skip_layers "
+                "to silence this.",
                 stacklevel=3,
             )
             self._warned_missing = True
         return out
 
     def reduce_factors(self, batch: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
-        """Hook for data parallelism: sum the factor sums and counts over ranks (no-op in one process)."""
+        """Hook for data parallelism: sum the factor sums and counts over ranks (no-op in one
+        process)."""
 
-    def _update_running_factors(self, batch: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+    def _update_running_factors(
+        self, batch: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+    ) -> None:
         if not batch:
             return
-        # A factor is non-finite iff its entry sum is (barring an overflow to inf, equally unusable):
-        # one synchronization for all layers instead of two per layer.
-        sums = torch.stack([t.sum() for a_sum, g_sum, _ in batch.values() for t in (a_sum, g_sum)]).tolist()
+        # A factor is non-finite iff its entry sum is (barring an overflow to inf, equally
+        # unusable): one synchronization for all layers instead of two per layer.
+        sums = torch.stack(
+            [t.sum() for a_sum, g_sum, _ in batch.values() for t in (a_sum, g_sum)]
+        ).tolist()
         for k, (name, (a_sum, g_sum, count)) in enumerate(batch.items()):
             if not (math.isfinite(sums[2 * k]) and math.isfinite(sums[2 * k + 1])):
                 self.health["nonfinite_factors"] += 1
@@ -233,7 +256,8 @@ class KFACPreconditioner:
 
     # -- decompositions ------------------------------------------------------------------------
     def compute_decompositions(self, states: list[LayerState]) -> None:
-        """Hook for data parallelism (assign layers to ranks, broadcast); here every layer locally."""
+        """Hook for data parallelism (assign layers to ranks, broadcast); here every layer
+        locally."""
         start = time.perf_counter()
         for state in states:
             self.decompose(state)
@@ -267,7 +291,9 @@ class KFACPreconditioner:
             try:
                 x = m.to(dtype)
                 if jitter:
-                    x = x + jitter * max(float(x.diagonal().abs().mean()), 1e-12) * torch.eye(x.shape[0], dtype=dtype, device=x.device)
+                    x = x + jitter * max(float(x.diagonal().abs().mean()), 1e-12) * torch.eye(
+                        x.shape[0], dtype=dtype, device=x.device
+                    )
                 d, q = torch.linalg.eigh(x)
                 if math.isfinite(float(d.sum() + q.sum())):  # non-finite iff an entry is (|q| <= 1)
                     if attempt:
@@ -279,7 +305,8 @@ class KFACPreconditioner:
         return None
 
     def set_scale(self, state: LayerState) -> None:
-        """Cache 1 / (damped eigenvalues) of the layer's eigen decomposition (pi from the same factors)."""
+        """Cache 1 / (damped eigenvalues) of the layer's eigen decomposition (pi from the same
+        factors)."""
         if self.inverse_method != "eigen" or state.decomposition is None:
             state.scale = None
             return
@@ -293,13 +320,16 @@ class KFACPreconditioner:
         state.scale = denominator.reciprocal_()
 
     def _robust_inverse(self, m: torch.Tensor, damping: float) -> torch.Tensor | None:
-        """(m + damping I)^-1: Cholesky in the factor dtype, else LU in float64, else with 10x damping."""
+        """(m + damping I)^-1: Cholesky in the factor dtype, else LU in float64, else with 10x
+        damping."""
         damped = m.clone()
         damped.diagonal().add_(damping)
         chol, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0:
             inv = torch.cholesky_inverse(chol)
-            if math.isfinite(float(inv.sum())):  # one reduction: any non-finite entry makes the sum so
+            if math.isfinite(
+                float(inv.sum())
+            ):  # one reduction: any non-finite entry makes the sum so
                 return inv
         eye = torch.eye(m.shape[0], dtype=torch.float64, device=m.device)
         for dtype, extra in ((torch.float64, 1.0), (torch.float64, 10.0)):
@@ -340,13 +370,16 @@ class KFACPreconditioner:
             v = state.factors.grad_matrix()
             x = self._solve(state, v.to(self.factor_dtype)).to(v.dtype)
             updates.append((state, x))
-            # <F^-1 g, g>: KL-clipping's sum, and the finiteness check (non-finite iff x is, for finite g).
+            # <F^-1 g, g>: KL-clipping's sum, and the finiteness check (non-finite iff x is, for
+            # finite g).
             products.append(torch.dot(x.reshape(-1), v.reshape(-1)))
         if not updates:
             return
         vg = torch.stack(products).tolist()  # one synchronization for all layers
         finite = [(state, x) for (state, x), p in zip(updates, vg) if math.isfinite(p)]
-        self.health["nonfinite_updates"] += len(updates) - len(finite)  # those keep their raw gradient
+        self.health["nonfinite_updates"] += len(updates) - len(
+            finite
+        )  # those keep their raw gradient
         nu = 1.0
         if self.kl_clip > 0 and lr is not None:
             vg_sum = sum(p for p in vg if math.isfinite(p)) * lr**2
@@ -385,12 +418,16 @@ class KFACPreconditioner:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         unknown = set(state["layers"]) - set(self.layers)
         if unknown:
-            raise ValueError(f"K-FAC state has layers {sorted(unknown)} that this model does not register")
+            raise ValueError(
+                f"K-FAC state has layers {sorted(unknown)} that this model does not register"
+            )
         self.steps = state["steps"]
         self.health.update(state["health"])
         self.mc_generator.set_state(state["mc_generator"])
         for name, s in state["layers"].items():
             layer = self.layers[name]
             layer.A, layer.G = s["A"], s["G"]
-            layer.decomposition = tuple(s["decomposition"]) if s["decomposition"] is not None else None
+            layer.decomposition = (
+                tuple(s["decomposition"]) if s["decomposition"] is not None else None
+            )
             layer.scale = s.get("scale")  # absent in older checkpoints: recomputed on first use
