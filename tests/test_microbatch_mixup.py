@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from bigbatch.augment.mixup import BatchMixer, MixedTargets, mixed_correct, mixed_cross_entropy
 from bigbatch.models import build_model
-from bigbatch.train.trainer import forward_backward
+from bigbatch.train.steps import forward_backward
 
 
 def _grads(model):

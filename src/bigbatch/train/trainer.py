@@ -7,34 +7,31 @@ each forward when the MC Fisher is on, and ``step`` between backward and the SGD
 from __future__ import annotations
 
 import math
-import random
-import resource
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 from tqdm import tqdm
 
-from bigbatch.augment.mixup import BatchMixer, MixedTargets, mixed_correct, mixed_cross_entropy
+from bigbatch.augment.mixup import BatchMixer
 from bigbatch.config import Config, config_from_dict, validate_against_data
 from bigbatch.data import ImageDataset, load_dataset
 from bigbatch.data.batches import BatchLoader, channel_stats
 from bigbatch.errors import TrainingError
 from bigbatch.io import atomic_torch_save, atomic_write_json, write_jsonl
-from bigbatch.models import build_model, has_batchnorm
+from bigbatch.models import build_model
 from bigbatch.optim.schedules import LRSchedule
 from bigbatch.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from bigbatch.train.distributed import ParallelContext
-
-# A run may be extended: its length is the one experiment key --resume does not compare.
-EXTENDABLE = "run.epochs"
-# Micro-batch size that keeps LeNet-5's activations in cache on CPU (see BENCHMARKS.md).
-CPU_MICRO_BATCH = 256
+from bigbatch.train.state import (
+    check_compatible,
+    peak_rss_mib,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+from bigbatch.train.steps import evaluate, forward_backward, micro_batch_size, use_channels_last
 
 
 def resolve_device(name: str) -> torch.device:
@@ -57,123 +54,6 @@ def load_run_dataset(cfg: Config) -> ImageDataset:
         test_limit=cfg.data.test_limit or None,
         cache_dir=cfg.runtime.cache_dir or None,
     )
-
-
-def micro_batch_size(cfg: Config, model: nn.Module, device: torch.device, local_batch: int) -> int:
-    if cfg.runtime.micro_batch_size:
-        return min(cfg.runtime.micro_batch_size, local_batch)
-    # BatchNorm statistics depend on the batch, so splitting would change the maths: never split
-    # then.
-    if device.type == "cpu" and not has_batchnorm(model):
-        return min(CPU_MICRO_BATCH, local_batch)
-    return local_batch
-
-
-def use_channels_last(cfg: Config, device: torch.device) -> bool:
-    # oneDNN convolutions on CPU run about 1.3-1.8x faster on NHWC tensors (BENCHMARKS.md).
-    return cfg.runtime.channels_last == "on" or (
-        cfg.runtime.channels_last == "auto" and device.type == "cpu"
-    )
-
-
-def forward_backward(
-    model: nn.Module,
-    x: torch.Tensor,
-    targets: MixedTargets,
-    micro: int,
-    label_smoothing: float = 0.0,
-    mc_fisher: Any = None,
-    memory_format: torch.memory_format = torch.contiguous_format,
-) -> tuple[float, float]:
-    """Accumulate the gradient of the batch-mean loss in micro-batches; returns (loss sum, hits).
-
-    Each micro-batch's mean loss is weighted by its share of the batch, so the accumulated gradient
-    equals the full-batch gradient up to float rounding (tests check this).
-    """
-    n = x.shape[0]
-    loss_sum = 0.0
-    hits = 0.0
-    for start in range(0, n, micro):
-        size = min(micro, n - start)
-        logits = model(x.narrow(0, start, size).contiguous(memory_format=memory_format))
-        part = targets.narrow(start, size)
-        if mc_fisher is not None:
-            mc_fisher.accumulate_mc_fisher(logits)
-        loss = mixed_cross_entropy(logits, part, label_smoothing)
-        (loss * (size / n)).backward()
-        loss_sum += loss.item() * size
-        hits += float(mixed_correct(logits.detach(), part))
-    return loss_sum, hits
-
-
-@torch.inference_mode()
-def evaluate(
-    model: nn.Module,
-    loader: BatchLoader,
-    device: torch.device,
-    memory_format: torch.memory_format = torch.contiguous_format,
-    parallel: ParallelContext | None = None,
-) -> dict[str, float]:
-    """Mean loss and top-1 accuracy; with several ranks each evaluates its shard and the sums are
-    reduced."""
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    hits = torch.zeros((), dtype=torch.int64, device=device)
-    count = 0
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = model(x.contiguous(memory_format=memory_format))
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-        hits += (logits.argmax(1) == y).sum()
-        count += y.shape[0]
-    model.train(was_training)
-    total_loss, total_hits, total = (parallel or ParallelContext()).all_sum(
-        [float(loss_sum), float(hits), float(count)]
-    )
-    return {"loss": total_loss / total, "acc": total_hits / total}
-
-
-def _flatten_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {f"{s}.{k}": v for s, section in cfg.items() for k, v in section.items()}
-
-
-def _check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    a, b = _flatten_config(saved), _flatten_config(current)
-    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k != EXTENDABLE)
-    if changed:
-        details = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed)
-        raise TrainingError(
-            f"cannot resume '{path}': the config changed ({details}); "
-            "resume with the original config or use a new run.name"
-        )
-
-
-def _rng_state() -> dict[str, Any]:
-    # Tensors and plain containers only: checkpoints load with weights_only=True.
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    numpy_state = {
-        "kind": kind,
-        "keys": torch.from_numpy(keys.astype(np.int64)),
-        "pos": int(pos),
-        "has_gauss": int(has_gauss),
-        "cached_gaussian": float(cached),
-    }
-    return {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    keys = n["keys"].numpy().astype(np.uint32)
-    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    random.setstate(state["python"])
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _progress_enabled(mode: str, is_main: bool) -> bool:
@@ -201,7 +81,7 @@ class Trainer:
         validate_against_data(cfg, ds.num_train, ds.num_test, self.parallel.world_size)
         self.run_dir = cfg.run_dir()
 
-        _seed_everything(cfg.run.seed)
+        seed_everything(cfg.run.seed)
         self.model = build_model(cfg.model.name, ds.channels, ds.image_size, ds.num_classes).to(
             self.device
         )
@@ -295,21 +175,21 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "kfac": self.kfac.state_dict() if self.kfac is not None else None,
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "config": self.cfg.to_dict(),
         }
 
     def _restore(self) -> tuple[int, int, float, float, list[dict[str, Any]]]:
         path = self.run_dir / CHECKPOINT_NAME
         state = load_checkpoint(path)
-        _check_compatible(
+        check_compatible(
             config_from_dict(state["config"], stored=True).experiment(), self.cfg.experiment(), path
         )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.kfac is not None:
             self.kfac.load_state_dict(state["kfac"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         # The checkpoint carries the metrics up to its epoch: rows logged after it are re-run.
         return (
             state["epoch"],
@@ -458,18 +338,6 @@ class Trainer:
             "Lower optimizer.lr (or raise kfac.damping / add warm-up) and run again"
             + (" with --resume." if path.exists() else ".")
         )
-
-
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process; VmHWM, unlike ru_maxrss, does not count a parent's
-    pages before exec."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _epoch_summary(row: dict[str, Any]) -> str:

@@ -1,0 +1,96 @@
+"""Whole-config checks, run before any work: an impossible value is named with its fix."""
+
+from __future__ import annotations
+
+from bigbatch.config.checks import choice, require
+from bigbatch.config.schema import (
+    DATA_FORMATS,
+    MAX_RUN_NAME,
+    MODELS,
+    OPTIMIZERS,
+    SWITCH_MODES,
+    Config,
+)
+
+
+def _check_run_name(name: str) -> None:
+    # The name becomes a directory under runtime.output_dir and must stay inside it.
+    require(
+        bool(name)
+        and name not in (".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+        and len(name) <= MAX_RUN_NAME,
+        "run.name",
+        f"is {name!r}; use a plain directory name (no '/', not '.' or '..', at most "
+        f"{MAX_RUN_NAME} characters)",
+    )
+
+
+def validate(cfg: Config) -> None:
+    """Reject values that cannot work; checks needing the dataset live in validate_against_data."""
+    _check_run_name(cfg.run.name)
+    require(cfg.run.epochs >= 1, "run.epochs", f"must be >= 1, got {cfg.run.epochs}")
+    choice(cfg.data.format, "data.format", DATA_FORMATS)
+    require(
+        cfg.data.train_limit >= 0, "data.train_limit", "must be >= 0 (0: the whole training set)"
+    )
+    require(cfg.data.test_limit >= 0, "data.test_limit", "must be >= 0 (0: the whole test set)")
+    choice(cfg.model.name, "model.name", MODELS)
+    require(cfg.augment.crop_padding >= 0, "augment.crop_padding", "must be >= 0")
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        value = getattr(cfg.augment, key)
+        require(value >= 0, f"augment.{key}", f"must be > 0 to enable or 0 to disable, got {value}")
+    require(
+        not (cfg.augment.mixup_alpha > 0 and cfg.augment.cutmix_alpha > 0),
+        "augment.cutmix_alpha",
+        "and augment.mixup_alpha cannot both be enabled; set one of them to 0",
+    )
+    require(0 <= cfg.augment.label_smoothing < 1, "augment.label_smoothing", "must be in [0, 1)")
+    require(
+        cfg.train.batch_size >= 1, "train.batch_size", f"must be >= 1, got {cfg.train.batch_size}"
+    )
+    require(cfg.train.train_eval_examples >= 0, "train.train_eval_examples", "must be >= 0")
+    choice(cfg.optimizer.name, "optimizer.name", OPTIMIZERS)
+    require(cfg.optimizer.lr > 0, "optimizer.lr", f"must be > 0, got {cfg.optimizer.lr}")
+    require(0 <= cfg.optimizer.momentum < 1, "optimizer.momentum", "must be in [0, 1)")
+    require(cfg.optimizer.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+    require(
+        not cfg.optimizer.nesterov or cfg.optimizer.momentum > 0,
+        "optimizer.nesterov",
+        "needs optimizer.momentum > 0",
+    )
+    s = cfg.schedule
+    require(0 < s.decay_factor <= 1, "schedule.decay_factor", "must be in (0, 1]")
+    require(all(e >= 1 for e in s.decay_epochs), "schedule.decay_epochs", "must hold epochs >= 1")
+    require(s.warmup_epochs >= 0, "schedule.warmup_epochs", "must be >= 0")
+    require(0 < s.warmup_start_factor <= 1, "schedule.warmup_start_factor", "must be in (0, 1]")
+    require(s.base_batch_size >= 1, "schedule.base_batch_size", "must be >= 1")
+    cfg.kfac.validate()
+    r = cfg.runtime
+    require(r.threads >= 0, "runtime.threads", "must be >= 0 (0 keeps torch's default)")
+    require(r.dist_timeout > 0, "runtime.dist_timeout", "must be > 0 seconds")
+    choice(r.progress, "runtime.progress", SWITCH_MODES)
+    choice(r.channels_last, "runtime.channels_last", SWITCH_MODES)
+    require(
+        r.micro_batch_size >= 0, "runtime.micro_batch_size", "must be >= 0 (0 picks automatically)"
+    )
+    require(r.eval_batch_size >= 1, "runtime.eval_batch_size", "must be >= 1")
+    require(r.checkpoint_every >= 1, "runtime.checkpoint_every", "must be >= 1")
+
+
+def validate_against_data(cfg: Config, num_train: int, num_test: int, world_size: int = 1) -> None:
+    """Checks that need the dataset: an impossible batch size is named before training starts."""
+    require(
+        cfg.train.batch_size <= num_train,
+        "train.batch_size",
+        f"is {cfg.train.batch_size} but the training set has only {num_train} examples; "
+        "lower train.batch_size or raise data.train_limit",
+    )
+    require(
+        cfg.train.batch_size >= world_size,
+        "train.batch_size",
+        f"is {cfg.train.batch_size}, smaller than the {world_size} ranks sharing each batch",
+    )
+    require(num_test >= 1, "data.test_limit", "leaves an empty test set")

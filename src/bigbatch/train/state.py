@@ -1,0 +1,70 @@
+"""What a checkpoint holds beside the model: RNG states, the resume check, resident memory."""
+
+from __future__ import annotations
+
+import random
+import resource
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bigbatch.errors import TrainingError
+
+# A run may be extended: its length is the one experiment key --resume does not compare.
+EXTENDABLE = "run.epochs"
+
+
+def _flatten_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {f"{s}.{k}": v for s, section in cfg.items() for k, v in section.items()}
+
+
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    a, b = _flatten_config(saved), _flatten_config(current)
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k != EXTENDABLE)
+    if changed:
+        details = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed)
+        raise TrainingError(
+            f"cannot resume '{path}': the config changed ({details}); "
+            "resume with the original config or use a new run.name"
+        )
+
+
+def rng_state() -> dict[str, Any]:
+    # Tensors and plain containers only: checkpoints load with weights_only=True.
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = {
+        "kind": kind,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
+    return {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    random.setstate(state["python"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process; VmHWM, unlike ru_maxrss, does not count a parent's
+    pages before exec."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,92 @@
+"""The compute of one step and of an evaluation pass, apart from the epoch loop's bookkeeping."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bigbatch.augment.mixup import MixedTargets, mixed_correct, mixed_cross_entropy
+from bigbatch.config import Config
+from bigbatch.data.batches import BatchLoader
+from bigbatch.models import has_batchnorm
+from bigbatch.train.distributed import ParallelContext
+
+# Micro-batch size whose activations the CPU allocator reuses from step to step (BENCHMARKS.md).
+CPU_MICRO_BATCH = 256
+
+
+def micro_batch_size(cfg: Config, model: nn.Module, device: torch.device, local_batch: int) -> int:
+    if cfg.runtime.micro_batch_size:
+        return min(cfg.runtime.micro_batch_size, local_batch)
+    # BatchNorm statistics depend on the batch, so splitting would change the maths: never split
+    # then.
+    if device.type == "cpu" and not has_batchnorm(model):
+        return min(CPU_MICRO_BATCH, local_batch)
+    return local_batch
+
+
+def use_channels_last(cfg: Config, device: torch.device) -> bool:
+    # CPU convolutions run faster on NHWC tensors (BENCHMARKS.md).
+    mode = cfg.runtime.channels_last
+    return mode == "on" or (mode == "auto" and device.type == "cpu")
+
+
+def forward_backward(
+    model: nn.Module,
+    x: torch.Tensor,
+    targets: MixedTargets,
+    micro: int,
+    label_smoothing: float = 0.0,
+    mc_fisher: Any = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> tuple[float, float]:
+    """Accumulate the gradient of the batch-mean loss in micro-batches; returns (loss sum, hits).
+
+    Each micro-batch's mean loss is weighted by its share of the batch, so the accumulated gradient
+    equals the full-batch gradient up to float rounding (tests check this).
+    """
+    n = x.shape[0]
+    loss_sum = 0.0
+    hits = 0.0
+    for start in range(0, n, micro):
+        size = min(micro, n - start)
+        logits = model(x.narrow(0, start, size).contiguous(memory_format=memory_format))
+        part = targets.narrow(start, size)
+        if mc_fisher is not None:
+            mc_fisher.accumulate_mc_fisher(logits)
+        loss = mixed_cross_entropy(logits, part, label_smoothing)
+        (loss * (size / n)).backward()
+        loss_sum += loss.item() * size
+        hits += float(mixed_correct(logits.detach(), part))
+    return loss_sum, hits
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    loader: BatchLoader,
+    device: torch.device,
+    memory_format: torch.memory_format = torch.contiguous_format,
+    parallel: ParallelContext | None = None,
+) -> dict[str, float]:
+    """Mean loss and top-1 accuracy; with several ranks each evaluates its shard and the sums are
+    reduced."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    hits = torch.zeros((), dtype=torch.int64, device=device)
+    count = 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = model(x.contiguous(memory_format=memory_format))
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        hits += (logits.argmax(1) == y).sum()
+        count += y.shape[0]
+    model.train(was_training)
+    total_loss, total_hits, total = (parallel or ParallelContext()).all_sum(
+        [float(loss_sum), float(hits), float(count)]
+    )
+    return {"loss": total_loss / total, "acc": total_hits / total}
