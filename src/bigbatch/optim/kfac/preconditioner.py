@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigbatch.config import KFACConfig
+from bigbatch.optim.kfac.decompositions import pi_ratio, robust_eigh, robust_inverse
 from bigbatch.optim.kfac.layers import LayerFactors, make_layer_factors
 
 TIMING_PARTS = ("statistics", "eigendecomposition", "preconditioning", "communication")
@@ -266,43 +267,25 @@ class KFACPreconditioner:
     def decompose(self, state: LayerState) -> None:
         assert state.A is not None and state.G is not None
         if self.inverse_method == "eigen":
-            qa_da = self._robust_eigh(state.A)
-            qg_dg = self._robust_eigh(state.G)
+            (qa_da, retried_a), (qg_dg, retried_g) = robust_eigh(state.A), robust_eigh(state.G)
+            self.health["eigh_retries"] += retried_a + retried_g
             if qa_da is None or qg_dg is None:
                 self.health["eigh_failures"] += 1
                 return  # keep the previous eigenbasis (or none: raw gradient)
             state.decomposition = (*qa_da, *qg_dg)
             self.set_scale(state)
         else:
-            pi = self._pi(state.A, state.G) if self.pi_damping else 1.0
+            pi = pi_ratio(state.A, state.G) if self.pi_damping else 1.0
             root = math.sqrt(self.damping)
-            a_inv = self._robust_inverse(state.A, root / pi)
-            g_inv = self._robust_inverse(state.G, root * pi)
+            (a_inv, retried_a), (g_inv, retried_g) = (
+                robust_inverse(state.A, root / pi),
+                robust_inverse(state.G, root * pi),
+            )
+            self.health["eigh_retries"] += retried_a + retried_g
             if a_inv is None or g_inv is None:
                 self.health["eigh_failures"] += 1
                 return
             state.decomposition = (a_inv, g_inv)
-
-    def _robust_eigh(self, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """eigh in the factor dtype; on failure retry in float64, then with growing jitter."""
-        for attempt, (dtype, jitter) in enumerate(
-            [(m.dtype, 0.0), (torch.float64, 0.0), (torch.float64, 1e-6), (torch.float64, 1e-3)]
-        ):
-            try:
-                x = m.to(dtype)
-                if jitter:
-                    x = x + jitter * max(float(x.diagonal().abs().mean()), 1e-12) * torch.eye(
-                        x.shape[0], dtype=dtype, device=x.device
-                    )
-                d, q = torch.linalg.eigh(x)
-                if math.isfinite(float(d.sum() + q.sum())):  # non-finite iff an entry is (|q| <= 1)
-                    if attempt:
-                        self.health["eigh_retries"] += 1
-                    # Tiny negative eigenvalues are round-off of a PSD matrix.
-                    return q.to(m.dtype).contiguous(), d.clamp_min(0).to(m.dtype)
-            except (RuntimeError, torch.linalg.LinAlgError):
-                pass
-        return None
 
     def set_scale(self, state: LayerState) -> None:
         """Cache 1 / (damped eigenvalues) of the layer's eigen decomposition (pi from the same
@@ -312,43 +295,12 @@ class KFACPreconditioner:
             return
         _, da, _, dg = state.decomposition
         if self.pi_damping:
-            pi = self._pi(state.A, state.G) if state.A is not None else 1.0
+            pi = pi_ratio(state.A, state.G) if state.A is not None and state.G is not None else 1.0
             root = math.sqrt(self.damping)
             denominator = torch.outer(dg + root * pi, da + root / pi)
         else:
             denominator = torch.outer(dg, da).add_(self.damping)
         state.scale = denominator.reciprocal_()
-
-    def _robust_inverse(self, m: torch.Tensor, damping: float) -> torch.Tensor | None:
-        """(m + damping I)^-1: Cholesky in the factor dtype, else LU in float64, else with 10x
-        damping."""
-        damped = m.clone()
-        damped.diagonal().add_(damping)
-        chol, info = torch.linalg.cholesky_ex(damped)
-        if int(info) == 0:
-            inv = torch.cholesky_inverse(chol)
-            if math.isfinite(
-                float(inv.sum())
-            ):  # one reduction: any non-finite entry makes the sum so
-                return inv
-        eye = torch.eye(m.shape[0], dtype=torch.float64, device=m.device)
-        for dtype, extra in ((torch.float64, 1.0), (torch.float64, 10.0)):
-            try:
-                inv = torch.linalg.inv(m.to(dtype) + damping * extra * eye.to(dtype))
-                if torch.isfinite(inv).all():
-                    self.health["eigh_retries"] += 1
-                    return inv.to(m.dtype)
-            except (RuntimeError, torch.linalg.LinAlgError):
-                pass
-        return None
-
-    @staticmethod
-    def _pi(a: torch.Tensor, g: torch.Tensor) -> float:
-        ta = float(a.diagonal().mean())
-        tg = float(g.diagonal().mean())
-        if ta <= 0 or tg <= 0 or not math.isfinite(ta / tg):
-            return 1.0
-        return math.sqrt(ta / tg)
 
     def _solve(self, state: LayerState, v: torch.Tensor) -> torch.Tensor:
         """(F + damping)^-1 v for the layer's gradient matrix v [g_dim, a_dim]."""
