@@ -1,7 +1,8 @@
-"""Shared fixtures and markers: the shared CIFAR-10 copy (named once), a synthetic dataset, a trained run.
+"""Shared fixtures and markers: the shared CIFAR-10 copy (named once), a synthetic dataset, a
+trained run.
 
-Markers: ``slow`` (more than a few seconds), ``dist`` (several processes in a torch.distributed group),
-``data`` (needs a real dataset on disk; skipped when it is absent), ``cuda`` (needs a GPU).
+Markers: ``slow`` (more than a few seconds), ``dist`` (several processes in a torch.distributed
+group), ``data`` (needs a real dataset on disk; skipped when it is absent), ``cuda`` (needs a GPU).
 """
 
 from __future__ import annotations

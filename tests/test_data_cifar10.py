@@ -25,7 +25,8 @@ BATCH_SIZES = {
 
 
 def _batches(str_keys: bool = False) -> dict[str, dict]:
-    """Batches with the official key layout: data uint8 [N, 3072] (R, G, B planes), labels a list."""
+    """Batches with the official key layout: data uint8 [N, 3072] (R, G, B planes), labels a
+    list."""
     out = {}
     for k, (name, n) in enumerate(BATCH_SIZES.items()):
         rng = np.random.default_rng(k)
@@ -180,7 +181,8 @@ def test_offline_download_fails_fast_and_leaves_nothing(tmp_path, monkeypatch):
     start = time.perf_counter()
     with pytest.raises(
         DatasetError,
-        match=r"could not download CIFAR-10 from http://127\.0\.0\.1:9/.*: .*download it by hand to .*data.path",
+        match=r"could not download CIFAR-10 from http://127\.0\.0\.1:9/.*: "
+        r".*download it by hand to .*data.path",
     ):
         load_dataset("cifar10", tmp_path / "data", download=True)
     assert time.perf_counter() - start < 10
@@ -230,7 +232,8 @@ def test_limits_take_first_examples_of_each_class(tmp_path):
 
 
 def test_archive_with_members_read_once(tmp_path, monkeypatch):
-    """Each wanted member is extracted once, in archive order (no backward seeks in the gzip stream)."""
+    """Each wanted member is extracted once, in archive order (no backward seeks in the gzip
+    stream)."""
     archive = _write_targz(_write_folder(tmp_path, _batches()), tmp_path / "c.tar.gz")
     calls = []
     real = tarfile.TarFile.extractfile

@@ -1,4 +1,5 @@
-"""Image folders as directories and zips: PNG/JPEG, gray/RGB, odd sizes, bad files, limits, the shared zip."""
+"""Image folders as directories and zips: PNG/JPEG, gray/RGB, odd sizes, bad files, limits, the
+shared zip."""
 
 import io
 import time
@@ -13,7 +14,6 @@ from PIL import Image
 from bigbatch.data import DatasetError, folder, load_dataset
 from bigbatch.data.folder import load_image_folder
 
-SHARED_ZIP = Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.zip"
 CIFAR_CLASSES = [
     "airplane",
     "automobile",
@@ -116,7 +116,7 @@ def test_png_roundtrip_is_pixel_exact(tmp_path, channels, as_zip):
         and ds.train_labels.dtype == torch.int64
     )
     assert ds.channels == channels and ds.image_size == (HEIGHT, WIDTH)
-    for (split, cls, i), expected in arrays.items():
+    for (split, cls, _), expected in arrays.items():
         want = torch.from_numpy(expected).reshape(HEIGHT, WIDTH, channels).permute(2, 0, 1)
         hits = _find(ds, split, want)
         labels = ds.train_labels if split == "train" else ds.test_labels
@@ -249,10 +249,10 @@ def test_layout_errors(tmp_path):
         load_image_folder(two_roots)
 
 
-@pytest.mark.skipif(not SHARED_ZIP.exists(), reason=f"shared CIFAR-10 JPEG zip not at {SHARED_ZIP}")
-def test_shared_cifar10_zip_subset():
+@pytest.mark.data
+def test_shared_cifar10_zip_subset(cifar_zip):
     start = time.perf_counter()
-    ds = load_dataset("auto", SHARED_ZIP, train_limit=500, test_limit=200)
+    ds = load_dataset("auto", cifar_zip, train_limit=500, test_limit=200)
     elapsed = time.perf_counter() - start
     assert ds.classes == CIFAR_CLASSES and ds.name == "cifar10-jpeg"
     assert ds.train_images.shape == (500, 3, 32, 32) and ds.test_images.shape == (200, 3, 32, 32)

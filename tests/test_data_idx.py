@@ -81,7 +81,8 @@ def test_truncated_bad_magic_and_damaged_gzip_name_the_file(tmp_path):
     f.write_bytes(good[:-10])
     with pytest.raises(
         DatasetError,
-        match=r"train-images-idx3-ubyte' holds .* values but its header \[23, 28, 28\] promises 18032.*truncated",
+        match=r"train-images-idx3-ubyte' holds .* values but its header \[23, 28, 28\] "
+        r"promises 18032.*truncated",
     ):
         load_dataset("idx", tmp_path)
     f.write_bytes(good[:6])

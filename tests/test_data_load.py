@@ -1,4 +1,5 @@
-"""The load_dataset entry point: format detection, errors, synthetic data, limits, the decode cache."""
+"""The load_dataset entry point: format detection, errors, synthetic data, limits, the decode
+cache."""
 
 import gzip
 import io
@@ -76,7 +77,8 @@ def test_detect_format(tmp_path):
 def test_errors_name_the_problem_and_fix(tmp_path):
     with pytest.raises(
         DatasetError,
-        match="unknown dataset format 'imagenet'.*auto, cifar10, image-folder, idx, fashion-mnist, synthetic",
+        match="unknown dataset format 'imagenet'.*"
+        "auto, cifar10, image-folder, idx, fashion-mnist, synthetic",
     ):
         load_dataset("imagenet", None)
     with pytest.raises(DatasetError, match=r"data\.path is empty.*image-folder.*train/<class>/"):

@@ -1,4 +1,5 @@
-"""Real 2-process gloo runs of `bigbatch train`, compared with a single process on the same global batch."""
+"""Real 2-process gloo runs of `bigbatch train`, compared with a single process on the same
+global batch."""
 
 import os
 import random
@@ -14,6 +15,8 @@ import torch
 from bigbatch.io import read_jsonl
 from bigbatch.train.checkpoint import load_checkpoint
 
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+
 COMMON = [
     "data.format=synthetic",
     "data.train_limit=600",
@@ -28,7 +31,8 @@ COMMON = [
 
 def _free_port() -> int:
     """A free port below Linux's ephemeral range (32768+): between this check and rank 0 binding it,
-    no outgoing connection (gloo opens many) can be given it, as could happen to a port from bind(0)."""
+    no outgoing connection (gloo opens many) can be given it, as could happen to a port from
+    bind(0)."""
     rng = random.Random()
     for _ in range(100):
         port = rng.randrange(20000, 32768)
@@ -81,10 +85,10 @@ def _finish(procs, timeout=240):
 
 def _compare(tmp_path, extra, epochs):
     extra = [*extra, f"run.epochs={epochs}"]
-    # The single process runs each half batch as one micro-batch, as each rank does, so both do the same
-    # float32 arithmetic per example. Otherwise rounding differences can flip the winner of a near-tie
-    # in a max-pooling window, which moves that gradient to another pixel: an O(1) change that K-FAC
-    # carries into every later step.
+    # The single process runs each half batch as one micro-batch, as each rank does, so both do the
+    # same float32 arithmetic per example. Otherwise rounding differences can flip the winner of a
+    # near-tie in a max-pooling window, which moves that gradient to another pixel: an O(1) change
+    # that K-FAC carries into every later step.
     half = ["runtime.micro_batch_size=32"]
     single = subprocess.run(
         _args(tmp_path, "single", [*extra, *half]),
@@ -163,7 +167,8 @@ def test_killed_rank_ends_the_other_with_a_clear_error(tmp_path):
     "optimizer",
     [
         ["optimizer.name=sgd"],
-        # K-FAC communicates factors every step and eigenbases every other: a hang in any of its collectives too.
+        # K-FAC communicates factors every step and eigenbases every other: a hang in any of its
+        # collectives too.
         ["optimizer.name=kfac", "kfac.factor_interval=1", "kfac.inverse_interval=2"],
     ],
 )

@@ -27,12 +27,13 @@ def _kfac(model, **kw):
 
 
 def _per_example_grads(model, layer, x, y, out_grad_of):
-    """Brute force: for each example, d(loss_n)/d[W|b] flattened row-major, and d(loss_n)/d(layer output)."""
+    """Brute force: for each example, d(loss_n)/d[W|b] flattened row-major, and d(loss_n)/d(layer
+    output)."""
     flat, gs = [], []
     for n in range(x.shape[0]):
         model.zero_grad()
         captured = {}
-        h = layer.register_forward_hook(lambda m, i, o: captured.setdefault("out", o))
+        h = layer.register_forward_hook(lambda m, i, o, seen=captured: seen.setdefault("out", o))
         logits = model(x[n : n + 1])
         h.remove()
         out = captured["out"]
@@ -54,7 +55,8 @@ def _step_once(model, kfac, x, y, micro=None):
     kfac.step(lr=0.1)
 
 
-# -- Linear -----------------------------------------------------------------------------------------
+# -- Linear
+# -----------------------------------------------------------------------------------------
 def _linear_model():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(D)
@@ -99,8 +101,8 @@ def test_linear_factors_equal_brute_force(micro):
 def test_stats_fraction_factors_equal_brute_force_over_the_sampled_rows(
     micro, min_rows, monkeypatch
 ):
-    # Each micro-batch contributes its first quarter; rows are held and reduced in groups of at least
-    # min_rows (1: every slice at once, 3: mid-batch flushes, 10_000: all at the step).
+    # Each micro-batch contributes its first quarter; rows are held and reduced in groups of at
+    # least min_rows (1: every slice at once, 3: mid-batch flushes, 10_000: all at the step).
     monkeypatch.setattr("bigbatch.optim.kfac.layers.MIN_ROWS_PER_PRODUCT", min_rows)
     model = _linear_model()
     x, y = torch.randn(32, 5, dtype=D), torch.randint(0, 3, (32,))
@@ -139,7 +141,8 @@ def test_mc_fisher_uses_sampled_labels():
     kfac2.remove()
 
 
-# -- Conv2d -----------------------------------------------------------------------------------------
+# -- Conv2d
+# -----------------------------------------------------------------------------------------
 class ConvNet(nn.Module):
     def __init__(self, in_ch=2, out_ch=3, k=3, stride=2, padding=1, dilation=1, hw=6):
         super().__init__()
@@ -196,7 +199,8 @@ def test_conv_factors_equal_brute_force_over_locations(stride, padding, dilation
 
 
 def _explicit_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """im2col by definition: [c*kh*kw, n*locations], each entry read pixel by pixel (zero outside)."""
+    """im2col by definition: [c*kh*kw, n*locations], each entry read pixel by pixel (zero
+    outside)."""
     (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
     ph, pw = conv.padding
     n, c, h, w = x.shape
@@ -236,7 +240,8 @@ def test_conv_input_factor_is_the_patch_gram_for_uneven_kernels_strides_and_imag
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
-# -- preconditioning ---------------------------------------------------------------------------------
+# -- preconditioning
+# ---------------------------------------------------------------------------------
 def _one_layer(n=40):
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(4, 3)).to(D)
@@ -287,7 +292,8 @@ def test_kl_clip_scales_the_update():
     torch.testing.assert_close(g, unclipped * nu)
 
 
-# -- batch-size invariance -----------------------------------------------------------------------------
+# -- batch-size invariance
+# -----------------------------------------------------------------------------
 def test_factors_and_damping_are_batch_size_invariant():
     torch.manual_seed(5)
     model = nn.Sequential(
@@ -316,8 +322,8 @@ def test_factors_and_damping_are_batch_size_invariant():
         # Traces (the scale damping is compared with) agree closely.
         for small, large in zip(results[128][name], results[2048][name]):
             assert float(small.trace() / large.trace()) == pytest.approx(1.0, abs=0.15)
-    # The same damping has the same effect: precondition one fixed gradient with both sets of factors
-    # (the conv layer, whose factors 128 examples x 64 locations estimate well).
+    # The same damping has the same effect: precondition one fixed gradient with both sets of
+    # factors (the conv layer, whose factors 128 examples x 64 locations estimate well).
     v = torch.randn(4, 3 * 9 + 1, dtype=D)
     outs = []
     for n in (128, 2048):
@@ -466,7 +472,8 @@ def test_state_dict_resume_is_bit_exact(options):
     import copy
 
     # Stopped after step 4 (statistics at 4 changed A and G since the eigenbasis of step 3), then
-    # resumed in fresh objects from a deep copy of the state, against one uninterrupted run of 9 steps.
+    # resumed in fresh objects from a deep copy of the state, against one uninterrupted run of 9
+    # steps.
     _, mid = run(0, 5)
     resumed, _ = run(5, 9, copy.deepcopy(mid))
     straight, _ = run(0, 9)
@@ -524,16 +531,9 @@ def test_kfac_trains_faster_per_step_than_sgd():
     assert kfac < 0.7 * sgd, (kfac, sgd)
 
 
-CIFAR_ZIP = (
-    __import__("pathlib").Path(__file__).resolve().parents[2]
-    / "shared"
-    / "data"
-    / "cifar10-jpeg.zip"
-)
-
-
-@pytest.mark.skipif(not CIFAR_ZIP.exists(), reason="shared CIFAR-10 zip not present")
-def test_kfac_lowers_cifar_loss_faster_per_step_than_sgd(tmp_path):
+@pytest.mark.data
+@pytest.mark.slow
+def test_kfac_lowers_cifar_loss_faster_per_step_than_sgd(tmp_path, cifar_zip):
     from bigbatch.config import load_config
     from bigbatch.train.trainer import Trainer
 
@@ -542,7 +542,7 @@ def test_kfac_lowers_cifar_loss_faster_per_step_than_sgd(tmp_path):
         cfg = load_config(
             None,
             [
-                f"data.path={CIFAR_ZIP}",
+                f"data.path={cifar_zip}",
                 "data.train_limit=2560",
                 "data.test_limit=500",
                 f"runtime.output_dir={tmp_path}",

@@ -4,7 +4,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,13 +15,6 @@ from bigbatch.errors import ConfigError, TrainingError
 from bigbatch.io import read_jsonl
 from bigbatch.train.checkpoint import load_checkpoint
 from bigbatch.train.trainer import Trainer
-
-CIFAR_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.zip"
-
-
-@pytest.fixture(scope="module")
-def synthetic():
-    return load_dataset("synthetic", None, train_limit=600, test_limit=200, seed=0)
 
 
 def _overrides(tmp_path, *overrides):
@@ -247,12 +239,13 @@ def test_sigkill_mid_epoch_loses_at_most_that_epoch(tmp_path):
     )
 
 
-@pytest.mark.skipif(not CIFAR_ZIP.exists(), reason="shared CIFAR-10 zip not present")
-def test_end_to_end_cifar_subset_beats_chance(tmp_path):
+@pytest.mark.data
+@pytest.mark.slow
+def test_end_to_end_cifar_subset_beats_chance(tmp_path, cifar_zip):
     cfg = load_config(
         None,
         [
-            f"data.path={CIFAR_ZIP}",
+            f"data.path={cifar_zip}",
             "data.train_limit=3000",
             "data.test_limit=1000",
             f"runtime.output_dir={tmp_path}",

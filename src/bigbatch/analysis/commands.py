@@ -193,7 +193,7 @@ def landscape(
         directions = [random_direction(run.model, seed, normalization)]
         if two_d:
             directions.append(random_direction(run.model, seed + 1, normalization))
-            grid = [(a, b) for b in alphas for a in alphas]
+            grid: list[tuple[float, ...]] = [(a, b) for b in alphas for a in alphas]
         else:
             grid = [(a,) for a in alphas]
         bar = _bar(

@@ -23,7 +23,7 @@ def _params(model: nn.Module) -> list[torch.Tensor]:
 
 
 def _dot(a: Vector, b: Vector) -> torch.Tensor:
-    return sum((x * y).sum() for x, y in zip(a, b))
+    return torch.stack([(x * y).sum() for x, y in zip(a, b)]).sum()
 
 
 def _axpy(alpha: float | torch.Tensor, x: Vector, y: Vector) -> Vector:
@@ -47,7 +47,7 @@ def hessian_vector_product(model: nn.Module, batches: Batches, vector: Vector) -
     for x, y in batches():
         loss = F.cross_entropy(model(x), y, reduction="sum")
         grads = torch.autograd.grad(loss, params, create_graph=True)
-        hv = torch.autograd.grad(_dot(grads, vector), params)
+        hv = torch.autograd.grad(_dot(list(grads), vector), params)
         out = [o + h for o, h in zip(out, hv)]
         total += y.shape[0]
     return [o / total for o in out]

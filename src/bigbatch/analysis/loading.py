@@ -90,6 +90,6 @@ def load_trained_run(run_dir: str | Path, dataset: ImageDataset | None = None) -
     model = build_model(cfg.model.name, dataset.channels, dataset.image_size, dataset.num_classes)
     model.load_state_dict(state["model"])
     # NHWC is the fast layout for CPU convolutions (see the trainer); the maths is unchanged.
-    model = model.to(memory_format=torch.channels_last).eval()
+    model = model.to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
     mean, std = channel_stats(dataset.train_images)
     return TrainedRun(run_dir, cfg, model, dataset, mean, std, state["epoch"])

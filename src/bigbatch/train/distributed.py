@@ -70,8 +70,8 @@ class DistributedContext(ParallelContext):
         self.bytes_communicated += tensor.numel() * tensor.element_size()
 
     def reduce_step(self, model: nn.Module, local_count: int, extras: list[float]) -> list[float]:
-        params = [p for p in model.parameters() if p.grad is not None]
-        grads = [p.grad.reshape(-1) * local_count for p in params]  # local mean -> local sum
+        grads_of = [p.grad for p in model.parameters() if p.grad is not None]
+        grads = [g.reshape(-1) * local_count for g in grads_of]  # local mean -> local sum
         tail = torch.tensor(
             [*extras, float(local_count)],
             dtype=grads[0].dtype if grads else torch.float64,
@@ -81,9 +81,9 @@ class DistributedContext(ParallelContext):
         self._all_reduce(flat, "gradient all-reduce")
         total = flat[-1]
         offset = 0
-        for p in params:
-            n = p.grad.numel()
-            p.grad.copy_(flat[offset : offset + n].view_as(p.grad) / total)
+        for g in grads_of:
+            n = g.numel()
+            g.copy_(flat[offset : offset + n].view_as(g) / total)
             offset += n
         return [float(v) for v in flat[offset:-1]]
 

@@ -33,7 +33,8 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path)
 
 def rng_state() -> dict[str, Any]:
     # Tensors and plain containers only: checkpoints load with weights_only=True.
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_raw: Any = np.random.get_state()
+    kind, keys, pos, has_gauss, cached = numpy_raw
     numpy_state = {
         "kind": kind,
         "keys": torch.from_numpy(keys.astype(np.int64)),

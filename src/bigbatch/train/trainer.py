@@ -88,7 +88,7 @@ class Trainer:
         self.memory_format = (
             torch.channels_last if use_channels_last(cfg, self.device) else torch.contiguous_format
         )
-        self.model = self.model.to(memory_format=self.memory_format)
+        self.model = self.model.to(memory_format=self.memory_format)  # type: ignore[call-overload]
         self.parallel.broadcast_parameters(self.model)
         self.optimizer = torch.optim.SGD(
             self.model.parameters(),
@@ -113,7 +113,7 @@ class Trainer:
             linear_scaling=cfg.schedule.linear_scaling,
         )
         mean, std = channel_stats(ds.train_images)
-        common = dict(mean=mean, std=std)
+        common: dict[str, Any] = dict(mean=mean, std=std)
         self.train_loader = BatchLoader(
             ds.train_images,
             ds.train_labels,
@@ -128,7 +128,9 @@ class Trainer:
             **common,
         )
         # Evaluation shards: each rank takes its part of every evaluation batch.
-        shard = dict(rank=self.parallel.rank, world_size=self.parallel.world_size, **common)
+        shard: dict[str, Any] = dict(
+            rank=self.parallel.rank, world_size=self.parallel.world_size, **common
+        )
         eval_bs = max(min(cfg.runtime.eval_batch_size, ds.num_test), self.parallel.world_size)
         self.test_loader = BatchLoader(
             ds.test_images, ds.test_labels, eval_bs, shuffle=False, **shard
@@ -202,7 +204,8 @@ class Trainer:
     # -- loop ----------------------------------------------------------------------------------
     def fit(self, resume: bool = False, overwrite: bool = False) -> list[dict[str, Any]]:
         cfg, main = self.cfg, self.parallel.is_main
-        start_epoch, step, train_time, wall_time, rows = 0, 0, 0.0, 0.0, []
+        rows: list[dict[str, Any]] = []
+        start_epoch, step, train_time, wall_time = 0, 0, 0.0, 0.0
         checkpoint = self.run_dir / CHECKPOINT_NAME
         if resume and checkpoint.exists():
             start_epoch, step, train_time, wall_time, rows = self._restore()

@@ -129,6 +129,7 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
                 state.decomposition = tuple(
                     torch.empty_like(t) for t in self._decomposition_like(state)
                 )
+            assert state.decomposition is not None
             for tensor in state.decomposition:
                 run_collective(
                     "K-FAC eigenbasis broadcast",

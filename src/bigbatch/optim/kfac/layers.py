@@ -37,7 +37,9 @@ class LayerFactors:
     """Accumulates raw factor sums of one layer between K-FAC steps and maps its gradient to a
     matrix."""
 
-    def __init__(self, name: str, module: nn.Module):
+    module: nn.Linear | nn.Conv2d
+
+    def __init__(self, name: str, module: nn.Linear | nn.Conv2d):
         self.name = name
         self.module = module
         self.has_bias = module.bias is not None
@@ -59,7 +61,7 @@ class LayerFactors:
 
     @property
     def g_dim(self) -> int:
-        return self.module.weight.shape[0]
+        return int(self.module.weight.shape[0])
 
     def add_input(self, x: torch.Tensor) -> None:
         self.count += x.shape[0]
@@ -97,23 +99,28 @@ class LayerFactors:
         self._pending = {"a": [], "g": []}
 
     # -- gradient as a matrix [g_dim, a_dim] -----------------------------------------------------
+    def _grads(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight, bias = self.module.weight, self.module.bias
+        assert weight.grad is not None, "call only where has_grad() holds"
+        return weight.grad, None if bias is None else bias.grad
+
     def grad_matrix(self) -> torch.Tensor:
-        w = self.module.weight.grad.reshape(self.g_dim, -1)
-        if self.has_bias:
-            w = torch.cat([w, self.module.bias.grad.reshape(-1, 1)], dim=1)
+        weight_grad, bias_grad = self._grads()
+        w = weight_grad.reshape(self.g_dim, -1)
+        if bias_grad is not None:
+            w = torch.cat([w, bias_grad.reshape(-1, 1)], dim=1)
         return w
 
     def set_grad_matrix(self, m: torch.Tensor) -> None:
-        weight = self.module.weight
-        if self.has_bias:
-            self.module.bias.grad.copy_(m[:, -1])
+        weight_grad, bias_grad = self._grads()
+        if bias_grad is not None:
+            bias_grad.copy_(m[:, -1])
             m = m[:, :-1]
-        weight.grad.copy_(m.reshape(weight.shape))
+        weight_grad.copy_(m.reshape(weight_grad.shape))
 
     def has_grad(self) -> bool:
-        return self.module.weight.grad is not None and (
-            not self.has_bias or self.module.bias.grad is not None
-        )
+        bias = self.module.bias
+        return self.module.weight.grad is not None and (bias is None or bias.grad is not None)
 
 
 def _homogeneous_outer(rows: torch.Tensor, with_ones: bool) -> torch.Tensor:
@@ -135,6 +142,8 @@ def _with_ones(gram: torch.Tensor, sums: torch.Tensor, count: int) -> torch.Tens
 
 
 class LinearFactors(LayerFactors):
+    module: nn.Linear
+
     @property
     def a_dim(self) -> int:
         return self.module.in_features + int(self.has_bias)
@@ -148,6 +157,8 @@ class LinearFactors(LayerFactors):
 
 
 class Conv2dFactors(LayerFactors):
+    module: nn.Conv2d
+
     def __init__(self, name: str, module: nn.Conv2d):
         if module.groups != 1:
             raise ValueError(
@@ -167,7 +178,8 @@ class Conv2dFactors(LayerFactors):
 
     def a_contribution(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
-        padding = (0, 0) if m.padding == "valid" else m.padding
+        # "same" is refused in __init__, so a string here is "valid".
+        padding = (0, 0) if isinstance(m.padding, str) else m.padding
         # im2col: [n, c*kh*kw, locations], rows in the weight's (c, i, j) order.
         patches = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
         locations = patches.shape[2]

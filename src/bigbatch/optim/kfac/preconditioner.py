@@ -249,7 +249,7 @@ class KFACPreconditioner:
                 continue
             state = self.layers[name]
             a, g = a_sum / count, g_sum / count
-            if state.A is None:
+            if state.A is None or state.G is None:
                 state.A, state.G = a, g
             else:
                 state.A.mul_(self.factor_decay).add_(a, alpha=1 - self.factor_decay)
@@ -310,6 +310,7 @@ class KFACPreconditioner:
             return g_inv @ v @ a_inv
         if state.scale is None:
             self.set_scale(state)
+        assert state.scale is not None
         qa, _, qg, _ = state.decomposition
         return qg @ (qg.t() @ v @ qa).mul_(state.scale) @ qa.t()
 
