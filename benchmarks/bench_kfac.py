@@ -1,32 +1,26 @@
-"""K-FAC overhead, per part, against SGD and against ASDL's KfacGradientMaker, measured in one run.
+"""K-FAC's overhead against SGD, and against ASDL's KfacGradientMaker step for step, in one run.
 
 For LeNet-5 on CIFAR-10 at batch 128 and 2048:
-  * bigbatch epochs (Trainer.train_epoch): SGD, K-FAC at its defaults, K-FAC with statistics and
-    eigendecompositions every step; K-FAC's per-part times (statistics, eigendecomposition,
-    preconditioning) from its own timers;
-  * per-step times of plain SGD (the floor), bigbatch K-FAC with its default eigen/exact damping and
-    with ASDL's own algorithm (pi-split damping through Cholesky inverses), and ASDL K-FAC (empirical
-    Fisher, the same damping, matching intervals), all in plain NCHW without micro-batching.
+  * epochs: bigbatch Trainer epochs with SGD and with K-FAC at its default intervals (statistics
+    every 10 steps, eigendecompositions every 100), interleaved after a warm-up epoch each; mean
+    epoch time, so that the periodic eigendecompositions count at their amortized rate, and
+    K-FAC's per-part seconds per epoch from kfac.metrics();
+  * steps: per-step times of plain SGD (the floor), bigbatch K-FAC with its default damping
+    (eigenbases, exact Tikhonov) and with ASDL's algorithm (pi-split damping through Cholesky
+    inverses), and ASDL's K-FAC (empirical Fisher, the same damping and intervals), all on
+    bigbatch's LeNet5 in plain NCHW without micro-batching, in interleaved rounds (median).
 
-    .venv/bin/pip install asdfghjkl   # optional: without it the ASDL rows are skipped
-    .venv/bin/python benchmarks/bench_kfac.py [--data PATH] [--steps 30] [--rounds 3] [--part all|epochs|steps]
+    .venv/bin/pip install -e '.[bench]'   # ASDL (asdfghjkl); without it the steps table is skipped
+    .venv/bin/python benchmarks/bench_kfac.py [--data PATH] [--epochs 4] [--steps 30]
+        [--rounds 3] [--part all|epochs|steps] [--train-limit N]
 
 ASDL calls torch.cuda.nvtx, which a CPU-only torch lacks: the ranges are replaced by no-ops here.
-
-The per-step comparison runs twice, each in a fresh process: with glibc's default allocator, which hands
-buffers over its (adaptive, at most 32 MB) mmap threshold back to the kernel on free so that the next
-step page-faults them in afresh, and with freed memory retained (MALLOC_MMAP_THRESHOLD_ and
-MALLOC_TRIM_THRESHOLD_ set high), which leaves only the computation. The first is what a user gets by
-default; the second compares the implementations' arithmetic. Page faults per step are printed for both.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,21 +28,20 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from bench_trainer import (
-    RETAINED_MEMORY,
-    page_faults,
-)  # a sibling script: benchmarks/ is on the path
-from bigbatch.config import load_config
-from bigbatch.data import load_dataset
+from bigbatch.config import default_cache_dir, load_config
+from bigbatch.data import ImageDataset, load_dataset
 from bigbatch.data.batches import BatchLoader, channel_stats
 from bigbatch.models import LeNet5
 from bigbatch.optim.kfac import KFACPreconditioner
 from bigbatch.train.trainer import Trainer
+from common import DEFAULT_DATA, bar, header, page_faults, ratio, table
+
+BATCHES = (128, 2048)
+PARTS = ("statistics", "eigendecomposition", "preconditioning")
+STEP_IMPLEMENTATIONS = ("sgd", "bigbatch-inverse", "bigbatch", "asdl")
 
 
-def trainer_epoch(
-    data: str, batch: int, out: str, extra: list[str], epochs: int
-) -> tuple[float, dict[str, float]]:
+def make_trainer(data: str, ds: ImageDataset, batch: int, out: str, optimizer: str) -> Trainer:
     cfg = load_config(
         None,
         [
@@ -57,22 +50,49 @@ def trainer_epoch(
             "train.train_eval_examples=0",
             "runtime.progress=off",
             f"runtime.output_dir={out}",
-            "run.name=bench",
-            "data.test_limit=1000",
-            *extra,
+            f"run.name={optimizer}{batch}",
+            f"optimizer.name={optimizer}",
         ],
     )
-    trainer = Trainer(cfg)
-    trainer.train_epoch(0)  # warm-up
-    times, parts = [], []
-    for e in range(epochs):
-        if trainer.kfac is not None:
-            trainer.kfac.reset_metrics()
-        times.append(trainer.train_epoch(e + 1)["epoch_time"])
-        parts.append(dict(trainer.kfac.timings) if trainer.kfac is not None else {})
-    median = statistics.median(times)
-    closest = min(range(len(times)), key=lambda i: abs(times[i] - median))
-    return median, parts[closest]
+    return Trainer(cfg, dataset=ds)
+
+
+def compare_epochs(args: argparse.Namespace, ds: ImageDataset) -> None:
+    batches = [b for b in BATCHES if b <= ds.num_train]
+    rows = []
+    progress = bar(len(batches) * 2 * (args.epochs + 1), "epochs")
+    with tempfile.TemporaryDirectory() as out:
+        for batch in batches:
+            trainers = {
+                name: make_trainer(args.data, ds, batch, out, name) for name in ("sgd", "kfac")
+            }
+            times: dict[str, list[float]] = {name: [] for name in trainers}
+            parts: list[dict[str, float]] = []
+            for e in range(args.epochs + 1):
+                for name, trainer in trainers.items():
+                    if trainer.kfac is not None:
+                        trainer.kfac.reset_metrics()
+                    seconds = trainer.train_epoch(e)["epoch_time"]
+                    progress.update()
+                    if e == 0:
+                        continue  # warm-up (oneDNN primitives, the first decomposition)
+                    times[name].append(seconds)
+                    if trainer.kfac is not None:
+                        parts.append(trainer.kfac.metrics())
+            sgd = statistics.mean(times["sgd"])
+            kfac = statistics.mean(times["kfac"])
+            per_part = [statistics.mean(p[f"kfac_{k}_time"] for p in parts) for k in PARTS]
+            rows.append([batch, "SGD", f"{sgd:.2f}", "1.00x", "", "", ""])
+            rows.append(
+                [batch, "K-FAC defaults (10/100)", f"{kfac:.2f}", ratio(kfac, sgd)]
+                + [f"{s:.2f}" for s in per_part]
+            )
+    progress.close()
+    print(
+        f"Trainer epochs, {ds.num_train} training images: mean of {args.epochs} interleaved epochs "
+        "after a warm-up epoch each\n"
+    )
+    print(table(["batch", "optimizer", "epoch s", "vs SGD", *(f"{p} s" for p in PARTS)], rows))
 
 
 def _patch_nvtx() -> None:
@@ -85,15 +105,15 @@ def _patch_nvtx() -> None:
 def step_timer(
     name: str, batches: list[tuple[torch.Tensor, torch.Tensor]], interval: int
 ) -> Callable[[], tuple[float, float]]:
-    """(seconds, page faults) per step, means over max(batches, inverse_interval) steps, of one
-    implementation at equal settings.
+    """(seconds, page faults) per step of one implementation at equal settings, averaged over
+    max(len(batches), inverse interval) steps.
 
-    name: "sgd" (the floor), "bigbatch" (its default: eigenbases, exact Tikhonov damping), "bigbatch-inverse"
-    (ASDL's algorithm: pi-split damping through Cholesky inverses), or "asdl".
+    name: "sgd" (the floor), "bigbatch" (its default: eigenbases, exact Tikhonov damping),
+    "bigbatch-inverse" (ASDL's algorithm: pi-split damping through Cholesky inverses) or "asdl".
     """
     torch.manual_seed(0)
-    # An ordinary conv1 for all four (ASDL reads conv outputs as [N, C, H, W]): K-FAC against K-FAC.
-    model = LeNet5(3, (32, 32), 10, phases=False)
+    # Plain Conv2d/Linear modules in NCHW, which ASDL's hooks read: K-FAC against K-FAC.
+    model = LeNet5(3, (32, 32), 10)
     opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
     inverse_interval = interval * 10 if interval > 1 else 1
     if name == "sgd":
@@ -102,6 +122,7 @@ def step_timer(
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
             opt.step()
+
     elif name.startswith("bigbatch"):
         method = (
             dict(inverse_method="inverse", pi_damping=True) if name == "bigbatch-inverse" else {}
@@ -121,6 +142,7 @@ def step_timer(
             F.cross_entropy(model(x), y).backward()
             kfac.step(lr=0.001)
             opt.step()
+
     else:
         _patch_nvtx()
         from asdl.precondition import KfacGradientMaker, PreconditioningConfig
@@ -128,7 +150,7 @@ def step_timer(
         config = PreconditioningConfig(
             data_size=batches[0][0].shape[0],
             damping=1e-2,
-            ema_decay=0.05,
+            ema_decay=0.05,  # ASDL weighs the new value: bigbatch's factor_decay 0.95
             curvature_upd_interval=interval,
             preconditioner_upd_interval=inverse_interval,
         )
@@ -142,8 +164,8 @@ def step_timer(
             opt.step()
 
     def run() -> tuple[float, float]:
-        # Mean over a whole inverse interval (cycling through the batches), so the amortized cost of
-        # statistics and decomposition steps counts, not just that of the plain steps in between.
+        # A whole inverse interval (cycling through the batches), so that statistics and
+        # decomposition steps count at their amortized rate, not just the plain steps between.
         steps = max(len(batches), inverse_interval)
         step(*batches[0])  # warm-up
         faults = page_faults()
@@ -156,28 +178,63 @@ def step_timer(
     return run
 
 
+def compare_steps(args: argparse.Namespace, ds: ImageDataset) -> None:
+    mean, std = channel_stats(ds.train_images)
+    batches_of = {}
+    for batch in (b for b in BATCHES if b <= ds.num_train):
+        loader = BatchLoader(
+            ds.train_images, ds.train_labels, batch, mean=mean, std=std, shuffle=True
+        )
+        batches_of[batch] = [b for _, b in zip(range(args.steps), loader)]
+    settings = [(batch, interval) for batch in batches_of for interval in (1, 10)]
+    progress = bar(len(settings) * args.rounds * len(STEP_IMPLEMENTATIONS), "step timings")
+    rows = []
+    for batch, interval in settings:
+        timers = {
+            name: step_timer(name, batches_of[batch], interval) for name in STEP_IMPLEMENTATIONS
+        }
+        # Rounds interleave the four, so that a slow spell of the machine hits all of them.
+        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in timers}
+        for _ in range(args.rounds):
+            for name, run in timers.items():
+                runs[name].append(run())
+                progress.update()
+        t = {name: statistics.median(s for s, _ in values) for name, values in runs.items()}
+        faults = [f"{statistics.median(f for _, f in runs[name]):.0f}" for name in timers]
+        rows.append(
+            [
+                batch,
+                "1/1" if interval == 1 else "10/100",
+                *(f"{1e3 * t[name]:.1f}" for name in STEP_IMPLEMENTATIONS),
+                ratio(t["asdl"], t["bigbatch-inverse"]),
+                ratio(t["asdl"], t["bigbatch"]),
+                ratio(t["bigbatch"], t["sgd"]),
+                ratio(t["asdl"], t["sgd"]),
+                " / ".join(faults),
+            ]
+        )
+    progress.close()
+    print(
+        f"\nPer step (ms), plain NCHW loop, no micro-batching, empirical Fisher, damping 1e-2; "
+        f"median of {args.rounds} interleaved rounds. 'bigbatch inverse' is bigbatch with ASDL's "
+        "algorithm (pi-split damping, Cholesky inverses), 'bigbatch eigen' its default.\n"
+    )
+    columns = ["batch", "intervals (stats/inverse)", "SGD", "bigbatch inverse", "bigbatch eigen"]
+    columns += ["ASDL", "ASDL / bigbatch inverse", "ASDL / bigbatch eigen"]
+    columns += ["bigbatch eigen / SGD", "ASDL / SGD", "page faults/step (SGD/inv/eigen/ASDL)"]
+    print(table(columns, rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data", default="../shared/data/cifar10-jpeg.zip")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=3,
-        help="interleaved rounds of the per-step comparison (median)",
-    )
-    parser.add_argument(
-        "--part",
-        choices=("all", "epochs", "steps"),
-        default="all",
-        help="epochs: the Trainer table only; steps: the per-step comparison with ASDL only",
-    )
-    parser.add_argument(
-        "--allocator", choices=("default", "retained"), default=None, help=argparse.SUPPRESS
-    )  # set by this script for its per-step child processes
+    parser.add_argument("--data", default=DEFAULT_DATA)
+    parser.add_argument("--epochs", type=int, default=4, help="timed epochs per optimizer")
+    parser.add_argument("--steps", type=int, default=30, help="distinct batches per step timing")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved step-timing rounds")
+    parser.add_argument("--part", choices=("all", "epochs", "steps"), default="all")
+    parser.add_argument("--train-limit", type=int, default=0, help="0: the whole training set")
     args = parser.parse_args()
     try:
         import asdl  # noqa: F401
@@ -186,114 +243,17 @@ def main() -> None:
     except ImportError:
         have_asdl = False
 
-    ds = load_dataset("auto", args.data, cache_dir=".cache/bigbatch")
-    mean, std = channel_stats(ds.train_images)
-    if args.allocator is None:
-        print(f"LeNet-5 on {ds.name}, {torch.get_num_threads()} threads; times are medians\n")
-    if args.part != "steps":
-        print(
-            "| batch | variant | epoch s | vs SGD | statistics s | eigendecomposition s | preconditioning s |"
-        )
-        print("|---|---|---|---|---|---|---|")
-        with tempfile.TemporaryDirectory() as out:
-            for batch in (128, 2048):
-                variants = {
-                    "SGD": ["optimizer.name=sgd"],
-                    "K-FAC defaults (10/100)": ["optimizer.name=kfac"],
-                    "K-FAC every step (1/1)": [
-                        "optimizer.name=kfac",
-                        "kfac.factor_interval=1",
-                        "kfac.inverse_interval=1",
-                    ],
-                }
-                if batch == 2048:
-                    variants["K-FAC paper LB (1/10, 1/4 of batch)"] = [
-                        "optimizer.name=kfac",
-                        "kfac.factor_interval=1",
-                        "kfac.inverse_interval=10",
-                        "kfac.stats_fraction=0.25",
-                    ]
-                sgd = None
-                for name, extra in variants.items():
-                    t, parts = trainer_epoch(args.data, batch, out, extra, args.epochs)
-                    sgd = sgd or t
-                    print(
-                        f"| {batch} | {name} | {t:.2f} | {t / sgd:.2f}x | {parts.get('statistics', 0):.2f} | "
-                        f"{parts.get('eigendecomposition', 0):.2f} | {parts.get('preconditioning', 0):.2f} |",
-                        flush=True,
-                    )
-
-    if args.part == "epochs":
-        return
-    if not have_asdl:
-        print("\nASDL (pip install asdfghjkl) not installed: per-step comparison skipped")
-        return
-    if args.allocator is not None:
-        compare_steps(ds, mean, std, args.steps, args.rounds, args.allocator)
-        return
-    print(
-        f"\nPer step, plain NCHW loop, no micro-batching, empirical Fisher, damping 1e-2; ms/step, median of "
-        f"{args.rounds} interleaved rounds. 'inverse' is bigbatch with ASDL's algorithm (pi-split damping, "
-        "Cholesky inverses); 'eigen' its default. Each allocator in a fresh process:\n"
+    ds = load_dataset(
+        "auto", args.data, train_limit=args.train_limit or None, cache_dir=default_cache_dir()
     )
-    print(
-        "| allocator | batch | intervals (stats/inverse) | SGD | bigbatch inverse | bigbatch eigen | ASDL | "
-        "ASDL / bigbatch inverse | ASDL / bigbatch eigen | ASDL / SGD (the ceiling) | page faults per step "
-        "(SGD / inverse / eigen / ASDL) |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
-    for allocator in ("default", "retained"):
-        env = dict(os.environ, **(RETAINED_MEMORY if allocator == "retained" else {}))
-        subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--data",
-                args.data,
-                "--steps",
-                str(args.steps),
-                "--rounds",
-                str(args.rounds),
-                "--part",
-                "steps",
-                "--allocator",
-                allocator,
-            ],
-            env=env,
-            check=True,
-        )
-
-
-def compare_steps(
-    ds, mean: list[float], std: list[float], steps: int, rounds: int, allocator: str
-) -> None:
-    """Table rows of the per-step comparison, in this process (its allocator set by the caller)."""
-    for batch in (128, 2048):
-        loader = BatchLoader(
-            ds.train_images, ds.train_labels, batch, mean=mean, std=std, shuffle=True
-        )
-        batches = [b for _, b in zip(range(steps), loader)]
-        for interval in (1, 10):
-            timers = {
-                name: step_timer(name, batches, interval)
-                for name in ("sgd", "bigbatch-inverse", "bigbatch", "asdl")
-            }
-            # Rounds interleave the four, so that a slow spell of the machine hits all of them; medians.
-            runs: dict[str, list[tuple[float, float]]] = {name: [] for name in timers}
-            for _ in range(rounds):
-                for name, run in timers.items():
-                    runs[name].append(run())
-            t = {name: statistics.median(s for s, _ in values) for name, values in runs.items()}
-            faults = " / ".join(
-                f"{statistics.median(f for _, f in runs[name]):.0f}" for name in timers
-            )
-            label = "1/1" if interval == 1 else "10/100"
-            print(
-                f"| {allocator} | {batch} | {label} | {1e3 * t['sgd']:.1f} | {1e3 * t['bigbatch-inverse']:.1f} | "
-                f"{1e3 * t['bigbatch']:.1f} | {1e3 * t['asdl']:.1f} | {t['asdl'] / t['bigbatch-inverse']:.2f}x | "
-                f"{t['asdl'] / t['bigbatch']:.2f}x | {t['asdl'] / t['sgd']:.2f}x | {faults} |",
-                flush=True,
-            )
+    print(header(f"K-FAC overhead: LeNet-5 on {ds.name}"))
+    if args.part in ("all", "epochs"):
+        compare_epochs(args, ds)
+    if args.part in ("all", "steps"):
+        if have_asdl:
+            compare_steps(args, ds)
+        else:
+            print("\nASDL (pip install -e '.[bench]') is not installed: per-step table skipped")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import os
 import statistics
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -107,7 +108,7 @@ def conv_statistics(args) -> dict[str, float]:
         for n in args.stats_examples:
             x = torch.randn(n, cin, size, size)
             with torch.no_grad():
-                seconds = time_calls(lambda x=x: factors.a_contribution(x), 5, args.min_seconds)
+                seconds = time_calls(partial(factors.a_contribution, x), 5, args.min_seconds)
             rows[f"K-FAC A statistics, {name} {cin}->{cout} on {n}x{cin}x{size}x{size}"] = seconds
     return rows
 
@@ -117,7 +118,9 @@ def landscape(args) -> dict[str, float]:
 
     ds = load(args, args.landscape_train, args.landscape_test)
     mean, std = channel_stats(ds.train_images)
-    train = list(BatchLoader(ds.train_images, ds.train_labels, 128, mean=mean, std=std, shuffle=True))
+    train = list(
+        BatchLoader(ds.train_images, ds.train_labels, 128, mean=mean, std=std, shuffle=True)
+    )
     torch.manual_seed(0)
     model = build_model("lenet5", ds.channels, ds.image_size, ds.num_classes)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -128,7 +131,9 @@ def landscape(args) -> dict[str, float]:
     model.eval()
     # NCHW batches made once: the CLI passes NCHW, and data preparation is not the part measured.
     loaders = {
-        "train": BatchLoader(ds.train_images, ds.train_labels, 128, mean=mean, std=std, shuffle=False),
+        "train": BatchLoader(
+            ds.train_images, ds.train_labels, 128, mean=mean, std=std, shuffle=False
+        ),
         "test": BatchLoader(ds.test_images, ds.test_labels, 128, mean=mean, std=std, shuffle=False),
     }
     batches = {k: [(x.contiguous(), y) for x, y in v] for k, v in loaders.items()}
@@ -145,7 +150,9 @@ def resnet20(args) -> dict[str, float]:
     extra = ["model.name=resnet20", "optimizer.name=sgd"]
     if args.retain_memory:
         if RUNTIME_SECTION:
-            raise SystemExit("--retain-memory needs a tree that has run.retain_memory (before 1d23087)")
+            raise SystemExit(
+                "--retain-memory needs a tree that has run.retain_memory (before 1d23087)"
+            )
         extra.append("run.retain_memory=true")
     ds = load(args, args.resnet_examples)
     batch = min(args.resnet_batch, ds.num_train)

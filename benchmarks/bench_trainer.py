@@ -1,16 +1,18 @@
-"""Trainer speed vs a minimal hand-written PyTorch loop, side by side in one process.
+"""bigbatch's Trainer against a textbook hand-written PyTorch loop, side by side in one process.
 
-Times training epochs (evaluation excluded) of LeNet-5 on CIFAR-10 at batch 128 and 2048 for:
-  plain      the shortest correct loop: pre-normalized float tensors, one forward/backward per batch,
-             on a textbook LeNet-5 (nn.Conv2d, ReLU, nn.MaxPool2d: what a user would write)
-  plain-mb   the same loop with the batch split into micro-batches (gradients identical)
-  plain-tuned  plain-mb on bigbatch's LeNet-5 (conv1 + pool as phases, pool before ReLU) with NHWC
-             (channels_last) tensors: the same computation as bigbatch's trainer, so
-             bigbatch / plain-tuned measures what the trainer's bookkeeping costs
-  bigbatch   bigbatch's Trainer (uint8 dataset, per-batch normalization, metrics, progress off)
-and prints ratios and page faults per image, then runs "plain" at 2048 once more in a child process
-that keeps freed memory (RETAINED_MEMORY), to show what the allocator costs a loop without
-micro-batches. Usage:
+Times training epochs (evaluation excluded) of LeNet-5 on CIFAR-10 at batch 128 and 2048, each
+loop with and without micro-batching:
+  plain     the shortest correct loop: pre-normalized float tensors, one forward/backward per
+            batch, on an nn.Sequential LeNet-5 (Conv2d, ReLU, MaxPool2d: what a user would write)
+  plain-mb  the same loop with each batch split into the micro-batches the Trainer uses (the
+            gradient is the whole batch's either way)
+  bigbatch     the Trainer with runtime.micro_batch_size set to the batch size (no splitting)
+  bigbatch-mb  the Trainer as configured by default (uint8 dataset, per-batch normalization,
+               NHWC on the CPU, automatic micro-batches, metrics; progress off)
+All four run one warm-up epoch, then --epochs epochs interleaved (median), so that a slow spell of
+the machine hits each alike. Ratios are against plain at the same batch size, and bigbatch against
+plain with the same micro-batching. Finally a 1-epoch `bigbatch train` at batch 2048 runs in its own
+process for its peak resident memory (this process holds a float copy of the images).
 
     .venv/bin/python benchmarks/bench_trainer.py [--data PATH] [--epochs 5] [--train-limit N]
 """
@@ -18,45 +20,30 @@ micro-batches. Usage:
 from __future__ import annotations
 
 import argparse
-import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from bigbatch.train.allocator import RETAINED_BYTES
 from torch import nn
 
-from bigbatch.config import load_config
-from bigbatch.data import load_dataset
+from bigbatch.config import default_cache_dir, load_config
+from bigbatch.data import ImageDataset, load_dataset
 from bigbatch.data.batches import channel_stats
 from bigbatch.io import read_jsonl
-from bigbatch.models import build_model
-from bigbatch.train.trainer import CPU_MICRO_BATCH, Trainer
+from bigbatch.train.trainer import Trainer
+from common import DEFAULT_DATA, bar, header, page_faults, ratio, table
 
-# Environment in which glibc keeps freed memory in the process from the start: blocks up to
-# RETAINED_BYTES come from the heap, as with run.retain_memory, and the heap's free top is never given
-# back. (Once that top exceeds the trim threshold glibc returns all of it, and ASDL's K-FAC step at batch
-# 2048 frees ~1.2 GB at once: with run.retain_memory's 1 GiB it page-faulted 40,000-270,000 times per
-# step.) Both settings are needed; either alone leaves most page faults.
-NEVER_TRIM = 1 << 36
-RETAINED_MEMORY = {
-    "MALLOC_MMAP_THRESHOLD_": str(RETAINED_BYTES),
-    "MALLOC_TRIM_THRESHOLD_": str(NEVER_TRIM),
-}
-
-
-def page_faults() -> int:
-    """Minor page faults of this process so far: pages the kernel handed over (and zero-filled)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+BATCHES = (128, 2048)
+LOOPS = ("plain", "plain-mb", "bigbatch", "bigbatch-mb")
 
 
 def textbook_lenet5(in_channels: int, num_classes: int = 10) -> nn.Module:
-    """LeNet-5 as the seed's Table 1 reads, for 32x32 inputs, in the modules a user would reach for."""
+    """LeNet-5 as the paper's Table 1 reads, for 32x32 inputs, in the modules a user reaches for."""
     return nn.Sequential(
         nn.Conv2d(in_channels, 6, 5),
         nn.ReLU(),
@@ -74,20 +61,10 @@ def textbook_lenet5(in_channels: int, num_classes: int = 10) -> nn.Module:
 
 
 def plain_epoch(
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    batch: int,
-    micro: int,
-    seed: int,
-    tuned: bool = False,
+    images: torch.Tensor, labels: torch.Tensor, batch: int, micro: int, seed: int
 ) -> float:
     torch.manual_seed(seed)
-    if tuned:
-        model = build_model("lenet5", images.shape[1], tuple(images.shape[2:]), 10)
-    else:
-        model = textbook_lenet5(images.shape[1])
-    fmt = torch.channels_last if tuned else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    model = textbook_lenet5(images.shape[1])
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     perm = torch.randperm(images.shape[0])
     start = time.perf_counter()
@@ -97,13 +74,13 @@ def plain_epoch(
         opt.zero_grad(set_to_none=True)
         n = x.shape[0]
         for k in range(0, n, micro):
-            xs, ys = x[k : k + micro].contiguous(memory_format=fmt), y[k : k + micro]
+            xs, ys = x[k : k + micro], y[k : k + micro]
             (F.cross_entropy(model(xs), ys) * (xs.shape[0] / n)).backward()
         opt.step()
     return time.perf_counter() - start
 
 
-def make_trainer(data: str, batch: int, train_limit: int, out: str) -> Trainer:
+def make_trainer(data: str, ds: ImageDataset, batch: int, out: str, extra: list[str]) -> Trainer:
     cfg = load_config(
         None,
         [
@@ -113,135 +90,143 @@ def make_trainer(data: str, batch: int, train_limit: int, out: str) -> Trainer:
             "runtime.progress=off",
             f"runtime.output_dir={out}",
             f"run.name=bench{batch}",
-            f"data.train_limit={train_limit}",
-            "data.test_limit=1000",
+            *extra,
         ],
     )
-    return Trainer(cfg)
+    return Trainer(cfg, dataset=ds)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--data", default="../shared/data/cifar10-jpeg.zip")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--train-limit", type=int, default=0)
-    parser.add_argument(
-        "--plain-2048", action="store_true", help=argparse.SUPPRESS
-    )  # the child run
-    args = parser.parse_args()
-
-    ds = load_dataset(
-        "auto", args.data, train_limit=args.train_limit or None, cache_dir=".cache/bigbatch"
-    )
-    mean, std = channel_stats(ds.train_images)
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    s = torch.tensor(std).view(1, -1, 1, 1)
-    images = ((ds.train_images.float() / 255) - m) / s
-    n = images.shape[0]
-    if args.plain_2048:
-        plain_epoch(images, ds.train_labels, 2048, 2048, 0)  # warm-up
-        times, faults = [], []
-        for e in range(args.epochs):
-            before = page_faults()
-            times.append(plain_epoch(images, ds.train_labels, 2048, 2048, e + 1))
-            faults.append(page_faults() - before)
-        print(f"{1e6 * statistics.median(times) / n:.1f} {statistics.median(faults) / n:.1f}")
-        return
-    print(
-        f"LeNet-5 on {ds.name}: {n} training images, {torch.get_num_threads()} threads, micro-batch {CPU_MICRO_BATCH}"
-    )
-
-    results: dict[tuple[str, int], float] = {}
-    fault_counts: dict[tuple[str, int], float] = {}  # minor page faults per epoch
-    with tempfile.TemporaryDirectory() as out:
-        for batch in (128, 2048):
-            micro = min(CPU_MICRO_BATCH, batch)
-            trainer = make_trainer(args.data, batch, args.train_limit, out)
-            variants = {
-                "plain": lambda e: plain_epoch(images, ds.train_labels, batch, batch, e),
-                "plain-mb": lambda e: plain_epoch(images, ds.train_labels, batch, micro, e),
-                "plain-tuned": lambda e: plain_epoch(
-                    images, ds.train_labels, batch, micro, e, tuned=True
-                ),
-                "bigbatch": lambda e: trainer.train_epoch(e)["epoch_time"],
-            }
-            times: dict[str, list[float]] = {name: [] for name in variants}
-            faults: dict[str, list[int]] = {name: [] for name in variants}
-            for name, run in variants.items():
-                run(0)  # warm-up (oneDNN primitives, allocator), not timed
-            # Interleave so that machine noise hits every variant alike; keep the median.
-            for e in range(args.epochs):
-                for name, run in variants.items():
-                    before = page_faults()
-                    times[name].append(run(e + 1))
-                    faults[name].append(page_faults() - before)
-            for name, values in times.items():
-                results[(name, batch)] = statistics.median(values)
-                fault_counts[(name, batch)] = statistics.median(faults[name])
-
-    print("\n| loop | batch | epoch s | us/image | page faults/image |")
-    print("|---|---|---|---|---|")
-    for (name, batch), t in results.items():
-        print(
-            f"| {name} | {batch} | {t:.2f} | {1e6 * t / n:.1f} | {fault_counts[(name, batch)] / n:.1f} |"
-        )
-    print("\nratios (same run):")
-    for batch in (128, 2048):
-        ours = results[("bigbatch", batch)]
-        print(
-            f"  batch {batch}: bigbatch / plain-tuned = {ours / results[('plain-tuned', batch)]:.3f}, "
-            f"bigbatch / plain = {ours / results[('plain', batch)]:.3f}"
-        )
-    for name in ("plain", "plain-mb", "plain-tuned", "bigbatch"):
-        print(
-            f"  {name}: per-image time at 2048 / at 128 = {results[(name, 2048)] / results[(name, 128)]:.3f}"
-        )
-    retained = subprocess.run(
-        [
-            sys.executable,
-            __file__,
-            "--data",
-            args.data,
-            "--epochs",
-            str(args.epochs),
-            "--train-limit",
-            str(args.train_limit),
-            "--plain-2048",
-        ],
-        env=dict(os.environ, **RETAINED_MEMORY),
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.split()
-    print(
-        f"  plain at 2048 with freed memory retained ({', '.join(f'{k}={v}' for k, v in RETAINED_MEMORY.items())}): "
-        f"{retained[0]} us/image, {retained[1]} page faults/image"
-    )
-    print(
-        f"  peak resident memory of a 1-epoch `bigbatch train` at batch 2048: "
-        f"{child_run(args.data, ['train.batch_size=2048'])[-1]['max_rss_mib']:.0f} MiB"
-    )
+def epoch_runners(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch: int,
+    micro: int,
+    whole: Trainer,
+    default: Trainer,
+) -> dict[str, Callable[[int], float]]:
+    """Seconds of one training epoch (its index the argument) of each loop, in LOOPS order."""
+    return {
+        "plain": lambda e: plain_epoch(images, labels, batch, batch, e),
+        "plain-mb": lambda e: plain_epoch(images, labels, batch, micro, e),
+        "bigbatch": lambda e: whole.train_epoch(e)["epoch_time"],
+        "bigbatch-mb": lambda e: default.train_epoch(e)["epoch_time"],
+    }
 
 
-def child_run(data: str, overrides: list[str]) -> list[dict]:
-    """Metrics rows of a real `bigbatch train` in its own process (this process holds float copies)."""
+def child_peak_rss(data: str, train_limit: int, batch: int) -> float:
+    """Peak resident MiB of a 1-epoch `bigbatch train` in its own process."""
     with tempfile.TemporaryDirectory() as out:
         sets = [
             f"data.path={data}",
+            f"data.train_limit={train_limit}",
             "run.epochs=1",
+            f"train.batch_size={batch}",
             f"runtime.output_dir={out}",
             "run.name=child",
             "runtime.progress=off",
-            *overrides,
         ]
         subprocess.run(
             [sys.executable, "-m", "bigbatch", "train", *(a for o in sets for a in ("--set", o))],
             check=True,
             stdout=subprocess.DEVNULL,
         )
-        return read_jsonl(f"{out}/child/metrics.jsonl")
+        return read_jsonl(f"{out}/child/metrics.jsonl")[-1]["max_rss_mib"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", default=DEFAULT_DATA)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--train-limit", type=int, default=0, help="0: the whole training set")
+    args = parser.parse_args()
+
+    ds = load_dataset(
+        "auto", args.data, train_limit=args.train_limit or None, cache_dir=default_cache_dir()
+    )
+    mean, std = channel_stats(ds.train_images)
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    images = ((ds.train_images.float() / 255) - m) / s
+    labels = ds.train_labels
+    n = images.shape[0]
+    batches = [b for b in BATCHES if b <= n]
+
+    results: dict[tuple[str, int], float] = {}
+    faults: dict[tuple[str, int], float] = {}  # minor page faults per epoch
+    micro_of: dict[int, int] = {}
+    progress = bar(len(batches) * 4 * (args.epochs + 1), "epochs")
+    with tempfile.TemporaryDirectory() as out:
+        for batch in batches:
+            default = make_trainer(args.data, ds, batch, out, [])
+            whole = make_trainer(args.data, ds, batch, out, [f"runtime.micro_batch_size={batch}"])
+            micro = micro_of[batch] = default.micro_batch
+            loops = epoch_runners(images, labels, batch, micro, whole, default)
+            times: dict[str, list[float]] = {name: [] for name in loops}
+            counts: dict[str, list[int]] = {name: [] for name in loops}
+            for run in loops.values():
+                run(0)  # warm-up (oneDNN primitives, allocator caches), not timed
+                progress.update()
+            for e in range(args.epochs):
+                for name, run in loops.items():
+                    before = page_faults()
+                    times[name].append(run(e + 1))
+                    counts[name].append(page_faults() - before)
+                    progress.update()
+            for name in loops:
+                results[(name, batch)] = statistics.median(times[name])
+                faults[(name, batch)] = statistics.median(counts[name])
+    progress.close()
+    peak = child_peak_rss(args.data, args.train_limit, batches[-1])
+
+    print(header("Trainer vs a textbook loop: LeNet-5 training epochs (evaluation excluded)"))
+    print(
+        f"{ds.name}: {n} training images; median of {args.epochs} interleaved epochs after a "
+        f"warm-up epoch; micro-batches of {', '.join(str(micro_of[b]) for b in batches)} "
+        f"at batch {', '.join(map(str, batches))}\n"
+    )
+    rows = []
+    for (name, batch), t in results.items():
+        rows.append(
+            [
+                name,
+                batch,
+                micro_of[batch] if name.endswith("-mb") else batch,
+                f"{t:.2f}",
+                f"{1e6 * t / n:.1f}",
+                f"{faults[(name, batch)] / n:.2f}",
+                ratio(t, results[("plain", batch)]),
+            ]
+        )
+    columns = ["loop", "batch", "micro-batch", "epoch s", "us/image", "page faults/image"]
+    print(table([*columns, "vs plain"], rows))
+    print("\nLike for like, bigbatch / plain (same batch, same micro-batching):\n")
+    print(
+        table(
+            ["batch", "whole batches", "micro-batches"],
+            [
+                [
+                    b,
+                    ratio(results[("bigbatch", b)], results[("plain", b)]),
+                    ratio(results[("bigbatch-mb", b)], results[("plain-mb", b)]),
+                ]
+                for b in batches
+            ],
+        )
+    )
+    if len(batches) == 2:
+        small, big = batches
+        print(f"\nTime per image at batch {big} against batch {small}, per loop:\n")
+        print(
+            table(
+                ["loop", f"{big} / {small}"],
+                [[name, ratio(results[(name, big)], results[(name, small)])] for name in LOOPS],
+            )
+        )
+    print(
+        f"\nPeak resident memory, 1-epoch `bigbatch train` at batch {batches[-1]}: {peak:.0f} MiB"
+    )
 
 
 if __name__ == "__main__":

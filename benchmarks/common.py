@@ -35,7 +35,7 @@ def cpu_model() -> str:
 
 
 def cores() -> int:
-    # The cores this process may run on, which a container or taskset can make fewer than the host's.
+    # The cores this process may use, which a container or taskset can make fewer than the host's.
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:

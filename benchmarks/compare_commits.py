@@ -149,7 +149,7 @@ def main() -> None:
         old_s = statistics.median(old) if old else float("nan")
         new_s = statistics.median(new) if new else float("nan")
         rows.append(
-            [label, f"{old_s:.3f}", f"{new_s:.3f}", ratio(new_s, old_s) if old and new else "n/a"]
+            [label, f"{old_s:.4g}", f"{new_s:.4g}", ratio(new_s, old_s) if old and new else "n/a"]
         )
     print(table(["part", "baseline s", "new s", "new/baseline"], rows))
     print("\nPeak resident memory of each process (median MiB):\n")

@@ -31,6 +31,7 @@ def test_checkpoint_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_commands_that_open_a_run_refuse_a_hostile_checkpoint(tmp_path, synthetic_run):
     marker = tmp_path / "code-ran"
     run = synthetic_run

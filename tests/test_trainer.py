@@ -10,7 +10,6 @@ import torch
 
 from bigbatch.cli import main as cli_main
 from bigbatch.config import load_config
-from bigbatch.data import load_dataset
 from bigbatch.errors import ConfigError, TrainingError
 from bigbatch.io import read_jsonl
 from bigbatch.train.checkpoint import load_checkpoint
@@ -186,6 +185,7 @@ def _run_cli(args, **kwargs):
     return subprocess.Popen([sys.executable, "-m", "bigbatch", "train", *args], env=env, **kwargs)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_loses_at_most_that_epoch(tmp_path):
     args = [
         "--set",
