@@ -559,3 +559,20 @@ def test_kfac_lowers_cifar_loss_faster_per_step_than_sgd(tmp_path, cifar_zip):
         losses[name] = [r["train_loss"] for r in Trainer(cfg).fit()]
     # Same data order, same LR schedule, same number of steps (60): K-FAC ends lower.
     assert losses["kfac"][-1] < losses["sgd"][-1] - 0.05, losses
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_conv_patch_rows_are_f_unfold(memory_format):
+    # torch's own im2col as a second oracle, for the uneven geometries above.
+    torch.manual_seed(6)
+    for cin, k, stride, pad, dil, hw in [
+        (3, 5, 1, 0, 1, (12, 12)),
+        (2, (3, 2), 2, 1, 1, (9, 11)),
+        (4, (2, 3), (2, 1), (1, 0), (1, 2), (7, 12)),
+        (2, 3, (2, 1), 0, (3, 1), (11, 7)),
+    ]:
+        conv = nn.Conv2d(cin, 5, k, stride=stride, padding=pad, dilation=dil).to(D)
+        x = torch.randn(3, cin, *hw, dtype=D).contiguous(memory_format=memory_format)
+        unfolded = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+        expected = unfolded.transpose(1, 2).reshape(-1, unfolded.shape[1])
+        assert torch.equal(Conv2dFactors("c", conv).patch_rows(x), expected)
