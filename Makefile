@@ -40,13 +40,16 @@ format: $(BIN)/.installed
 test: $(BIN)/.installed
 	BIGBATCH_CIFAR10=$(abspath $(DATA)) $(BIN)/pytest
 
-# Every table of BENCHMARKS.md (ASDL is installed for the K-FAC comparison).
+# Every table of BENCHMARKS.md (ASDL is installed for the K-FAC comparison); with
+# BASELINE_SRC=/path/to/old/checkout/src also the old-vs-new comparison of compare_commits.py.
 bench: $(BIN)/.installed
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[bench]'
 	$(BIN)/python benchmarks/bench_trainer.py --data $(DATA)
 	$(BIN)/python benchmarks/bench_kfac.py --data $(DATA)
 	$(BIN)/python benchmarks/bench_analysis.py --data $(DATA)
-	$(BIN)/python benchmarks/bench_distributed.py --data $(DATA)
+	$(BIN)/python benchmarks/bench_distributed.py
+	$(BIN)/python benchmarks/project_scaling.py
+	$(if $(BASELINE_SRC),$(BIN)/python benchmarks/compare_commits.py --baseline-src $(BASELINE_SRC) --data $(DATA))
 
 clean:
 	rm -rf runs .cache

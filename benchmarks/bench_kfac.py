@@ -12,7 +12,7 @@ For LeNet-5 on CIFAR-10 at batch 128 and 2048:
 
     .venv/bin/pip install -e '.[bench]'   # ASDL (asdfghjkl); without it the steps table is skipped
     .venv/bin/python benchmarks/bench_kfac.py [--data PATH] [--epochs 4] [--steps 30]
-        [--rounds 3] [--part all|epochs|steps] [--train-limit N]
+        [--rounds 3] [--intervals 1 10] [--part all|epochs|steps] [--train-limit N]
 
 ASDL calls torch.cuda.nvtx, which a CPU-only torch lacks: the ranges are replaced by no-ops here.
 """
@@ -186,7 +186,7 @@ def compare_steps(args: argparse.Namespace, ds: ImageDataset) -> None:
             ds.train_images, ds.train_labels, batch, mean=mean, std=std, shuffle=True
         )
         batches_of[batch] = [b for _, b in zip(range(args.steps), loader)]
-    settings = [(batch, interval) for batch in batches_of for interval in (1, 10)]
+    settings = [(batch, interval) for batch in batches_of for interval in args.intervals]
     progress = bar(len(settings) * args.rounds * len(STEP_IMPLEMENTATIONS), "step timings")
     rows = []
     for batch, interval in settings:
@@ -233,6 +233,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4, help="timed epochs per optimizer")
     parser.add_argument("--steps", type=int, default=30, help="distinct batches per step timing")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved step-timing rounds")
+    parser.add_argument(
+        "--intervals",
+        type=int,
+        nargs="+",
+        choices=(1, 10),
+        default=[1, 10],
+        help="statistics intervals of the steps table (10: decompositions every 100 steps)",
+    )
     parser.add_argument("--part", choices=("all", "epochs", "steps"), default="all")
     parser.add_argument("--train-limit", type=int, default=0, help="0: the whole training set")
     args = parser.parse_args()

@@ -141,7 +141,9 @@ def landscape(args) -> dict[str, float]:
     direction = [random_direction(model, 0)]
     points = [(a,) for a in linspace(-0.5, 1.5, 11)]
     # Positional: the old signature has a trailing workers=None that the new one lacks.
-    seconds = time_calls(lambda: evaluate_along(model, direction, points, datasets), 3, 0.0)
+    seconds = time_calls(
+        lambda: evaluate_along(model, direction, points, datasets), 5, args.min_seconds
+    )
     n_train, n_test = ds.num_train, ds.num_test
     return {f"landscape, 11 points, LeNet-5, {n_train} train + {n_test} test": seconds}
 
@@ -186,9 +188,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="timed LeNet-5 epochs")
     parser.add_argument("--train-examples", type=int, default=16384, help="LeNet-5 epochs")
     parser.add_argument("--stats-examples", type=int, nargs="+", default=[256, 2048])
-    parser.add_argument("--min-seconds", type=float, default=1.0, help="per statistics shape")
-    parser.add_argument("--landscape-train", type=int, default=8192)
-    parser.add_argument("--landscape-test", type=int, default=2048)
+    parser.add_argument("--min-seconds", type=float, default=1.0, help="per timed call site")
+    parser.add_argument("--landscape-train", type=int, default=4096)
+    parser.add_argument("--landscape-test", type=int, default=1024)
     parser.add_argument("--resnet-examples", type=int, default=4096)
     parser.add_argument("--resnet-batch", type=int, default=2048)
     parser.add_argument("--resnet-epochs", type=int, default=1, help="timed ResNet-20 epochs")

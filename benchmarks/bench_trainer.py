@@ -166,7 +166,7 @@ def main() -> None:
             times: dict[str, list[float]] = {name: [] for name in loops}
             counts: dict[str, list[int]] = {name: [] for name in loops}
             for run in loops.values():
-                run(0)  # warm-up (oneDNN primitives, allocator caches), not timed
+                run(0)  # warm-up (oneDNN primitives, first-touch pages), not timed
                 progress.update()
             for e in range(args.epochs):
                 for name, run in loops.items():
@@ -181,10 +181,10 @@ def main() -> None:
     peak = child_peak_rss(args.data, args.train_limit, batches[-1])
 
     print(header("Trainer vs a textbook loop: LeNet-5 training epochs (evaluation excluded)"))
+    micro_text = ", ".join(f"{micro_of[b]} at batch {b}" for b in batches)
     print(
         f"{ds.name}: {n} training images; median of {args.epochs} interleaved epochs after a "
-        f"warm-up epoch; micro-batches of {', '.join(str(micro_of[b]) for b in batches)} "
-        f"at batch {', '.join(map(str, batches))}\n"
+        f"warm-up epoch; the Trainer's micro-batches: {micro_text}\n"
     )
     rows = []
     for (name, batch), t in results.items():

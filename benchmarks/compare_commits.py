@@ -106,7 +106,13 @@ def main() -> None:
     for tree, src in srcs.items():
         if not (src / "bigbatch" / "__init__.py").is_file():
             parser.error(f"--{tree}-src {src} holds no bigbatch package")
-    options = ["--data", args.data, *(TINY if args.tiny else []), *shlex.split(args.worker_options)]
+    # Absolute, since the workers run in a scratch directory.
+    options = [
+        "--data",
+        os.path.abspath(args.data),
+        *(TINY if args.tiny else []),
+        *shlex.split(args.worker_options),
+    ]
 
     # seconds[(part, variant, row)][tree] and peak memory per (part, tree, variant), over rounds
     seconds: dict[tuple[str, str, str], dict[str, list[float]]] = {}
@@ -138,7 +144,7 @@ def main() -> None:
     progress.close()
 
     print(header("Cost of the redesign: baseline tree vs new tree, interleaved rounds"))
-    print(f"command: {shlex.join([Path(sys.executable).name, *sys.argv])}")
+    print(f"command: {shlex.join([os.path.relpath(sys.executable), *sys.argv])}")
     print(f"baseline: {provenance(srcs['baseline'])}")
     print(f"new: {provenance(srcs['new'])}")
     print(f"Medians over {args.rounds} round(s), each a fresh process per tree and part.\n")

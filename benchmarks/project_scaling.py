@@ -3,12 +3,13 @@
 Inputs measured here, in this run, on one thread of this machine:
   - the rate of a CIFAR ResNet-20 training step (multiply-adds per second of forward + backward),
   - the rate of the Gram products that build K-FAC factors (mm of a tall matrix with itself),
-  - the time of a symmetric eigendecomposition (fitted as c * n^3 on n = 256..1536).
+  - the time of a symmetric eigendecomposition (c * n^3, fitted on the sizes of --eigh-sizes).
 Everything else is arithmetic on ResNet-50's layer shapes (ImageNet, 224x224) and a stated network
 model: ring all-reduce, 2 (p-1)/p * bytes / bandwidth + 2 (p-1) * latency; a broadcast costs
 bytes / bandwidth + log2(p) * latency (pipelined), one per factor decomposition.
 
-    .venv/bin/python benchmarks/project_scaling.py [--bandwidth-gbs 12.5] [--latency-us 5] [--speedup 1]
+    .venv/bin/python benchmarks/project_scaling.py [--bandwidth-gbs 12.5] [--latency-us 5]
+        [--speedup 1 100] [--eigh-sizes 256 512 1024 1536]
 
 Two regimes: weak scaling as large-batch practice does it (32 examples per worker, global batch
 32 p), and strong scaling of one global batch of 4096 (4096 / p examples per worker). K-FAC at
@@ -22,11 +23,14 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from functools import partial
 
 import torch
+from tqdm import tqdm
 
 from bigbatch.models.resnet import CifarResNet
 from bigbatch.optim.kfac.distributed import assign_by_cost
+from common import bar, header, ratio, table
 
 WEAK_LOCAL_BATCH, STRONG_GLOBAL_BATCH = 32, 4096
 FACTOR_INTERVAL, INVERSE_INTERVAL = 10, 100
@@ -76,7 +80,7 @@ def _median_time(fn, repeats: int = 3) -> float:
 
 
 def measure_training_rate() -> float:
-    """Multiply-adds per second of a ResNet-20 forward + backward (backward counted as 2x forward)."""
+    """Multiply-adds per second of a ResNet-20 forward + backward (backward counted as 2x)."""
     model = CifarResNet(20).to(memory_format=torch.channels_last)
     x = torch.randn(64, 3, 32, 32).to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (64,))
@@ -108,15 +112,20 @@ def measure_gram_rate() -> float:
     return m.shape[0] * m.shape[1] ** 2 / _median_time(lambda: m.T @ m)
 
 
-def measure_eigh_constant() -> float:
+def measure_eigh_constant(sizes: list[int], progress: tqdm) -> float:
     """c in t = c n^3, fitted by least squares on several sizes."""
-    sizes, times = [256, 512, 1024, 1536], []
+    times = []
     for n in sizes:
         q = torch.randn(n, 2 * n)
         s = q @ q.T / (2 * n) + 1e-2 * torch.eye(n)
-        times.append(_median_time(lambda: torch.linalg.eigh(s), repeats=1 if n > 1000 else 3))
+        times.append(_median_time(partial(torch.linalg.eigh, s), repeats=1 if n > 1000 else 3))
+        progress.update()
     cubes = [n**3 for n in sizes]
     return sum(t * c for t, c in zip(times, cubes)) / sum(c * c for c in cubes)
+
+
+def triangle(n: int) -> int:
+    return n * (n + 1) // 2
 
 
 def ring_all_reduce(nbytes: float, p: int, bw: float, lat: float) -> float:
@@ -147,53 +156,68 @@ def main() -> None:
         default=[1.0, 100.0],
         help="worker compute speed as a multiple of one thread of this machine",
     )
+    parser.add_argument(
+        "--eigh-sizes", type=int, nargs="+", default=[256, 512, 1024, 1536], help="fit points"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     bw, lat = args.bandwidth_gbs * 1e9, args.latency_us * 1e-6
 
-    train_rate, gram_rate, eigh_c = (
-        measure_training_rate(),
-        measure_gram_rate(),
-        measure_eigh_constant(),
-    )
+    progress = bar(2 + len(args.eigh_sizes), "measurements")
+    train_rate = measure_training_rate()
+    progress.update()
+    gram_rate = measure_gram_rate()
+    progress.update()
+    eigh_c = measure_eigh_constant(args.eigh_sizes, progress)
+    progress.close()
     layers = resnet50_layers()
-    params = sum(l["a"] * l["g"] for l in layers)
-    fwd_macs = sum(l["macs"] for l in layers)
-    full = sum(l["a"] ** 2 + l["g"] ** 2 for l in layers) * BYTES
-    upper = sum(l["a"] * (l["a"] + 1) // 2 + l["g"] * (l["g"] + 1) // 2 for l in layers) * BYTES
-    stats_macs_per_example = sum(l["locations"] * (l["a"] ** 2 + l["g"] ** 2) for l in layers)
-    precond_macs = sum(l["a"] * l["g"] * (l["a"] + l["g"]) * 2 for l in layers)  # two basis changes
-    eig_cost = {l["name"]: eigh_c * (l["a"] ** 3 + l["g"] ** 3) for l in layers}
-    biggest = max(layers, key=lambda l: l["a"])
+    params = sum(layer["a"] * layer["g"] for layer in layers)
+    fwd_macs = sum(layer["macs"] for layer in layers)
+    full = sum(layer["a"] ** 2 + layer["g"] ** 2 for layer in layers) * BYTES
+    upper = sum(triangle(layer["a"]) + triangle(layer["g"]) for layer in layers) * BYTES
+    stats_macs_per_example = sum(
+        layer["locations"] * (layer["a"] ** 2 + layer["g"] ** 2) for layer in layers
+    )
+    # Two changes of basis per layer, each two products.
+    precond_macs = sum(layer["a"] * layer["g"] * (layer["a"] + layer["g"]) * 2 for layer in layers)
+    eig_cost = {layer["name"]: eigh_c * (layer["a"] ** 3 + layer["g"] ** 3) for layer in layers}
+    # Eigenvectors and eigenvalues of A and G, broadcast from each layer's owner.
+    bcast_bytes = [
+        (layer["a"] ** 2 + layer["a"] + layer["g"] ** 2 + layer["g"]) * BYTES for layer in layers
+    ]
+    biggest = max(layers, key=lambda layer: layer["a"])
 
+    print(header("Projected data-parallel K-FAC step time, ResNet-50 sized"))
     print(
-        f"Measured on one thread here: training {train_rate / 1e9:.1f} GMAC/s (ResNet-20 step), Gram "
-        f"{gram_rate / 1e9:.1f} GMAC/s, eigh {eigh_c * 1e9:.2f} s per 1000^3."
+        f"Measured on one thread here: training {train_rate / 1e9:.1f} GMAC/s (ResNet-20 step), "
+        f"Gram {gram_rate / 1e9:.1f} GMAC/s, eigh {eigh_c * 1e9:.2f} s per 1000^3."
     )
     print(
-        f"ResNet-50: {len(layers)} K-FAC layers, {params / 1e6:.1f} M weights, {fwd_macs / 1e9:.2f} GMAC forward per "
-        f"image; factors {full / 1e6:.0f} MB ({upper / 1e6:.0f} MB upper triangles); largest factor "
-        f"{biggest['a']} ({biggest['name']}), its eigendecomposition {eigh_c * biggest['a'] ** 3:.1f} s; all of "
+        f"ResNet-50: {len(layers)} K-FAC layers, {params / 1e6:.1f} M weights, "
+        f"{fwd_macs / 1e9:.2f} GMAC forward per image; factors {full / 1e6:.0f} MB "
+        f"({upper / 1e6:.0f} MB upper triangles); largest factor {biggest['a']} "
+        f"({biggest['name']}), its eigendecomposition {eigh_c * biggest['a'] ** 3:.1f} s; all of "
         f"them {sum(eig_cost.values()):.1f} s on one thread."
     )
     print(
-        f"Network model: {args.bandwidth_gbs:g} GB/s per worker, {args.latency_us:g} us per message; "
-        f"statistics every {FACTOR_INTERVAL} steps, eigendecompositions "
-        f"every {INVERSE_INTERVAL}. Seconds per step (amortized):\n"
+        f"Network model: {args.bandwidth_gbs:g} GB/s per worker, {args.latency_us:g} us per "
+        f"message; statistics every {FACTOR_INTERVAL} steps, eigendecompositions every "
+        f"{INVERSE_INTERVAL}. Seconds per step (amortized); ratios against SGD at the same "
+        "worker count and against K-FAC on one worker.\n"
     )
     regimes = [
         (f"weak scaling, {WEAK_LOCAL_BATCH} examples per worker", lambda p: WEAK_LOCAL_BATCH),
         (f"strong scaling, global batch {STRONG_GLOBAL_BATCH}", lambda p: STRONG_GLOBAL_BATCH / p),
     ]
+    columns = ["workers", "global batch", "forward+backward", "statistics", "gradient all-reduce"]
+    columns += ["factor all-reduce (upper)", "eigendecompositions (max rank)"]
+    columns += ["eigenbasis broadcast", "preconditioning", "K-FAC step", "SGD step"]
+    columns += ["K-FAC / SGD", "K-FAC vs 1 worker", "communication share"]
     for speed in args.speedup:
         for regime, local_batch in regimes:
             print(f"Worker = {speed:g}x one thread of this machine; {regime}\n")
-            print(
-                "| workers | global batch | forward+backward | statistics | gradient all-reduce | factor all-reduce "
-                "(upper) | eigendecompositions (max rank) | eigenbasis broadcast | preconditioning | K-FAC step | "
-                "SGD step | K-FAC / SGD | communication share |"
-            )
-            print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            rows = []
+            single = None
             for p in (1, 8, 64, 512):
                 b = local_batch(p)
                 compute = 3 * fwd_macs * b / (train_rate * speed)
@@ -201,27 +225,23 @@ def main() -> None:
                 grad = ring_all_reduce(params * BYTES, p, bw, lat)
                 factor = ring_all_reduce(upper, p, bw, lat) / FACTOR_INTERVAL
                 owner = assign_by_cost(eig_cost, p)
-                eig = (
-                    max(
-                        sum(eig_cost[n] for n, r in owner.items() if r == rank) for rank in range(p)
-                    )
-                    / speed
+                busiest = max(
+                    sum(eig_cost[n] for n, r in owner.items() if r == rank) for rank in range(p)
                 )
-                eig /= INVERSE_INTERVAL
-                # each decomposition (eigenvectors and eigenvalues of A and G) is broadcast from its owner
-                bcast = sum(
-                    broadcast((l["a"] ** 2 + l["a"] + l["g"] ** 2 + l["g"]) * BYTES, p, bw, lat)
-                    for l in layers
-                )
-                bcast /= INVERSE_INTERVAL
+                eig = busiest / speed / INVERSE_INTERVAL
+                bcast = sum(broadcast(n, p, bw, lat) for n in bcast_bytes) / INVERSE_INTERVAL
                 precond = precond_macs / (gram_rate * speed)  # every rank preconditions every layer
                 sgd = compute + grad
                 kfac = compute + stats + grad + factor + eig + bcast + precond
+                single = single or kfac
                 comm = grad + factor + bcast
-                print(
-                    f"| {p} | {round(b * p)} | {compute:.3f} | {stats:.3f} | {grad:.4f} | {factor:.4f} | {eig:.3f} | "
-                    f"{bcast:.4f} | {precond:.4f} | {kfac:.3f} | {sgd:.3f} | {kfac / sgd:.2f}x | {100 * comm / kfac:.1f}% |"
+                rows.append(
+                    [p, round(b * p), f"{compute:.3f}", f"{stats:.3f}", f"{grad:.4f}"]
+                    + [f"{factor:.4f}", f"{eig:.3f}", f"{bcast:.4f}", f"{precond:.4f}"]
+                    + [f"{kfac:.3f}", f"{sgd:.3f}", ratio(kfac, sgd), ratio(kfac, single)]
+                    + [f"{100 * comm / kfac:.1f}%"]
                 )
+            print(table(columns, rows))
             print()
 
 
