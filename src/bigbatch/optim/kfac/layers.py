@@ -177,24 +177,100 @@ class Conv2dFactors(LayerFactors):
         return m.in_channels * m.kernel_size[0] * m.kernel_size[1] + int(self.has_bias)
 
     def a_contribution(self, x: torch.Tensor) -> torch.Tensor:
-        rows = self.patch_rows(x)
-        locations = rows.shape[0] // x.shape[0]
-        return _homogeneous_outer(rows, self.has_bias).div_(locations)  # mean over locations
+        x = self._padded(x)
+        ho, wo = self._output_size(x)
+        if self.uses_row_products(x):
+            gram = self.row_product_gram(x)
+        else:
+            gram = _homogeneous_outer(self.patch_rows(x), self.has_bias)
+        return gram.div_(ho * wo)  # mean over locations, sum over examples
+
+    def uses_row_products(self, x: torch.Tensor) -> bool:
+        """The rule between A's two exact computations, for a padded input: on the CPU, whole-row
+        products wherever they need fewer multiply-adds than the Gram of the im2col patches; on
+        every other device, and otherwise, im2col and one GEMM."""
+        m = self.module
+        _, c, h, w = x.shape
+        ho, wo = self._output_size(x)
+        patch_gram = ho * wo * (c * m.kernel_size[0] * m.kernel_size[1]) ** 2
+        row_products = m.kernel_size[0] * h * (w * c) ** 2
+        return x.device.type == "cpu" and row_products < patch_gram
+
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+        # "same" is refused in __init__, so a string here is "valid".
+        ph, pw = (0, 0) if isinstance(self.module.padding, str) else self.module.padding
+        return F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+
+    def _output_size(self, x: torch.Tensor) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (dh, dw) = (
+            self.module.kernel_size,
+            self.module.stride,
+            self.module.dilation,
+        )
+        return (x.shape[2] - dh * (kh - 1) - 1) // sh + 1, (
+            x.shape[3] - dw * (kw - 1) - 1
+        ) // sw + 1
 
     def patch_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """im2col as rows [n * locations, c*kh*kw] in the weight's (c, i, j) order: the same matrix
-        as F.unfold's, read through a strided view of the padded input and copied once (F.unfold's
-        CPU kernel runs tens of times slower than that copy; BENCHMARKS.md)."""
-        m = self.module
-        (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
-        # "same" is refused in __init__, so a string here is "valid".
-        ph, pw = (0, 0) if isinstance(m.padding, str) else m.padding
-        if ph or pw:
-            x = F.pad(x, (pw, pw, ph, ph))
+        """im2col of a padded input as rows [n * locations, c*kh*kw] in the weight's (c, i, j)
+        order: F.unfold's matrix, read through a strided view and copied once (F.unfold's CPU
+        kernel runs tens of times slower than that copy; BENCHMARKS.md)."""
+        (kh, kw), (sh, sw), (dh, dw) = (
+            self.module.kernel_size,
+            self.module.stride,
+            self.module.dilation,
+        )
         # [n, c, ho, wo, span_h, span_w] windows, then every dilation-th pixel of each.
         windows = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
         windows = windows[..., ::dh, ::dw]
         return windows.permute(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * kh * kw)
+
+    def row_product_gram(self, x: torch.Tensor) -> torch.Tensor:
+        """The patch Gram sum_{n,t} a a^T of a padded input (bordered by the ones coordinate if
+        biased) from products of whole input rows, without im2col.
+
+        An entry pairs pixels (c, i, j) and (c', i', j') of one receptive field. For each kernel-row
+        offset r = i' - i, every input row [examples, (column, channel)] is multiplied with the row
+        r * dilation below it (one batched GEMM over rows, summed over examples); the entries are
+        then sums of those products over output rows (strided by the stride) and, for the columns,
+        along diagonals of the column pairs: two strided views and two sums.
+        """
+        m = self.module
+        (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
+        n, c, h, w = x.shape
+        ho, wo = self._output_size(x)
+        wc = w * c
+        rows = x.permute(2, 0, 3, 1).reshape(h, n, wc)  # [row, example, (column, channel)]
+        gram = x.new_empty(c, kh, kw, c, kh, kw)  # every entry is written below
+        for r in range(kh):
+            products = torch.bmm(
+                rows[: h - r * dh].transpose(1, 2), rows[r * dh :]
+            )  # [row, wc, wc]
+            # Sum over output rows p of the products of input rows i*dh + p*sh and the row below.
+            partners = kh - r  # kernel rows i that have a partner i + r
+            by_row = products.as_strided(
+                (partners, ho, wc, wc), (dh * wc * wc, sh * wc * wc, wc, 1)
+            ).sum(1)
+            # Sum over output columns q of columns (j*dw + q*sw, j'*dw + q*sw): [i, c, c', j, j'].
+            column = (
+                c * wc,
+                c,
+            )  # strides of one column step in by_row's two (column, channel) axes
+            pairs = by_row.as_strided(
+                (partners, c, c, kw, kw, wo),
+                (wc * wc, wc, 1, dw * column[0], dw * column[1], sw * (column[0] + column[1])),
+            ).sum(5)
+            # gram[c, i, j, c', i + r, j'] and, mirrored, gram[c', i + r, j', c, i, j].
+            torch.diagonal(gram, offset=r, dim1=1, dim2=4).copy_(pairs.permute(1, 3, 2, 4, 0))
+            if r:
+                torch.diagonal(gram, offset=-r, dim1=1, dim2=4).copy_(pairs.permute(2, 4, 1, 3, 0))
+        d = c * kh * kw
+        if not self.has_bias:
+            return gram.view(d, d)
+        # Bias column: each patch entry summed over examples and the positions it takes.
+        total = x.sum(0).contiguous()  # [c, h, w]
+        sums = total.as_strided((c, kh, kw, ho, wo), (h * w, dh * w, dw, sh * w, sw)).sum((3, 4))
+        return _with_ones(gram.view(d, d), sums.reshape(d), n * ho * wo)
 
     def g_contribution(self, grad_output: torch.Tensor) -> torch.Tensor:
         # Sum over examples and locations: one row per (example, location).

@@ -1,8 +1,9 @@
+"""LeNet-5 and the CIFAR ResNets (models/): layer shapes, the paper's layer order, ResNet-20."""
+
 import pytest
 import torch
 
 from bigbatch.models import LeNet5, build_model, has_batchnorm
-from bigbatch.optim.schedules import LRSchedule
 
 
 @pytest.mark.parametrize(
@@ -24,42 +25,6 @@ def test_lenet5_matches_the_seed_table(channels, size, flat):
 def test_lenet5_rejects_tiny_images():
     with pytest.raises(ValueError, match="16x16"):
         LeNet5(1, (8, 8))
-
-
-def test_resnet20():
-    model = build_model("resnet20", 3, (32, 32), 10)
-    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert len(convs) == 19  # plus one fc layer = 20 weighted layers
-    assert has_batchnorm(model) and not has_batchnorm(build_model("lenet5", 3, (32, 32), 10))
-    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-
-
-def test_step_decay_at_epoch_71_as_in_the_seed():
-    s = LRSchedule(base_lr=5e-3, decay_epochs=(71,), decay_factor=0.5)
-    assert s.lr_at(0) == 5e-3
-    assert s.lr_at(69, 0.99) == 5e-3  # epoch 70 (1-based)
-    assert s.lr_at(70) == 2.5e-3  # epoch 71
-    assert s.lr_at(149) == 2.5e-3
-
-
-def test_warmup_and_linear_scaling():
-    s = LRSchedule(
-        base_lr=0.1,
-        batch_size=2048,
-        base_batch_size=128,
-        linear_scaling=True,
-        warmup_epochs=5,
-        warmup_start_factor=0.1,
-        decay_epochs=(30, 60),
-        decay_factor=0.1,
-    )
-    assert s.peak_lr == pytest.approx(1.6)
-    assert s.lr_at(0) == pytest.approx(0.16)
-    assert s.lr_at(2, 0.5) == pytest.approx(1.6 * (0.1 + 0.9 * 0.5))
-    assert s.lr_at(5) == pytest.approx(1.6)
-    assert s.lr_at(28, 0.99) == pytest.approx(1.6)  # epoch 29 (1-based)
-    assert s.lr_at(29) == pytest.approx(0.16)  # epoch 30
-    assert s.lr_at(59) == pytest.approx(0.016)  # epoch 60
 
 
 def test_lenet5_equals_the_paper_order_values_and_gradients_ties_included():
@@ -88,3 +53,11 @@ def test_lenet5_equals_the_paper_order_values_and_gradients_ties_included():
     assert all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1]))
     with torch.inference_mode():
         assert torch.equal(model.eval()(x), paper_order(x))
+
+
+def test_resnet20():
+    model = build_model("resnet20", 3, (32, 32), 10)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 19  # plus one fc layer = 20 weighted layers
+    assert has_batchnorm(model) and not has_batchnorm(build_model("lenet5", 3, (32, 32), 10))
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)

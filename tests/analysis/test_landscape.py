@@ -1,34 +1,21 @@
+"""Loss landscapes (analysis/landscape.py): directions, evaluation along them against a naive
+oracle, the first-layer shortcut, failing batches.
+"""
+
 import copy
-import csv
-import json
 
 import pytest
 import torch
 import torch.nn.functional as F
+from analysis_toys import conv_net, toy_data
 from torch import nn
 
 from bigbatch.analysis.landscape import evaluate_along, evaluate_loss, random_direction
-from bigbatch.analysis.sharpness import epsilon_sharpness
-from bigbatch.cli import main as cli_main
-from bigbatch.io import read_jsonl
 from bigbatch.models import CifarResNet, LeNet5
 
 
-def _conv_net():
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
-    )
-
-
-def _data():
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(30, 2, 8, 8, generator=g), torch.randint(0, 3, (30,), generator=g)
-    return lambda: [(x[:16], y[:16]), (x[16:], y[16:])], x, y
-
-
 def test_same_seed_same_direction_and_filter_norms():
-    model = _conv_net()
+    model = conv_net()
     a, b = random_direction(model, 7, "filter"), random_direction(model, 7, "filter")
     assert all(torch.equal(u, v) for u, v in zip(a, b))
     c = random_direction(model, 8, "filter")
@@ -45,8 +32,8 @@ def test_same_seed_same_direction_and_filter_norms():
 
 
 def test_landscape_at_zero_is_the_model_loss_and_params_are_restored():
-    model = _conv_net().eval()
-    batches, x, y = _data()
+    model = conv_net().eval()
+    batches, x, y = toy_data()
     before = [p.detach().clone() for p in model.parameters()]
     direction = random_direction(model, 0, "none")
     rows = evaluate_along(model, [direction], [(-0.5,), (0.0,), (1.0,)], {"train": batches})
@@ -98,7 +85,7 @@ def _mlp():
 
 # (model, shape of one example, classes); the first four apply a Conv2d or Linear to the input.
 MODELS = {
-    "conv-bn": (_conv_net, (2, 8, 8), 3),
+    "conv-bn": (conv_net, (2, 8, 8), 3),
     "lenet5": (lambda: LeNet5(3, (32, 32), 10), (3, 32, 32), 10),
     "resnet8": (lambda: CifarResNet(8, 3, 10), (3, 32, 32), 10),  # conv1 without bias
     "mlp": (_mlp, (12,), 3),
@@ -120,6 +107,8 @@ MODELS = {
         3,
     ),
 }
+
+
 POINTS = {
     "1d": [(-0.5,), (0.0,), (0.25,), (1.0,)],
     "2d": [(a, b) for a in (-0.5, 0.25, 1.0) for b in (0.0, 0.5)],
@@ -196,7 +185,7 @@ def test_the_first_layer_runs_once_per_batch_not_once_per_point(name, monkeypatc
 
 
 def test_a_failing_batch_raises_and_stops_reading_data():
-    model = _conv_net().eval()
+    model = conv_net().eval()
     seen = []
 
     def batches():
@@ -213,163 +202,3 @@ def test_a_failing_batch_raises_and_stops_reading_data():
     with pytest.raises(RuntimeError):
         evaluate_along(model, [random_direction(model, 0)], [(0.0,), (0.5,)], {"train": batches})
     assert seen == [0, 1, 2, 3]
-
-
-def test_epsilon_sharpness_is_nonnegative_and_grows_with_epsilon():
-    model = _conv_net().eval()
-    batches, _, _ = _data()
-    small = epsilon_sharpness(model, batches, epsilon=1e-4, steps=5)
-    large = epsilon_sharpness(model, batches, epsilon=1e-2, steps=5)
-    assert 0 <= small["epsilon_sharpness"] < large["epsilon_sharpness"]
-    assert small["base_loss"] == pytest.approx(evaluate_loss(model, batches)[0])
-
-
-@pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    for name, lr in (("a", "0.05"), ("b", "0.2")):
-        assert (
-            cli_main(
-                [
-                    "train",
-                    "--set",
-                    "data.format=synthetic",
-                    "--set",
-                    "data.train_limit=300",
-                    "--set",
-                    "data.test_limit=100",
-                    "--set",
-                    f"runtime.output_dir={out}",
-                    "--set",
-                    f"run.name={name}",
-                    "--set",
-                    "run.epochs=2",
-                    "--set",
-                    "train.batch_size=50",
-                    "--set",
-                    f"optimizer.lr={lr}",
-                    "--set",
-                    "runtime.progress=off",
-                ]
-            )
-            == 0
-        )
-    return out / "a", out / "b"
-
-
-def test_landscape_command_writes_csv_json_png(two_runs):
-    a, b = two_runs
-    assert (
-        cli_main(
-            [
-                "landscape",
-                str(a),
-                str(b),
-                "--points",
-                "5",
-                "--normalization",
-                "filter",
-                "--seed",
-                "3",
-            ]
-        )
-        == 0
-    )
-    for run in (a, b):
-        base = run / "landscape" / "1d_filter_seed3"
-        rows = list(csv.DictReader(base.with_suffix(".csv").open()))
-        assert [float(r["c0"]) for r in rows] == [-0.5, 0.0, 0.5, 1.0, 1.5]
-        meta = json.loads(base.with_suffix(".json").read_text())
-        assert meta["settings"]["seed"] == 3 and meta["settings"]["normalization"] == "filter"
-        assert base.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
-        # a = 0 reproduces the run's own final evaluation.
-        last = read_jsonl(run / "metrics.jsonl")[-1]
-        assert float(rows[1]["test_loss"]) == pytest.approx(last["test_loss"], rel=1e-5)
-        assert float(rows[1]["test_acc"]) == pytest.approx(last["test_acc"])
-    assert list(a.parent.glob("landscape_1d_filter_seed3_a_vs_b.png"))
-
-
-def test_landscape_batch_size_changes_nothing_but_rounding(two_runs):
-    a, _ = two_runs
-    curves = []
-    for batch in ("128", "7"):
-        assert (
-            cli_main(["landscape", str(a), "--points", "3", "--seed", "5", "--batch-size", batch])
-            == 0
-        )
-        curves.append(list(csv.DictReader((a / "landscape" / "1d_none_seed5.csv").open())))
-    for r128, r7 in zip(*curves):
-        assert float(r7["train_loss"]) == pytest.approx(float(r128["train_loss"]), rel=1e-5)
-        assert r7["test_acc"] == r128["test_acc"]
-    assert cli_main(["landscape", str(a), "--batch-size", "0"]) == 2
-
-
-def test_interpolation_and_2d(two_runs):
-    a, b = two_runs
-    assert (
-        cli_main(
-            ["landscape", str(a), str(b), "--interpolate", "--points", "3", "--range", "0", "1"]
-        )
-        == 0
-    )
-    rows = json.loads((a / "landscape" / "interpolation_to_b.json").read_text())["points"]
-    assert rows[0]["test_loss"] == pytest.approx(
-        read_jsonl(a / "metrics.jsonl")[-1]["test_loss"], rel=1e-5
-    )
-    assert rows[-1]["test_loss"] == pytest.approx(
-        read_jsonl(b / "metrics.jsonl")[-1]["test_loss"], rel=1e-5
-    )
-    assert (
-        cli_main(
-            [
-                "landscape",
-                str(a),
-                "--two-d",
-                "--points",
-                "3",
-                "--test-examples",
-                "50",
-                "--train-examples",
-                "50",
-            ]
-        )
-        == 0
-    )
-    grid = json.loads((a / "landscape" / "2d_none_seed0.json").read_text())["points"]
-    assert len(grid) == 9 and {(r["c0"], r["c1"]) for r in grid} == {
-        (x, y) for x in (-0.5, 0.5, 1.5) for y in (-0.5, 0.5, 1.5)
-    }
-    assert cli_main(["landscape", str(a), "--interpolate"]) == 2
-
-
-def test_sharpness_command(two_runs, capsys):
-    a, _ = two_runs
-    assert (
-        cli_main(
-            [
-                "sharpness",
-                str(a),
-                "--examples",
-                "200",
-                "--lanczos-steps",
-                "8",
-                "--trace-samples",
-                "4",
-                "--ascent-steps",
-                "3",
-            ]
-        )
-        == 0
-    )
-    result = json.loads((a / "sharpness.json").read_text())
-    assert result["settings"]["examples"] == 200 and result["settings"]["seed"] == 0
-    assert (
-        len(result["top_eigenvalues"]) == 3
-        and result["top_eigenvalues"][0] >= result["top_eigenvalues"][1]
-    )
-    assert (
-        result["top_eigenvalues"][0] > 0
-        and result["trace_stderr"] >= 0
-        and result["epsilon_sharpness"] >= 0
-    )
-    assert "top Hessian eigenvalues" in capsys.readouterr().out

@@ -1,3 +1,7 @@
+"""Mixup and CutMix (augment/mixup.py): mixed inputs and losses by hand, seeding, Beta lambdas,
+kept area, weighted hits.
+"""
+
 import math
 
 import pytest
@@ -5,44 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from bigbatch.augment.mixup import BatchMixer, MixedTargets, mixed_correct, mixed_cross_entropy
-from bigbatch.models import build_model
-from bigbatch.train.steps import forward_backward
-
-
-def _grads(model):
-    return [p.grad.clone() for p in model.parameters()]
-
-
-@pytest.mark.parametrize("micro", [1, 7, 64, 100])
-def test_micro_batched_gradients_equal_full_batch(micro):
-    torch.manual_seed(0)
-    model = build_model("lenet5", 3, (32, 32), 10).double()
-    x = torch.randn(100, 3, 32, 32, dtype=torch.float64)
-    y = torch.randint(0, 10, (100,))
-    targets = MixedTargets(y, y.flip(0), 0.3)
-    model.zero_grad()
-    full_loss, full_hits = forward_backward(model, x, targets, micro=100)
-    full = _grads(model)
-    model.zero_grad()
-    loss, hits = forward_backward(model, x, targets, micro=micro)
-    assert loss == pytest.approx(full_loss, rel=1e-12)
-    assert hits == pytest.approx(full_hits)
-    for a, b in zip(_grads(model), full):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-
-
-def test_micro_batched_gradients_float32_close():
-    torch.manual_seed(0)
-    model = build_model("lenet5", 3, (32, 32), 10)
-    x, y = torch.randn(512, 3, 32, 32), torch.randint(0, 10, (512,))
-    t = MixedTargets(y, y, 1.0)
-    model.zero_grad()
-    forward_backward(model, x, t, micro=512)
-    full = _grads(model)
-    model.zero_grad()
-    forward_backward(model, x, t, micro=128)
-    for a, b in zip(_grads(model), full):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_mixup_mixes_inputs_and_loss_by_hand():
@@ -83,7 +49,8 @@ def test_mixup_is_seeded_per_epoch_and_off_when_alpha_zero():
 
 def test_mixup_lambda_follows_beta():
     m = BatchMixer(0.7, seed=0)
-    lams = torch.tensor([m._beta(0.7) for _ in range(4000)])
+    x, y = torch.zeros(2, 1, 1, 1), torch.arange(2)
+    lams = torch.tensor([m(x, y)[1].lam for _ in range(4000)])  # the lambdas __call__ uses
     # Beta(a, a): mean 1/2, variance 1 / (4 (2a + 1)).
     assert float(lams.mean()) == pytest.approx(0.5, abs=0.02)
     assert float(lams.var()) == pytest.approx(1 / (4 * (2 * 0.7 + 1)), rel=0.08)

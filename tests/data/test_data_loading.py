@@ -154,9 +154,9 @@ def test_cache_roundtrip_is_used_and_invalidated(tmp_path, monkeypatch):
     assert len(files) == 1 and files[0].name.startswith("image-folder-imgs-")
     assert not [f for f in cache.iterdir() if f.suffix == ".tmp"]
 
-    calls = []
-    real = data._load_uncached
-    monkeypatch.setattr(data, "_load_uncached", lambda *a: calls.append(a) or real(*a))
+    calls = []  # every decode of the zip goes through the public image-folder loader
+    real = data.load_image_folder
+    monkeypatch.setattr(data, "load_image_folder", lambda *a: calls.append(a) or real(*a))
     again = load_dataset("auto", path, train_limit=4, cache_dir=str(cache))
     assert calls == []  # served from the cache
     for name in ("train_images", "train_labels", "test_images", "test_labels"):

@@ -1,0 +1,151 @@
+"""Studies (experiments/grid.py): the shipped configs, grid expansion, errors, skip and resume."""
+
+from pathlib import Path
+
+import pytest
+
+from bigbatch.errors import ConfigError
+from bigbatch.experiments.grid import load_study, run_status, run_study
+from bigbatch.io import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_paper_config_is_the_seed_table():
+    study = load_study(ROOT / "configs" / "paper.toml")
+    runs = {r.config.run.name: r.config for r in study.runs}
+    assert len(runs) == 8
+    expected_lr = {
+        "sb-sgd": 1e-3,
+        "lb-sgd": 5e-3,
+        "sb-kfac": 2e-3,
+        "lb-kfac": 4e-3,
+        "sb-sgd-mixup": 5e-3,
+        "lb-sgd-mixup": 1e-2,
+        "sb-kfac-mixup": 5e-3,
+        "lb-kfac-mixup": 8e-3,
+    }
+    for name, cfg in runs.items():
+        assert cfg.optimizer.lr == expected_lr[name]
+        assert cfg.run.epochs == 150
+        assert cfg.schedule.decay_epochs == [71] and cfg.schedule.decay_factor == 0.5
+        assert cfg.optimizer.momentum == 0.9 and cfg.optimizer.weight_decay == 1e-4
+        assert cfg.train.batch_size == (128 if name.startswith("sb") else 2048)
+        assert cfg.optimizer.name == ("kfac" if "kfac" in name else "sgd")
+        assert cfg.model.name == "lenet5"
+        if name.endswith("mixup"):
+            assert cfg.augment.mixup_alpha == (0.9 if name.startswith("sb") else 0.7)
+        else:
+            assert cfg.augment.mixup_alpha == 0.0
+
+
+def test_every_shipped_study_config_loads():
+    for path in sorted((ROOT / "configs").glob("*.toml")):
+        if path.name == "demo.toml":
+            continue  # a single-run train config
+        study = load_study(path)
+        assert study.runs, path
+    smoothing = {
+        r.config.run.name: r.config for r in load_study(ROOT / "configs" / "smoothing.toml").runs
+    }
+    assert len(smoothing) == 9 * 3
+    scaled = smoothing["sgd-warmup-linear-scaling-s0"]
+    assert scaled.schedule.linear_scaling and scaled.schedule.warmup_epochs == 5
+    assert (
+        smoothing["kfac-cutmix-s2"].augment.cutmix_alpha == 1.0
+        and smoothing["kfac-cutmix-s2"].run.seed == 2
+    )
+
+
+def _write_study(tmp_path, body):
+    path = tmp_path / "s.toml"
+    path.write_text(f'[study]\nname = "s"\noutput_dir = "{tmp_path / "out"}"\n' + body)
+    return path
+
+
+def test_grid_expansion_with_seeds_and_axes(tmp_path):
+    path = _write_study(
+        tmp_path,
+        """seeds = [0, 1]
+[base.run]
+epochs = 2
+[base.optimizer]
+lr = 0.1
+[[runs]]
+name = "a"
+train = { batch_size = 32 }
+[[runs]]
+name = "b"
+optimizer = { name = "kfac" }
+[grid]
+"augment.label_smoothing" = [0.0, 0.1]
+""",
+    )
+    study = load_study(path, ["run.epochs=3"])
+    names = [r.config.run.name for r in study.runs]
+    assert names == [
+        "a-label_smoothing0.0-s0",
+        "a-label_smoothing0.0-s1",
+        "a-label_smoothing0.1-s0",
+        "a-label_smoothing0.1-s1",
+        "b-label_smoothing0.0-s0",
+        "b-label_smoothing0.0-s1",
+        "b-label_smoothing0.1-s0",
+        "b-label_smoothing0.1-s1",
+    ]
+    first = study.runs[0].config
+    assert first.train.batch_size == 32 and first.optimizer.lr == 0.1 and first.run.epochs == 3
+    assert study.runs[1].config.run.seed == 1
+    assert study.runs[2].config.augment.label_smoothing == 0.1
+    assert (
+        study.runs[4].config.optimizer.name == "kfac"
+        and study.runs[4].config.train.batch_size == 128
+    )
+    assert study.runs[0].run_dir == tmp_path / "out" / "runs" / "a-label_smoothing0.0-s0"
+    assert load_study(path, seeds=[7]).runs[0].config.run.seed == 7
+
+
+def test_bad_study_values_name_the_run(tmp_path):
+    path = _write_study(tmp_path, '[[runs]]\nname = "x"\noptimizer = { lr = -1.0 }\n')
+    with pytest.raises(ConfigError, match="run 'x'.*optimizer.lr"):
+        load_study(path)
+    path = _write_study(tmp_path, '[[runs]]\nname = "x"\n[[runs]]\nname = "x"\n')
+    with pytest.raises(ConfigError, match="two runs named 'x'"):
+        load_study(path)
+
+
+def test_skip_finished_and_resume_interrupted(tmp_path):
+    path = _write_study(
+        tmp_path,
+        """[base.run]
+epochs = 2
+[base.data]
+format = "synthetic"
+train_limit = 200
+test_limit = 100
+[base.train]
+batch_size = 50
+train_eval_examples = 100
+[base.runtime]
+progress = "off"
+[[runs]]
+name = "one"
+[[runs]]
+name = "two"
+""",
+    )
+    study = load_study(path)
+    assert [run_status(r) for r in study.runs] == ["new", "new"]
+    # "two" is interrupted after epoch 1: train it with epochs=1 under the same directory.
+    from bigbatch.train.trainer import Trainer
+
+    one_epoch = load_study(path, ["run.epochs=1"]).runs[1]
+    Trainer(one_epoch.config).fit()
+    assert run_status(study.runs[1]) == "partial"
+    run_study(study)
+    assert [run_status(r) for r in study.runs] == ["done", "done"]
+    stamp = (study.runs[0].run_dir / "checkpoint.pt").stat().st_mtime_ns
+    run_study(study)  # both finished: nothing is retrained
+    assert (study.runs[0].run_dir / "checkpoint.pt").stat().st_mtime_ns == stamp
+    rows = read_jsonl(study.runs[1].run_dir / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2]

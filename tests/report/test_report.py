@@ -1,0 +1,122 @@
+"""Reports (report/): numbers, markdown tables, summary CSV and figures from fake runs."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bigbatch.config import Config
+from bigbatch.experiments.grid import load_study
+from bigbatch.io import write_jsonl
+from bigbatch.report.report import aggregate, degradation, load_run, summarize, write_report
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _fake_run(
+    root: Path,
+    name: str,
+    optimizer: str,
+    batch: int,
+    mixup: float,
+    accs: list[float],
+    seed: int = 0,
+):
+    cfg = Config()
+    cfg.run.name, cfg.run.seed = name, seed
+    cfg.optimizer.name, cfg.train.batch_size, cfg.augment.mixup_alpha = optimizer, batch, mixup
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
+    steps = 50000 // batch
+    rows = [
+        {
+            "epoch": e + 1,
+            "step": (e + 1) * steps,
+            "train_time": 10.0 * (e + 1),
+            "test_acc": a,
+            "test_loss": 2 - a,
+            "train_acc": a + 0.1,
+            "train_eval_acc": a + 0.2,
+            "train_loss": 1.5 - a,
+        }
+        for e, a in enumerate(accs)
+    ]
+    write_jsonl(run / "metrics.jsonl", rows)
+    return run
+
+
+def test_report_from_fake_runs(tmp_path):
+    runs = [
+        ("sb-sgd", "sgd", 128, 0.0, [0.3, 0.5, 0.60]),
+        ("lb-sgd", "sgd", 2048, 0.0, [0.2, 0.4, 0.50]),
+        ("sb-sgd-mixup", "sgd", 128, 0.9, [0.3, 0.5, 0.62]),
+        ("lb-sgd-mixup", "sgd", 2048, 0.7, [0.2, 0.5, 0.58]),
+        ("sb-kfac", "kfac", 128, 0.0, [0.4, 0.55, 0.58]),
+        ("lb-kfac", "kfac", 2048, 0.0, [0.45, 0.52, 0.50]),
+    ]
+    results = [load_run(_fake_run(tmp_path / "runs", *r)) for r in runs]
+    report = write_report(
+        results, tmp_path / "report", title="T", target=0.5, command="bigbatch reproduce x"
+    )
+    text = report.read_text()
+    assert "| sb-sgd | SGD | 128 | none |" in text
+    deg = {
+        (d["optimizer"], d["smoothed"]): d
+        for d in degradation(aggregate([summarize(r, 0.5) for r in results]))
+    }
+    assert deg[("SGD", False)]["degradation"] == pytest.approx(0.10)
+    assert deg[("SGD", True)]["degradation"] == pytest.approx(0.04)
+    assert deg[("SGD", True)]["reduction_by_smoothing"] == pytest.approx(0.06)
+    assert deg[("K-FAC", False)]["degradation"] == pytest.approx(0.08)
+    assert (
+        "| SGD | Mixup a=0.9 (SB) / Mixup a=0.7 (LB) | 128 | 2048 | 62.00 | 58.00 | 4.00 |" in text
+    )
+    summary = {r["run"]: r for r in csv.DictReader((tmp_path / "report" / "summary.csv").open())}
+    assert float(summary["sb-sgd"]["generalization_gap"]) == pytest.approx(0.2)
+    assert float(summary["lb-sgd"]["epochs_to_target"]) == 3
+    assert float(summary["lb-kfac"]["updates_to_target"]) == 2 * (50000 // 2048)
+    assert float(summary["sb-kfac"]["time_to_target_s"]) == 20.0
+    assert "## Flatness" not in text
+    (tmp_path / "runs" / "lb-kfac" / "sharpness.json").write_text(
+        json.dumps({"top_eigenvalues": [12.5, 3.0], "trace": 80.0, "epsilon_sharpness": 4.25})
+    )
+    results[5] = load_run(tmp_path / "runs" / "lb-kfac")
+    text = write_report(results, tmp_path / "report", title="T", target=0.5).read_text()
+    assert "| lb-kfac | 12.5 | 80 | 4.25 |" in text
+    # Without a study's figures: one comparison of all runs, no SB/LB labels.
+    pngs = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
+    assert pngs == ["test_vs_epoch_all.png", "test_vs_step_all.png", "test_vs_time_all.png"]
+    # The paper study's figures come from its config, not from the report.
+    paper = load_study(ROOT / "configs" / "paper.toml")
+    assert paper.large_batch_from == 1024
+    out = tmp_path / "paper-report"
+    text = write_report(
+        results,
+        out,
+        title="T",
+        target=0.5,
+        figures=paper.figures,
+        large_batch_from=paper.large_batch_from,
+    ).read_text()
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert "test_vs_epoch_no-smoothing.png" in pngs and "test_vs_time_kfac.png" in pngs
+    assert "test_vs_step_large-batch.png" in pngs and len(pngs) == 3 * 5
+    for name in pngs:
+        assert f"]({name})" in text
+
+
+def test_report_seed_mean_and_spread(tmp_path):
+    results = [
+        load_run(_fake_run(tmp_path, f"a-s{s}", "sgd", 128, 0.0, [0.5, acc], seed=s), label="a")
+        for s, acc in enumerate([0.60, 0.70])
+    ]
+    agg = aggregate([summarize(r, 0.9) for r in results])
+    assert len(agg) == 1 and agg[0]["seeds"] == 2
+    assert agg[0]["final_test_acc"] == pytest.approx(0.65)
+    assert agg[0]["final_test_acc_std"] == pytest.approx(math.sqrt(0.005))
+    assert math.isnan(agg[0]["epochs_to_target"])
+    text = write_report(results, tmp_path / "r", title="T", target=0.9).read_text()
+    assert "65.00 ± 7.07" in text

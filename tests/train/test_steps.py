@@ -1,0 +1,44 @@
+"""forward_backward (train/steps.py): micro-batched gradients equal the full batch's."""
+
+import pytest
+import torch
+
+from bigbatch.augment.mixup import MixedTargets
+from bigbatch.models import build_model
+from bigbatch.train.steps import forward_backward
+
+
+def _grads(model):
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("micro", [1, 7, 64, 100])
+def test_micro_batched_gradients_equal_full_batch(micro):
+    torch.manual_seed(0)
+    model = build_model("lenet5", 3, (32, 32), 10).double()
+    x = torch.randn(100, 3, 32, 32, dtype=torch.float64)
+    y = torch.randint(0, 10, (100,))
+    targets = MixedTargets(y, y.flip(0), 0.3)
+    model.zero_grad()
+    full_loss, full_hits = forward_backward(model, x, targets, micro=100)
+    full = _grads(model)
+    model.zero_grad()
+    loss, hits = forward_backward(model, x, targets, micro=micro)
+    assert loss == pytest.approx(full_loss, rel=1e-12)
+    assert hits == pytest.approx(full_hits)
+    for a, b in zip(_grads(model), full):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_micro_batched_gradients_float32_close():
+    torch.manual_seed(0)
+    model = build_model("lenet5", 3, (32, 32), 10)
+    x, y = torch.randn(512, 3, 32, 32), torch.randint(0, 10, (512,))
+    t = MixedTargets(y, y, 1.0)
+    model.zero_grad()
+    forward_backward(model, x, t, micro=512)
+    full = _grads(model)
+    model.zero_grad()
+    forward_backward(model, x, t, micro=128)
+    for a, b in zip(_grads(model), full):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
