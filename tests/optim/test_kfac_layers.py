@@ -213,6 +213,7 @@ def test_both_computations_of_conv_a_are_the_patch_gram(memory_format):
         torch.testing.assert_close(rows.t() @ rows, expected, rtol=1e-12, atol=1e-12)
         got = factors.row_product_gram(padded)
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        assert torch.equal(got, got.t())  # exactly: ranks all-reduce only the upper triangle
 
 
 def test_the_rule_between_the_two_computations():

@@ -85,11 +85,12 @@ def _finish(procs, timeout=240):
 
 def _compare(tmp_path, extra, epochs):
     extra = [*extra, f"run.epochs={epochs}"]
-    # The single process runs each half batch as one micro-batch, as each rank does, so both do the
-    # same float32 arithmetic per example. Otherwise rounding differences can flip the winner of a
-    # near-tie in a max-pooling window, which moves that gradient to another pixel: an O(1) change
-    # that K-FAC carries into every later step.
-    half = ["runtime.micro_batch_size=32"]
+    # The single process runs each half batch as one micro-batch, and evaluates each half of an
+    # evaluation batch as one batch, as each rank does, so both do the same float32 arithmetic per
+    # example. Otherwise rounding differences can flip the winner of a near-tie in a max-pooling
+    # window, which moves that gradient to another pixel (an O(1) change that K-FAC carries into
+    # every later step), or the argmax of a test example at a near-tie.
+    half = ["runtime.micro_batch_size=32", "runtime.eval_batch_size=100"]
     single = subprocess.run(
         _args(tmp_path, "single", [*extra, *half]),
         capture_output=True,

@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Inputs and output gradients are held until this many rows are pending, then reduced in one
-# product: with statistics from a slice of each micro-batch (stats_fraction) the fixed cost of each
-# factor product would otherwise repeat for every small slice.
+# Sampled slices of micro-batches (stats_fraction < 1) are held until this many rows are pending,
+# then reduced in one product: the fixed cost of each product would otherwise repeat for every small
+# slice. Whole micro-batches are reduced at once, so a sum over micro-batches adds the same terms
+# in the same way as the sum over data-parallel ranks.
 MIN_ROWS_PER_PRODUCT = 256
 
 
@@ -63,17 +64,18 @@ class LayerFactors:
     def g_dim(self) -> int:
         return int(self.module.weight.shape[0])
 
-    def add_input(self, x: torch.Tensor) -> None:
+    def add_input(self, x: torch.Tensor, sampled: bool = False) -> None:
+        """Statistics of a micro-batch's inputs (``sampled``: of a slice of it, held for later)."""
         self.count += x.shape[0]
-        self._hold("a", x.detach())
+        self._hold("a", x.detach(), sampled)
 
-    def add_output_grad(self, grad_output: torch.Tensor) -> None:
-        self._hold("g", grad_output.detach())
+    def add_output_grad(self, grad_output: torch.Tensor, sampled: bool = False) -> None:
+        self._hold("g", grad_output.detach(), sampled)
 
-    def _hold(self, side: str, rows: torch.Tensor) -> None:
+    def _hold(self, side: str, rows: torch.Tensor, sampled: bool) -> None:
         pending = self._pending[side]
         pending.append(rows)
-        if sum(t.shape[0] for t in pending) >= MIN_ROWS_PER_PRODUCT:
+        if not sampled or sum(t.shape[0] for t in pending) >= MIN_ROWS_PER_PRODUCT:
             self._reduce(side)
 
     def _reduce(self, side: str) -> None:
@@ -265,12 +267,16 @@ class Conv2dFactors(LayerFactors):
             if r:
                 torch.diagonal(gram, offset=-r, dim1=1, dim2=4).copy_(pairs.permute(2, 4, 1, 3, 0))
         d = c * kh * kw
+        square = gram.view(d, d)
+        # A GEMM's R^T R is symmetric only up to rounding: make it exact, as the patch Gram is, so
+        # that every rank's upper triangle (the all-reduce packs only that) means the same matrix.
+        square = (square + square.t()).div_(2)
         if not self.has_bias:
-            return gram.view(d, d)
+            return square
         # Bias column: each patch entry summed over examples and the positions it takes.
         total = x.sum(0).contiguous()  # [c, h, w]
         sums = total.as_strided((c, kh, kw, ho, wo), (h * w, dh * w, dw, sh * w, sw)).sum((3, 4))
-        return _with_ones(gram.view(d, d), sums.reshape(d), n * ho * wo)
+        return _with_ones(square, sums.reshape(d), n * ho * wo)
 
     def g_contribution(self, grad_output: torch.Tensor) -> torch.Tensor:
         # Sum over examples and locations: one row per (example, location).

@@ -139,7 +139,7 @@ class KFACPreconditioner:
             start = time.perf_counter()
             x = inputs[0]
             k = self._sampled_rows(x.shape[0])
-            factors.add_input(x[:k])
+            factors.add_input(x[:k], sampled=k < x.shape[0])
             if self.fisher_type == "empirical":
                 output.register_hook(lambda grad: self._grad_hook(factors, grad, k))
             else:
@@ -150,7 +150,7 @@ class KFACPreconditioner:
 
     def _grad_hook(self, factors: LayerFactors, grad: torch.Tensor, k: int) -> None:
         start = time.perf_counter()
-        factors.add_output_grad(grad[:k])
+        factors.add_output_grad(grad[:k], sampled=k < grad.shape[0])
         self.timings["statistics"] += time.perf_counter() - start
 
     def accumulate_mc_fisher(self, logits: torch.Tensor) -> None:
@@ -172,7 +172,8 @@ class KFACPreconditioner:
         outputs = [o for _, o in self._mc_outputs]
         grads = torch.autograd.grad(loss, outputs, retain_graph=True)
         for (factors, out), grad in zip(self._mc_outputs, grads):
-            factors.add_output_grad(grad[: self._sampled_rows(out.shape[0])])
+            k = self._sampled_rows(out.shape[0])
+            factors.add_output_grad(grad[:k], sampled=k < out.shape[0])
         self._mc_outputs.clear()
         self.timings["statistics"] += time.perf_counter() - start
 
