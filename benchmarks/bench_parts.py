@@ -129,14 +129,15 @@ def landscape(args) -> dict[str, float]:
         F.cross_entropy(model(x.contiguous()), y).backward()
         opt.step()
     model.eval()
-    # NCHW batches made once: the CLI passes NCHW, and data preparation is not the part measured.
+    # NHWC batches made once, as the CLI passes them; data preparation is not the part measured.
     loaders = {
         "train": BatchLoader(
             ds.train_images, ds.train_labels, 128, mean=mean, std=std, shuffle=False
         ),
         "test": BatchLoader(ds.test_images, ds.test_labels, 128, mean=mean, std=std, shuffle=False),
     }
-    batches = {k: [(x.contiguous(), y) for x, y in v] for k, v in loaders.items()}
+    nhwc = torch.channels_last
+    batches = {k: [(x.contiguous(memory_format=nhwc), y) for x, y in v] for k, v in loaders.items()}
     datasets = {k: (lambda b=b: b) for k, b in batches.items()}
     direction = [random_direction(model, 0)]
     points = [(a,) for a in linspace(-0.5, 1.5, 11)]
