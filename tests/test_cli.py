@@ -23,3 +23,12 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         == 2
     )
     assert "missing.zip" in capsys.readouterr().err
+
+
+def test_resume_and_overwrite_together_are_refused(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["train", "--resume", "--overwrite"])
+    assert exit_info.value.code == 2
+    assert "--overwrite: not allowed with argument --resume" in capsys.readouterr().err

@@ -152,3 +152,10 @@ def test_kfac_validation_is_shared_with_the_preconditioner():
         load_config(None, ["kfac.stats_fraction=0"])
     with pytest.raises(ValueError, match="stats_fraction.*must be in"):
         KFACPreconditioner(nn.Linear(2, 2), stats_fraction=0)
+
+
+def test_crop_padding_is_bounded_by_the_image():
+    cfg = load_config(None, ["augment.crop_padding=1000000"])
+    with pytest.raises(ConfigError, match="augment.crop_padding.*images are 32x32.*at most 32"):
+        validate_against_data(cfg, num_train=1000, num_test=100, image_size=(32, 32))
+    validate_against_data(load_config(None, ["augment.crop_padding=32"]), 1000, 100, 1, (32, 32))

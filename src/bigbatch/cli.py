@@ -173,12 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train one run from a config")
     _add_config_args(p)
-    p.add_argument(
+    start = p.add_mutually_exclusive_group()  # continuing a run and replacing it contradict
+    start.add_argument(
         "--resume",
         action="store_true",
         help="continue from the run's last checkpoint if there is one",
     )
-    p.add_argument(
+    start.add_argument(
         "--overwrite",
         action="store_true",
         help="start again from scratch over an existing run directory",

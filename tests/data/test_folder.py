@@ -187,6 +187,26 @@ def test_corrupt_image_names_member_and_zip(tmp_path, damage):
         load_dataset("auto", path)
 
 
+def test_hostile_members_are_refused_before_they_take_memory(tmp_path):
+    arrays = _arrays(3)
+    path = _write(tmp_path, arrays, as_zip=True)
+    with zipfile.ZipFile(path) as zf:
+        files = {n: zf.read(n) for n in zf.namelist()}
+    bomb = "train/cat/001.png"
+    files[bomb] = bytes(16 << 20)  # zeros deflate ~1000:1, a zip bomb in miniature
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    with pytest.raises(DatasetError, match=rf"member '{bomb}' in .*declares 16777216 bytes"):
+        load_dataset("auto", path)
+    # A small file whose header promises a huge image is refused before decoding.
+    huge = tmp_path / "huge"
+    _write(huge, _arrays(3), as_zip=False)
+    Image.new("L", (5000, 4000)).save(huge / "imgs" / "train" / "cat" / "000.png")
+    with pytest.raises(DatasetError, match=r"cat/000\.png' is 5000x4000, over the"):
+        load_dataset("image-folder", huge / "imgs")
+
+
 def test_threaded_decoding_matches_serial_and_reports_the_first_bad_file(tmp_path, monkeypatch):
     arrays = _arrays(3, per_class={"train": 30, "test": 5})
     path = _write(tmp_path, arrays, as_zip=True)

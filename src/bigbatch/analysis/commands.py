@@ -60,7 +60,7 @@ def plot_1d(
     curves: list[tuple[str, list[dict[str, float]]]], path: Path, xlabel: str, title: str
 ) -> None:
     """Loss (train solid, test dashed) on the left axis, top-1 accuracy on the right, as in the
-    seed's Figs 24-25."""
+    paper's Figs 24-25."""
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     acc_ax = ax.twinx()
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]

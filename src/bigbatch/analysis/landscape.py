@@ -1,7 +1,7 @@
 """Loss landscapes around a solution: f(a) = L(theta* + a delta) in 1-D, a 2-D grid over two
 directions, and linear interpolation between two solutions.
 
-Directions are seeded Gaussians shaped like the parameters. Normalization "none" is the seed's
+Directions are seeded Gaussians shaped like the parameters. Normalization "none" is the paper's
 plot; "filter" is Li et al. (2018): each filter of delta (one output unit: a row of a Linear
 weight, one output channel of a Conv2d weight) is rescaled to the norm of the same filter of
 theta*, and one-dimensional parameters (biases, BatchNorm weights and biases) get a zero

@@ -80,8 +80,23 @@ def validate(cfg: Config) -> None:
     require(r.checkpoint_every >= 1, "runtime.checkpoint_every", "must be >= 1")
 
 
-def validate_against_data(cfg: Config, num_train: int, num_test: int, world_size: int = 1) -> None:
+def validate_against_data(
+    cfg: Config,
+    num_train: int,
+    num_test: int,
+    world_size: int = 1,
+    image_size: tuple[int, int] | None = None,
+) -> None:
     """Checks that need the dataset: an impossible batch size is named before training starts."""
+    if image_size is not None:
+        # The padded copy of every batch grows with the padding: bound it by the image.
+        side = max(image_size)
+        require(
+            cfg.augment.crop_padding <= side,
+            "augment.crop_padding",
+            f"is {cfg.augment.crop_padding} but the images are {image_size[0]}x{image_size[1]}; "
+            f"pad at most {side} pixels (4 is usual for 32x32 images)",
+        )
     require(
         cfg.train.batch_size <= num_train,
         "train.batch_size",

@@ -55,6 +55,11 @@ LAYOUT_HINT = (
 )
 PARALLEL_MIN_IMAGES = 2000  # below this, thread start-up costs more than it saves
 MAX_DECODE_THREADS = 8  # beyond this the GIL-held part of each decode dominates
+# Bounds that keep a hostile or mistaken archive from taking the machine's memory: one image file,
+# its inflation ratio (image formats are compressed already), and its decoded pixels.
+MAX_MEMBER_BYTES = 64 << 20
+MAX_INFLATION = 200
+MAX_IMAGE_PIXELS = 4096 * 4096
 
 
 @dataclass
@@ -119,6 +124,13 @@ class _ZipSource:
 
     def read(self, name: str) -> bytes:
         info = self.infos[name]
+        ratio = info.file_size / max(info.compress_size, 1)
+        if info.file_size > MAX_MEMBER_BYTES or ratio > MAX_INFLATION:
+            raise DatasetError(
+                f"member {self.describe(name)} declares {info.file_size} bytes from "
+                f"{info.compress_size} compressed (limits: {MAX_MEMBER_BYTES} bytes, "
+                f"{MAX_INFLATION}x); it is not an image of a dataset: remove it"
+            )
         offset = info.header_offset
         if (
             info.compress_type != zipfile.ZIP_STORED
@@ -202,6 +214,11 @@ class _Decoder:
             img = Image.open(io.BytesIO(data), formats=[hint] if hint else None)
         except UnidentifiedImageError:
             img = Image.open(io.BytesIO(data))  # the suffix lied; let Pillow probe every format
+        if img.width * img.height > MAX_IMAGE_PIXELS:  # read from the header, before decoding
+            raise DatasetError(
+                f"image {self.source.describe(member)} is {img.width}x{img.height}, over the "
+                f"{MAX_IMAGE_PIXELS}-pixel limit for dataset images; resize or remove it"
+            )
         img.load()
         return img
 

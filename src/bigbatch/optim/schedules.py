@@ -9,7 +9,7 @@ from dataclasses import dataclass
 class LRSchedule:
     """``lr_at(epoch, fraction)`` for 0-based ``epoch`` and ``fraction`` in [0, 1) of that epoch.
 
-    ``decay_epochs`` are 1-based, as papers write them: the seed's "5e-3 -> 2.5e-3 (71 epoch)" is
+    ``decay_epochs`` are 1-based, as papers write them: the paper's "5e-3 -> 2.5e-3 (71 epoch)" is
     ``decay_epochs=[71], decay_factor=0.5``: epochs 1-70 use 5e-3, epochs 71 onward 2.5e-3.
     """
 

@@ -78,7 +78,9 @@ class Trainer:
         self.device = resolve_device(cfg.runtime.device)
         self.dataset = dataset if dataset is not None else load_run_dataset(cfg)
         ds = self.dataset
-        validate_against_data(cfg, ds.num_train, ds.num_test, self.parallel.world_size)
+        validate_against_data(
+            cfg, ds.num_train, ds.num_test, self.parallel.world_size, ds.image_size
+        )
         self.run_dir = cfg.run_dir()
 
         seed_everything(cfg.run.seed)
