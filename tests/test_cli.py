@@ -1,5 +1,7 @@
 """The command line (cli.py): a user's mistake is one line on stderr and exit status 2."""
 
+import pytest
+
 from bigbatch.cli import main as cli_main
 
 
@@ -26,8 +28,6 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_resume_and_overwrite_together_are_refused(capsys):
-    import pytest
-
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["train", "--resume", "--overwrite"])
     assert exit_info.value.code == 2

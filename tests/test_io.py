@@ -30,3 +30,13 @@ def test_read_jsonl_names_the_file_and_the_bad_line(tmp_path):
     path.write_text(path.read_text() + "\n" + '{"epoch": 3\n')  # a blank line, then a torn row
     with pytest.raises(BigbatchError, match=r"metrics file '.*metrics\.jsonl' line 4 is not valid"):
         read_jsonl(path)
+
+
+def test_metrics_never_hold_a_bare_nan(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    write_jsonl(path, [{"epoch": 1, "test_loss": float("nan"), "lr": 0.1, "x": float("inf")}])
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert read_jsonl(path) == [
+        {"epoch": 1, "test_loss": None, "lr": 0.1, "x": None, "nonfinite": ["test_loss", "x"]}
+    ]

@@ -6,6 +6,7 @@ A crash (even SIGKILL) at any moment leaves either the old file or the new one, 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -58,8 +59,17 @@ def atomic_torch_save(path: str | Path, obj: Any) -> None:
         torch.save(obj, f)
 
 
+def _finite_row(row: dict[str, Any]) -> dict[str, Any]:
+    """The row with non-finite numbers as null, named in a "nonfinite" list (JSON has no NaN)."""
+    bad = sorted(k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v))
+    if not bad:
+        return row
+    return {**{k: None if k in bad else v for k, v in row.items()}, "nonfinite": bad}
+
+
 def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    lines = (json.dumps(_finite_row(r), sort_keys=True, allow_nan=False) + "\n" for r in rows)
+    atomic_write_text(path, "".join(lines))
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
