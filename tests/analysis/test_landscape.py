@@ -192,10 +192,11 @@ def test_a_failing_batch_raises_and_stops_reading_data():
         for i in range(50):
             seen.append(i)
             if i == 3:
+                # Wrong channel count.
                 yield (
                     torch.randn(4, 3, 8, 8),
                     torch.zeros(4, dtype=torch.long),
-                )  # wrong channel count
+                )
             else:
                 yield torch.randn(4, 2, 8, 8), torch.zeros(4, dtype=torch.long)
 

@@ -33,10 +33,11 @@ def test_channel_stats_match_a_direct_float64_computation():
         torch.tensor(std, dtype=torch.float64), x.std((0, 2, 3), correction=0), atol=1e-12, rtol=0
     )
     const = torch.full((5, 1, 3, 3), 7, dtype=torch.uint8)
+    # A constant channel is centred, not divided by zero.
     assert channel_stats(const) == (
         [7 / 255],
         [1.0],
-    )  # a constant channel is centred, not divided by zero
+    )
     with pytest.raises(ValueError, match="uint8"):
         channel_stats(images.float())
 
@@ -61,9 +62,8 @@ def test_same_seed_and_epoch_give_the_same_batches_and_others_differ():
     images, labels = _data()
     a = _loader(images, labels, 16, seed=7, augment=True)
     first = _epoch(a, 2)
-    resumed = _loader(
-        images, labels, 16, seed=7, augment=True
-    )  # a fresh loader, as after a restart
+    # A fresh loader, as after a restart.
+    resumed = _loader(images, labels, 16, seed=7, augment=True)
     for (x1, y1), (x2, y2) in zip(first, _epoch(resumed, 2)):
         assert torch.equal(y1, y2) and torch.equal(x1, x2)
     assert not torch.equal(
@@ -106,9 +106,8 @@ def test_rank_shards_concatenate_to_the_single_process_batch(world_size, batch_s
 
 
 def test_a_last_batch_smaller_than_the_ranks_is_dropped_on_every_rank():
-    images, labels = (
-        _data()
-    )  # 103 = 4 * 25 + 3: the last batch cannot give each of 4 ranks an example
+    # 103 = 4 * 25 + 3: the last batch cannot give each of 4 ranks an example.
+    images, labels = _data()
     single = _loader(images, labels, 25, seed=1)
     ranks = [_loader(images, labels, 25, seed=1, rank=r, world_size=4) for r in range(4)]
     assert len(single) == 5 and all(len(r) == 4 for r in ranks)
@@ -116,9 +115,8 @@ def test_a_last_batch_smaller_than_the_ranks_is_dropped_on_every_rank():
     assert all(len(p) == 4 and all(y.numel() > 0 for _, y in p) for p in parts)
     for b in range(4):
         assert torch.equal(torch.cat([p[b][1] for p in parts]), whole[b][1])
-    assert (
-        len(_loader(images, labels, 25, seed=1, rank=0, world_size=3)) == 5
-    )  # 3 examples for 3 ranks: kept
+    # 3 examples for 3 ranks: kept.
+    assert len(_loader(images, labels, 25, seed=1, rank=0, world_size=3)) == 5
 
 
 def test_normalization_gives_zero_mean_unit_std():
@@ -139,9 +137,8 @@ def test_crop_flip_by_hand():
     img = torch.arange(1, 13, dtype=torch.uint8).view(1, 1, 3, 4)  # rows 1-4, 5-8, 9-12
     centred = crop_flip(img, 1, torch.tensor([[1, 1]]), torch.tensor([False]))
     assert torch.equal(centred, img)
-    up_left = crop_flip(
-        img, 1, torch.tensor([[0, 0]]), torch.tensor([False])
-    )  # window starts in the padding
+    # Window starts in the padding.
+    up_left = crop_flip(img, 1, torch.tensor([[0, 0]]), torch.tensor([False]))
     assert up_left[0, 0].tolist() == [[0, 0, 0, 0], [0, 1, 2, 3], [0, 5, 6, 7]]
     down_right = crop_flip(img, 2, torch.tensor([[4, 3]]), torch.tensor([False]))
     assert down_right[0, 0].tolist() == [
@@ -151,9 +148,8 @@ def test_crop_flip_by_hand():
     ]  # last row, shifted left
     flipped = crop_flip(img, 1, torch.tensor([[1, 1]]), torch.tensor([True]))
     assert flipped[0, 0].tolist() == [[4, 3, 2, 1], [8, 7, 6, 5], [12, 11, 10, 9]]
-    both = crop_flip(
-        img, 1, torch.tensor([[2, 2]]), torch.tensor([True])
-    )  # crop, then mirror the window
+    # Crop, then mirror the window.
+    both = crop_flip(img, 1, torch.tensor([[2, 2]]), torch.tensor([True]))
     assert both[0, 0].tolist() == [[0, 8, 7, 6], [0, 12, 11, 10], [0, 0, 0, 0]]
     # Several images and channels at once, each with its own shift and flip.
     two = torch.stack([img[0], img[0] + 100]).expand(2, 2, 3, 4).contiguous()
@@ -190,9 +186,8 @@ def test_augmented_batches_are_crops_and_flips_of_their_examples():
             assert matches, f"example {i} is not a padded crop (or its mirror) of its image"
             seen_flip |= {m[2] for m in matches}
             seen_shift |= {m[:2] for m in matches}
-    assert (
-        seen_flip == {False, True} and len(seen_shift) > 10
-    )  # randomness is used, over many offsets
+    # Randomness is used, over many offsets.
+    assert seen_flip == {False, True} and len(seen_shift) > 10
     plain = BatchLoader(images, labels, 16, mean=mean, std=std, shuffle=True, seed=1)
     for x, y in _epoch(plain, 0):  # without augment, exactly the images
         assert torch.equal((x * 255).round().to(torch.uint8), images[y])

@@ -175,9 +175,8 @@ def test_missing_path_says_how_to_get_it(tmp_path):
 
 
 def test_offline_download_fails_fast_and_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(
-        cifar10, "CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz"
-    )  # discard port: refused
+    # Discard port: refused.
+    monkeypatch.setattr(cifar10, "CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")
     start = time.perf_counter()
     with pytest.raises(
         DatasetError,

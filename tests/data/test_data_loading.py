@@ -57,9 +57,8 @@ def _idx_dir(root):
 
 def test_detect_format(tmp_path):
     assert detect_format(_image_zip(tmp_path / "x.zip")) == "image-folder"
-    assert (
-        detect_format(tmp_path / "not-yet.zip") == "image-folder"
-    )  # by name, even before it exists
+    # By name, even before it exists.
+    assert detect_format(tmp_path / "not-yet.zip") == "image-folder"
     assert detect_format(tmp_path / "cifar-10-python.tar.gz") == "cifar10"
     assert detect_format(tmp_path / "cifar-10-batches-py") == "cifar10"
     assert detect_format(_idx_dir(tmp_path / "idx")) == "idx"

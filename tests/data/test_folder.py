@@ -217,9 +217,8 @@ def test_threaded_decoding_matches_serial_and_reports_the_first_bad_file(tmp_pat
     assert torch.equal(serial.train_images, threaded.train_images) and torch.equal(
         serial.test_labels, threaded.test_labels
     )
-    with zipfile.ZipFile(
-        path, "a"
-    ) as zf:  # later members are listed after earlier ones: bird/050 sorts last in bird
+    # Later members are listed after earlier ones: bird/050 sorts last in bird.
+    with zipfile.ZipFile(path, "a") as zf:
         zf.writestr("train/dog/050.png", b"bad")
         zf.writestr("train/bird/050.png", b"bad")
     with pytest.raises(DatasetError, match="train/bird/050.png"):
@@ -281,9 +280,8 @@ def test_shared_cifar10_zip_subset(cifar_zip):
         and torch.bincount(ds.test_labels).tolist() == [20] * 10
     )
     assert 100 < ds.train_images.float().mean() < 140  # CIFAR-10's mean pixel is about 120
-    assert (
-        len(set(ds.train_labels[:50].tolist())) >= 8
-    )  # shuffled: a prefix holds (nearly) every class
+    # Shuffled: a prefix holds (nearly) every class.
+    assert len(set(ds.train_labels[:50].tolist())) >= 8
     assert elapsed < 15, (
         f"loading 700 images took {elapsed:.1f} s; limits should avoid decoding the rest"
     )

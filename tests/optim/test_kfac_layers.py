@@ -99,9 +99,8 @@ def _explicit_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 def test_conv_one_example_one_location_kron_equals_exact_fisher_block():
     torch.manual_seed(1)
-    model = ConvNet(k=3, stride=1, padding=0, hw=3).to(
-        D
-    )  # a 3x3 input and kernel: one output location
+    # A 3x3 input and kernel: one output location.
+    model = ConvNet(k=3, stride=1, padding=0, hw=3).to(D)
     x, y = torch.randn(1, 2, 3, 3, dtype=D), torch.tensor([1])
     flat, _ = per_example_grads(model, model.conv, x, y, lambda g: g)
     kfac = make_kfac(model)

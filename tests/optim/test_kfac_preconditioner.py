@@ -111,10 +111,11 @@ def test_factors_and_damping_are_batch_size_invariant():
     for name in results[128]:
         for small, large in zip(results[128][name], results[2048][name]):
             rel = float((small - large).norm() / large.norm())
+            # Sampling error only: a batch-size factor would give ~16x.
             assert rel < 0.3, (
                 name,
                 rel,
-            )  # sampling error only: a batch-size factor would give ~16x
+            )
         # Traces (the scale damping is compared with) agree closely.
         for small, large in zip(results[128][name], results[2048][name]):
             assert float(small.trace() / large.trace()) == pytest.approx(1.0, abs=0.15)
@@ -219,9 +220,8 @@ def test_inverse_falls_back_to_lu_when_cholesky_fails():
     kfac = make_kfac(model, damping=1e-3, inverse_method="inverse")
     step_once(model, kfac, x, y)
     state = kfac.layers["0"]
-    state.A = -torch.eye(
-        state.A.shape[0], dtype=D
-    )  # indefinite: no Cholesky factor, still invertible
+    # Indefinite: no Cholesky factor, still invertible.
+    state.A = -torch.eye(state.A.shape[0], dtype=D)
     kfac.decompose(state)
     assert kfac.health["eigh_retries"] == 1
     a_inv, _ = state.decomposition

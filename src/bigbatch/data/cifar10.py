@@ -153,9 +153,8 @@ def load_cifar10(path: str | Path) -> ImageDataset:
                     f"'{source}' has no {name}; the copy is incomplete, download it again"
                 )
             parts.append(_unpickle(members.pop(name), f"'{name}' in '{source}'"))
-        images = np.concatenate([p[0] for p in parts]).reshape(
-            -1, 3, 32, 32
-        )  # rows are R, G, B planes
+        # Rows are R, G, B planes.
+        images = np.concatenate([p[0] for p in parts]).reshape(-1, 3, 32, 32)
         labels = np.concatenate([p[1] for p in parts])
         splits[split] = (torch.from_numpy(images), torch.from_numpy(labels))
     # batches.meta only repeats the published class names, so it is not read.

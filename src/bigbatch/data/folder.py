@@ -137,9 +137,8 @@ class _ZipSource:
             or info.flag_bits & 0x1
             or self.map[offset : offset + 4] != b"PK\x03\x04"
         ):
-            return self.zf.read(
-                info
-            )  # compressed or unusual: zipfile knows best (and raises its own errors)
+            # Compressed or unusual: zipfile knows best (and raises its own errors).
+            return self.zf.read(info)
         name_len, extra_len = struct.unpack_from("<HH", self.map, offset + 26)
         start = offset + 30 + name_len + extra_len
         data = self.map[start : start + info.compress_size]
@@ -277,9 +276,8 @@ def _decode_split(
         return
     pool = ThreadPoolExecutor(threads, thread_name_prefix="bigbatch-decode")
     try:
-        for done in pool.map(
-            run, chunks
-        ):  # in order, so the first bad file in file order is reported
+        # In order, so the first bad file in file order is reported.
+        for done in pool.map(run, chunks):
             bar.update(done)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -312,9 +310,8 @@ def load_image_folder(
                 labels += [index] * len(files)
             chosen[split] = (members, labels)
         decoder = _Decoder(source)
-        first = decoder.pixels(
-            chosen["train"][0][0]
-        )  # fixes mode and size before the parallel part
+        # The first image fixes mode and size before the parallel part.
+        first = decoder.pixels(chosen["train"][0][0])
         assert decoder.size is not None
         width, height = decoder.size
         channels = first.size // (width * height)

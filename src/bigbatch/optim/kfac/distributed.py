@@ -140,9 +140,8 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
                     src=src,
                 )
             if self.rank != src:
-                self.set_scale(
-                    state
-                )  # the owner set its own in decompose(); A and G agree on all ranks
+                # The owner set its own in decompose(); A and G agree on all ranks.
+                self.set_scale(state)
         self.timings["communication"] += time.perf_counter() - start
 
     def _decomposition_like(self, state: LayerState) -> tuple[torch.Tensor, ...]:

@@ -245,19 +245,15 @@ class Conv2dFactors(LayerFactors):
         rows = x.permute(2, 0, 3, 1).reshape(h, n, wc)  # [row, example, (column, channel)]
         gram = x.new_empty(c, kh, kw, c, kh, kw)  # every entry is written below
         for r in range(kh):
-            products = torch.bmm(
-                rows[: h - r * dh].transpose(1, 2), rows[r * dh :]
-            )  # [row, wc, wc]
+            # [row, wc, wc]: each row with the one r kernel rows below it, summed over examples.
+            products = torch.bmm(rows[: h - r * dh].transpose(1, 2), rows[r * dh :])
             # Sum over output rows p of the products of input rows i*dh + p*sh and the row below.
             partners = kh - r  # kernel rows i that have a partner i + r
             by_row = products.as_strided(
                 (partners, ho, wc, wc), (dh * wc * wc, sh * wc * wc, wc, 1)
             ).sum(1)
             # Sum over output columns q of columns (j*dw + q*sw, j'*dw + q*sw): [i, c, c', j, j'].
-            column = (
-                c * wc,
-                c,
-            )  # strides of one column step in by_row's two (column, channel) axes
+            column = (c * wc, c)  # a column step's strides in by_row's two (column, channel) axes
             pairs = by_row.as_strided(
                 (partners, c, c, kw, kw, wo),
                 (wc * wc, wc, 1, dw * column[0], dw * column[1], sw * (column[0] + column[1])),

@@ -65,9 +65,8 @@ class LayerState:
 
 
 class KFACPreconditioner:
-    """Keyword options are KFACConfig's fields (bigbatch/config.py: defaults and meaning), checked
-    by
-    the same validation as the config file; ``seed`` seeds the MC Fisher's label sampling."""
+    """Keyword options are KFACConfig's fields (bigbatch/config/schema.py: defaults and meaning),
+    checked by the same validation as the config file; ``seed`` seeds the MC Fisher's labels."""
 
     def __init__(
         self,
@@ -110,9 +109,8 @@ class KFACPreconditioner:
             )
 
         self.steps = 0
-        self.examples_seen = (
-            0  # examples through the model since the last step (all, not only sampled)
-        )
+        # Examples through the model since the last step (all, not only sampled).
+        self.examples_seen = 0
         self.timings = dict.fromkeys(TIMING_PARTS, 0.0)
         self.health = dict.fromkeys(HEALTH_COUNTERS, 0)
         self._mc_outputs: list[tuple[LayerFactors, torch.Tensor]] = []
@@ -331,9 +329,8 @@ class KFACPreconditioner:
             return
         vg = torch.stack(products).tolist()  # one synchronization for all layers
         finite = [(state, x) for (state, x), p in zip(updates, vg) if math.isfinite(p)]
-        self.health["nonfinite_updates"] += len(updates) - len(
-            finite
-        )  # those keep their raw gradient
+        # Those keep their raw gradient.
+        self.health["nonfinite_updates"] += len(updates) - len(finite)
         nu = 1.0
         if self.kl_clip > 0 and lr is not None:
             vg_sum = sum(p for p in vg if math.isfinite(p)) * lr**2
