@@ -354,3 +354,41 @@ def test_kfac_lowers_cifar_loss_faster_per_step_than_sgd(tmp_path, cifar_zip):
         losses[name] = [r["train_loss"] for r in Trainer(cfg).fit()]
     # Same data order, same LR schedule, same number of steps (60): K-FAC ends lower.
     assert losses["kfac"][-1] < losses["sgd"][-1] - 0.05, losses
+
+
+def _stepped_kfac(model, steps=2):
+    kfac = make_kfac(model)
+    for step in range(steps):
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(8, 5, generator=g, dtype=D), torch.randint(0, 3, (8,), generator=g)
+        step_once(model, kfac, x, y)
+    return kfac
+
+
+def test_state_dict_and_load_state_dict_copy_their_tensors():
+    model = linear_model()
+    kfac = _stepped_kfac(model)
+    saved = kfac.state_dict()
+    before = saved["layers"]["0"]["A"].clone()
+    step_once(model, kfac, torch.randn(8, 5, dtype=D), torch.randint(0, 3, (8,)))
+    assert torch.equal(saved["layers"]["0"]["A"], before)  # the step did not reach the saved state
+    other = make_kfac(linear_model())
+    other.load_state_dict(saved)
+    saved["layers"]["0"]["A"].add_(1.0)
+    saved["layers"]["0"]["decomposition"][0].add_(1.0)
+    assert torch.equal(other.layers["0"].A, before)  # nor does a change to the state afterwards
+    assert not torch.equal(
+        other.layers["0"].decomposition[0], saved["layers"]["0"]["decomposition"][0]
+    )
+
+
+@pytest.mark.cuda
+def test_a_cpu_state_resumes_on_the_gpu_and_back():
+    cpu_kfac = _stepped_kfac(linear_model())
+    gpu_kfac = make_kfac(linear_model().cuda())
+    gpu_kfac.load_state_dict(cpu_kfac.state_dict())
+    state = gpu_kfac.layers["0"]
+    assert state.A.is_cuda and state.G.is_cuda and all(t.is_cuda for t in state.decomposition)
+    back = make_kfac(linear_model())
+    back.load_state_dict(gpu_kfac.state_dict())
+    torch.testing.assert_close(back.layers["0"].A, cpu_kfac.layers["0"].A, rtol=0, atol=0)

@@ -70,18 +70,15 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
 
     def reduce_factors(self, batch: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
         start = time.perf_counter()
-        dtype = self.factor_dtype
+        # On the process group's device, as the all-reduce needs.
+        like: dict[str, Any] = {"dtype": self.factor_dtype, "device": self.device}
         # Every rank sends the same layout; a layer without statistics here sends zeros and count 0.
         shapes = {n: (s.factors.a_dim, s.factors.g_dim) for n, s in self.layers.items()}
         parts = []
         for name, (a_dim, g_dim) in shapes.items():
             a, g, count = batch.get(
                 name,
-                (
-                    torch.zeros(a_dim, a_dim, dtype=dtype),
-                    torch.zeros(g_dim, g_dim, dtype=dtype),
-                    0.0,
-                ),
+                (torch.zeros(a_dim, a_dim, **like), torch.zeros(g_dim, g_dim, **like), 0.0),
             )
             parts += [self._pack(a), self._pack(g), a.new_tensor([count])]
         flat = torch.cat(parts)
@@ -89,10 +86,7 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         self.factor_bytes += flat.numel() * flat.element_size()
         offset = 0
         for name, (a_dim, g_dim) in shapes.items():
-            like_a, like_g = (
-                torch.empty(a_dim, a_dim, dtype=dtype),
-                torch.empty(g_dim, g_dim, dtype=dtype),
-            )
+            like_a, like_g = torch.empty(a_dim, a_dim, **like), torch.empty(g_dim, g_dim, **like)
             sizes = [self._pack(like_a).numel(), self._pack(like_g).numel(), 1]
             a_flat, g_flat, count = flat[offset : offset + sum(sizes)].split(sizes)
             offset += sum(sizes)
@@ -116,7 +110,8 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             [
                 float(s.decomposition is not None and self.owner[s.factors.name] == self.rank)
                 for s in states
-            ]
+            ],
+            device=self.device,
         )
         run_collective(
             "K-FAC decomposition check", self.rank, self.timeout_s, dist.all_reduce, ready
@@ -146,12 +141,12 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
 
     def _decomposition_like(self, state: LayerState) -> tuple[torch.Tensor, ...]:
         a, g = state.factors.a_dim, state.factors.g_dim
-        dtype = self.factor_dtype
+        like: dict[str, Any] = {"dtype": self.factor_dtype, "device": self.device}
         if self.inverse_method == "eigen":
             return (
-                torch.empty(a, a, dtype=dtype),
-                torch.empty(a, dtype=dtype),
-                torch.empty(g, g, dtype=dtype),
-                torch.empty(g, dtype=dtype),
+                torch.empty(a, a, **like),
+                torch.empty(a, **like),
+                torch.empty(g, g, **like),
+                torch.empty(g, **like),
             )
-        return torch.empty(a, a, dtype=dtype), torch.empty(g, g, dtype=dtype)
+        return torch.empty(a, a, **like), torch.empty(g, g, **like)

@@ -355,30 +355,58 @@ class KFACPreconditioner:
             handle.remove()
         self._handles = []
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's registered layers live now: every tensor K-FAC makes goes there."""
+        first = next(iter(self.layers.values()), None)
+        return first.factors.module.weight.device if first is not None else torch.device("cpu")
+
     def state_dict(self) -> dict[str, Any]:
+        """Copies, so that later steps do not change a state that was saved or handed on."""
+
+        def copy(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().clone()
+
         return {
             "steps": self.steps,
             "health": dict(self.health),
             "mc_generator": self.mc_generator.get_state(),
             "layers": {
-                name: {"A": s.A, "G": s.G, "decomposition": s.decomposition, "scale": s.scale}
+                name: {
+                    "A": copy(s.A),
+                    "G": copy(s.G),
+                    "decomposition": (
+                        None if s.decomposition is None else [copy(t) for t in s.decomposition]
+                    ),
+                    "scale": copy(s.scale),
+                }
                 for name, s in self.layers.items()
             },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores copies on the model's current device, whatever device the state was saved on."""
         unknown = set(state["layers"]) - set(self.layers)
         if unknown:
             raise ValueError(
                 f"K-FAC state has layers {sorted(unknown)} that this model does not register"
             )
+        device = self.device
+
+        def restore(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().to(device, copy=True)
+
         self.steps = state["steps"]
         self.health.update(state["health"])
         self.mc_generator.set_state(state["mc_generator"])
         for name, s in state["layers"].items():
             layer = self.layers[name]
-            layer.A, layer.G = s["A"], s["G"]
+            layer.A, layer.G = restore(s["A"]), restore(s["G"])
+            decomposition = s["decomposition"]
             layer.decomposition = (
-                tuple(s["decomposition"]) if s["decomposition"] is not None else None
+                None
+                if decomposition is None
+                else tuple(t.detach().to(device, copy=True) for t in decomposition)
             )
-            layer.scale = s.get("scale")  # absent in older checkpoints: recomputed on first use
+            # Absent in older checkpoints: recomputed on first use.
+            layer.scale = restore(s.get("scale"))
