@@ -266,8 +266,8 @@ def test_state_dict_resume_is_bit_exact(options):
         }
 
     # Stopped after step 4 (statistics at 4 changed A and G since the eigenbasis of step 3), then
-    # resumed in fresh objects from a deep copy of the state, against one uninterrupted run of 9
-    # steps.
+    # resumed in fresh objects from a deep copy of the state, against one uninterrupted run of
+    # 9 steps.
     _, mid = run(0, 5)
     resumed, _ = run(5, 9, copy.deepcopy(mid))
     straight, _ = run(0, 9)

@@ -168,8 +168,8 @@ def test_killed_rank_ends_the_other_with_a_clear_error(tmp_path):
     "optimizer",
     [
         ["optimizer.name=sgd"],
-        # K-FAC communicates factors every step and eigenbases every other: a hang in any of its
-        # collectives too.
+        # K-FAC communicates factors every step and eigenbases every other step: a hang in any
+        # of its collectives too.
         ["optimizer.name=kfac", "kfac.factor_interval=1", "kfac.inverse_interval=2"],
     ],
 )

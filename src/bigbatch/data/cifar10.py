@@ -85,8 +85,8 @@ class _BatchUnpickler(pickle.Unpickler):
 
 
 def _field(batch: dict, key: str) -> Any:
-    # The official files were pickled by Python 2 (byte-string keys); re-pickled copies use str
-    # keys.
+    # The official files were pickled by Python 2, with byte-string keys; re-pickled copies use
+    # str keys.
     return batch[key.encode()] if key.encode() in batch else batch[key]
 
 

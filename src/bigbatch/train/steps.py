@@ -21,8 +21,7 @@ CPU_MICRO_BATCH = 256
 def micro_batch_size(cfg: Config, model: nn.Module, device: torch.device, local_batch: int) -> int:
     if cfg.runtime.micro_batch_size:
         return min(cfg.runtime.micro_batch_size, local_batch)
-    # BatchNorm statistics depend on the batch, so splitting would change the maths: never split
-    # then.
+    # BatchNorm statistics depend on the batch, so splitting would change the maths: not then.
     if device.type == "cpu" and not has_batchnorm(model):
         return min(CPU_MICRO_BATCH, local_batch)
     return local_batch

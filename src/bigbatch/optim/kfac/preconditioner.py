@@ -322,8 +322,8 @@ class KFACPreconditioner:
             v = state.factors.grad_matrix()
             x = self._solve(state, v.to(self.factor_dtype)).to(v.dtype)
             updates.append((state, x))
-            # <F^-1 g, g>: KL-clipping's sum, and the finiteness check (non-finite iff x is, for
-            # finite g).
+            # <F^-1 g, g>: KL-clipping's sum, and the finiteness check (for a finite g it is
+            # non-finite iff x is).
             products.append(torch.dot(x.reshape(-1), v.reshape(-1)))
         if not updates:
             return
