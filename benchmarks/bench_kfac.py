@@ -28,33 +28,16 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from bigbatch.config import default_cache_dir, load_config
+from bigbatch.config import default_cache_dir
 from bigbatch.data import ImageDataset, load_dataset
 from bigbatch.data.batches import BatchLoader, channel_stats
 from bigbatch.models import LeNet5
 from bigbatch.optim.kfac import KFACPreconditioner
-from bigbatch.train.trainer import Trainer
-from common import DEFAULT_DATA, bar, header, page_faults, ratio, table
+from common import DEFAULT_DATA, bar, header, make_trainer, page_faults, ratio, table
 
 BATCHES = (128, 2048)
 PARTS = ("statistics", "eigendecomposition", "preconditioning")
 STEP_IMPLEMENTATIONS = ("sgd", "bigbatch-inverse", "bigbatch", "asdl")
-
-
-def make_trainer(data: str, ds: ImageDataset, batch: int, out: str, optimizer: str) -> Trainer:
-    cfg = load_config(
-        None,
-        [
-            f"data.path={data}",
-            f"train.batch_size={batch}",
-            "train.train_eval_examples=0",
-            "runtime.progress=off",
-            f"runtime.output_dir={out}",
-            f"run.name={optimizer}{batch}",
-            f"optimizer.name={optimizer}",
-        ],
-    )
-    return Trainer(cfg, dataset=ds)
 
 
 def compare_epochs(args: argparse.Namespace, ds: ImageDataset) -> None:
@@ -64,7 +47,10 @@ def compare_epochs(args: argparse.Namespace, ds: ImageDataset) -> None:
     with tempfile.TemporaryDirectory() as out:
         for batch in batches:
             trainers = {
-                name: make_trainer(args.data, ds, batch, out, name) for name in ("sgd", "kfac")
+                name: make_trainer(
+                    args.data, ds, batch, out, f"{name}{batch}", [f"optimizer.name={name}"]
+                )
+                for name in ("sgd", "kfac")
             }
             times: dict[str, list[float]] = {name: [] for name in trainers}
             parts: list[dict[str, float]] = []

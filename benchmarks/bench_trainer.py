@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bigbatch.config import default_cache_dir, load_config
-from bigbatch.data import ImageDataset, load_dataset
+from bigbatch.config import default_cache_dir
+from bigbatch.data import load_dataset
 from bigbatch.data.batches import channel_stats
 from bigbatch.io import read_jsonl
 from bigbatch.train.trainer import Trainer
-from common import DEFAULT_DATA, bar, header, page_faults, ratio, table
+from common import DEFAULT_DATA, bar, header, make_trainer, page_faults, ratio, table
 
 BATCHES = (128, 2048)
 LOOPS = ("plain", "plain-mb", "bigbatch", "bigbatch-mb")
@@ -78,22 +78,6 @@ def plain_epoch(
             (F.cross_entropy(model(xs), ys) * (xs.shape[0] / n)).backward()
         opt.step()
     return time.perf_counter() - start
-
-
-def make_trainer(data: str, ds: ImageDataset, batch: int, out: str, extra: list[str]) -> Trainer:
-    cfg = load_config(
-        None,
-        [
-            f"data.path={data}",
-            f"train.batch_size={batch}",
-            "train.train_eval_examples=0",
-            "runtime.progress=off",
-            f"runtime.output_dir={out}",
-            f"run.name=bench{batch}",
-            *extra,
-        ],
-    )
-    return Trainer(cfg, dataset=ds)
 
 
 def epoch_runners(
@@ -159,8 +143,10 @@ def main() -> None:
     progress = bar(len(batches) * 4 * (args.epochs + 1), "epochs")
     with tempfile.TemporaryDirectory() as out:
         for batch in batches:
-            default = make_trainer(args.data, ds, batch, out, [])
-            whole = make_trainer(args.data, ds, batch, out, [f"runtime.micro_batch_size={batch}"])
+            default = make_trainer(args.data, ds, batch, out, f"bench{batch}", [])
+            whole = make_trainer(
+                args.data, ds, batch, out, f"bench{batch}", [f"runtime.micro_batch_size={batch}"]
+            )
             micro = micro_of[batch] = default.micro_batch
             loops = epoch_runners(images, labels, batch, micro, whole, default)
             times: dict[str, list[float]] = {name: [] for name in loops}

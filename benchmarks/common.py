@@ -14,6 +14,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -80,3 +81,20 @@ def time_calls(fn: Callable[[], object], min_calls: int = 5, min_seconds: float 
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def make_trainer(data: str, ds: Any, batch: int, out: str, name: str, extra: list[str]) -> Any:
+    """A bigbatch Trainer on LeNet-5 for timing epochs: no clean-accuracy pass, no progress bar."""
+    from bigbatch.config import load_config  # here: this module also serves the old tree
+    from bigbatch.train.trainer import Trainer
+
+    sets = [
+        f"data.path={data}",
+        f"train.batch_size={batch}",
+        "train.train_eval_examples=0",
+        "runtime.progress=off",
+        f"runtime.output_dir={out}",
+        f"run.name={name}",
+        *extra,
+    ]
+    return Trainer(load_config(None, sets), dataset=ds)

@@ -139,17 +139,21 @@ def test_conv_factors_equal_brute_force_over_locations(stride, padding, dilation
     torch.testing.assert_close(kfac.layers["conv"].G, G, rtol=1e-10, atol=1e-13)
 
 
+GEOMETRIES = [  # in channels, kernel, stride, padding, dilation, bias, image size
+    (3, 5, 1, 0, 1, True, (12, 12)),
+    (2, (3, 2), 2, 1, 1, True, (9, 11)),
+    (3, 3, 1, 2, 2, False, (10, 8)),
+    (4, (2, 3), (2, 1), (1, 0), (1, 2), True, (7, 12)),
+    (2, 3, (2, 1), 0, (3, 1), True, (11, 7)),
+    (3, 1, 1, 0, 1, True, (5, 17)),
+    (3, 5, 1, 0, 1, True, (9, 32)),
+]
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_conv_input_factor_is_the_patch_gram_for_uneven_kernels_strides_and_images(memory_format):
     torch.manual_seed(5)
-    for cin, k, stride, pad, dil, bias, hw in [
-        (3, 5, 1, 0, 1, True, (12, 12)),
-        (2, (3, 2), 2, 1, 1, True, (9, 11)),
-        (3, 3, 1, 2, 2, False, (10, 8)),
-        (4, (2, 3), (2, 1), (1, 0), (1, 2), True, (7, 12)),
-        (2, 3, (2, 1), 0, (3, 1), True, (11, 7)),
-        (3, 1, 1, 0, 1, True, (5, 17)),
-    ]:
+    for cin, k, stride, pad, dil, bias, hw in GEOMETRIES:
         conv = nn.Conv2d(cin, 5, k, stride=stride, padding=pad, dilation=dil, bias=bias).to(D)
         factors = Conv2dFactors("c", conv)
         x = torch.randn(5, cin, *hw, dtype=D)
@@ -179,17 +183,6 @@ def test_conv_patch_rows_are_f_unfold(memory_format):
         (ph, pw) = conv.padding
         padded = F.pad(x, (pw, pw, ph, ph))  # patch_rows reads an input already padded
         assert torch.equal(Conv2dFactors("c", conv).patch_rows(padded), expected)
-
-
-GEOMETRIES = [  # in channels, kernel, stride, padding, dilation, bias, image size
-    (3, 5, 1, 0, 1, True, (12, 12)),
-    (2, (3, 2), 2, 1, 1, True, (9, 11)),
-    (3, 3, 1, 2, 2, False, (10, 8)),
-    (4, (2, 3), (2, 1), (1, 0), (1, 2), True, (7, 12)),
-    (2, 3, (2, 1), 0, (3, 1), True, (11, 7)),
-    (3, 1, 1, 0, 1, True, (5, 17)),
-    (3, 5, 1, 0, 1, True, (9, 32)),
-]
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
