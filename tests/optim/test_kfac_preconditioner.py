@@ -21,6 +21,12 @@ def _one_layer(n=40):
     return model, torch.randn(n, 4, dtype=D), torch.randint(0, 3, (n,))
 
 
+def _mse_step(model, x, target):
+    model.zero_grad()
+    F.mse_loss(model(x), target, reduction="none").sum(1).mean().backward()
+    return torch.cat([model[0].weight.grad, model[0].bias.grad[:, None]], 1).flatten()
+
+
 @pytest.mark.parametrize(
     "method, pi", [("eigen", False), ("eigen", True), ("inverse", False), ("inverse", True)]
 )
@@ -30,22 +36,48 @@ def test_preconditioned_gradient_solves_the_dense_system(method, pi, damping):
     model, x, _ = _one_layer()
     target = torch.randn(x.shape[0], 3, dtype=D)
     kfac = make_kfac(model, damping=damping, inverse_method=method, pi_damping=pi)
-    model.zero_grad()
-    F.mse_loss(model(x), target, reduction="none").sum(1).mean().backward()
-    grad = torch.cat([model[0].weight.grad, model[0].bias.grad[:, None]], 1).flatten()
+    grad = _mse_step(model, x, target)
     kfac.step(lr=0.1)
-    s = kfac.layers["0"]
-    A, G = s.A, s.G
-    eye_a, eye_g = torch.eye(A.shape[0], dtype=D), torch.eye(G.shape[0], dtype=D)
+    A, G = kfac.layers["0"].A, kfac.layers["0"].G
+    n_a, n_g = A.shape[0], G.shape[0]
     if method == "eigen" and not pi:
-        dense = torch.kron(G, A) + damping * torch.eye(A.shape[0] * G.shape[0], dtype=D)
+        dense = torch.kron(G, A) + damping * torch.eye(n_a * n_g, dtype=D)
     else:
-        p = math.sqrt((A.trace() / A.shape[0]) / (G.trace() / G.shape[0])) if pi else 1.0
-        r = math.sqrt(damping)
-        dense = torch.kron(G + r * p * eye_g, A + r / p * eye_a)
+        # Martens & Grosse (2015), eq. of sec 6.3: (A + pi sqrt(lambda) I) (x) (G + sqrt(lambda)/pi
+        # I) with pi^2 = (tr A / dim A) / (tr G / dim G); kron(G, A) in the row-major flattening.
+        pi_mg = float(((A.trace() / n_a) / (G.trace() / n_g)).sqrt()) if pi else 1.0
+        damped_a = A + pi_mg * math.sqrt(damping) * torch.eye(n_a, dtype=D)
+        damped_g = G + math.sqrt(damping) / pi_mg * torch.eye(n_g, dtype=D)
+        dense = torch.kron(damped_g, damped_a)
     expected = torch.linalg.solve(dense, grad)
     got = torch.cat([model[0].weight.grad, model[0].bias.grad[:, None]], 1).flatten()
     torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("method, pi", [("eigen", False), ("eigen", True), ("inverse", True)])
+def test_update_is_invariant_to_rescaling_the_factors(method, pi):
+    # kron(G / c, A * c) = kron(G, A): exact Tikhonov and the pi split must give the same update
+    # (a split with the roles of A and G exchanged would not; a fixed one, pi = 1, is not meant to).
+    model, x, _ = _one_layer()
+    target = torch.randn(x.shape[0], 3, dtype=D)
+    updates = []
+    for c in (1.0, 50.0):
+        # Statistics on step 0 only; step 1 decomposes the (rescaled) loaded factors.
+        kfac = make_kfac(
+            model, damping=0.05, inverse_method=method, pi_damping=pi, factor_interval=2
+        )
+        _mse_step(model, x, target)
+        kfac.step(lr=0.1)
+        state = kfac.state_dict()
+        state["layers"]["0"]["A"] *= c
+        state["layers"]["0"]["G"] /= c
+        kfac.load_state_dict(state)
+        _mse_step(model, x, target)
+        kfac.step(lr=0.1)
+        updates.append(torch.cat([model[0].weight.grad, model[0].bias.grad[:, None]], 1))
+        kfac.remove()
+    assert updates[1].abs().max() > 0
+    torch.testing.assert_close(updates[1], updates[0], rtol=1e-9, atol=1e-12)
 
 
 def test_kl_clip_scales_the_update():

@@ -12,9 +12,9 @@ value; the first batch initializes F). Eigendecompositions (or inverses) are rec
 where ``step_count % inverse_interval == 0``. Damping:
   * inverse_method="eigen", pi_damping=False (default): exact Tikhonov damping of the Kronecker
     product, (G (x) A + damping I)^-1, through the eigenvalues g_i a_j + damping;
-  * pi_damping=True: the factored split (G + pi sqrt(d) I) (x) (A + sqrt(d)/pi I) of Martens &
+  * pi_damping=True: the factored split (A + pi sqrt(d) I) (x) (G + sqrt(d)/pi I) of Martens &
     Grosse (2015, sec 6.3), pi = sqrt((tr A / dim A) / (tr G / dim G)) from the factors being
-    decomposed;
+    decomposed: the factor with the larger mean eigenvalue takes the larger share;
     "inverse" always uses this split (with pi = 1 unless pi_damping), through Cholesky inverses.
 KL-clipping (Ba et al. 2017) scales all preconditioned gradients by
 min(1, sqrt(kl_clip / (lr^2 sum_layers <F^-1 g, g>))).
@@ -277,8 +277,8 @@ class KFACPreconditioner:
             pi = pi_ratio(state.A, state.G) if self.pi_damping else 1.0
             root = math.sqrt(self.damping)
             (a_inv, retried_a), (g_inv, retried_g) = (
-                robust_inverse(state.A, root / pi),
-                robust_inverse(state.G, root * pi),
+                robust_inverse(state.A, root * pi),
+                robust_inverse(state.G, root / pi),
             )
             self.health["eigh_retries"] += retried_a + retried_g
             if a_inv is None or g_inv is None:
@@ -296,7 +296,7 @@ class KFACPreconditioner:
         if self.pi_damping:
             pi = pi_ratio(state.A, state.G) if state.A is not None and state.G is not None else 1.0
             root = math.sqrt(self.damping)
-            denominator = torch.outer(dg + root * pi, da + root / pi)
+            denominator = torch.outer(dg + root / pi, da + root * pi)
         else:
             denominator = torch.outer(dg, da).add_(self.damping)
         state.scale = denominator.reciprocal_()
