@@ -159,3 +159,15 @@ def test_crop_padding_is_bounded_by_the_image():
     with pytest.raises(ConfigError, match="augment.crop_padding.*images are 32x32.*at most 32"):
         validate_against_data(cfg, num_train=1000, num_test=100, image_size=(32, 32))
     validate_against_data(load_config(None, ["augment.crop_padding=32"]), 1000, 100, 1, (32, 32))
+
+
+def test_inverse_interval_below_factor_interval_warns():
+    with pytest.warns(UserWarning, match="kfac.inverse_interval .5. is smaller than"):
+        load_config(None, ["kfac.factor_interval=10", "kfac.inverse_interval=5"])
+
+
+@pytest.mark.parametrize("key", ["optimizer.lr", "augment.mixup_alpha", "runtime.dist_timeout"])
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_non_finite_numbers_are_refused(key, value):
+    with pytest.raises(ConfigError, match=f"'{key}' must be a finite number"):
+        load_config(None, [f"{key}={value}"])

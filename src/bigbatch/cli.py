@@ -31,7 +31,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     parallel = init_parallel(cfg.runtime.dist_timeout)
     try:
         trainer = Trainer(cfg, parallel=parallel)
-        rows = trainer.fit(resume=args.resume, overwrite=args.overwrite)
+        rows = trainer.fit(
+            resume=args.resume, overwrite=args.overwrite, allow_change=tuple(args.allow_change)
+        )
     except CollectiveError as exc:
         # The process group is broken: tearing it down (or letting the interpreter do so at exit)
         # can abort in gloo's C++ destructors while a peer is hung. Checkpoints and metrics are
@@ -163,6 +165,13 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise BigbatchError(
                 f"'{run_dir}' has no metrics.jsonl rows; is it a bigbatch run directory?"
             )
+        bad = next((i for i, r in enumerate(rows, 1) if not isinstance(r.get("epoch"), int)), None)
+        if bad is not None:
+            raise BigbatchError(
+                f"'{run_dir / 'metrics.jsonl'}' row {bad} has no integer \"epoch\"; it is not a "
+                "bigbatch metrics file (or was edited); `bigbatch train CONFIG --resume` "
+                "rewrites it from the checkpoint"
+            )
         plot_run_curves(rows, run_dir / "curves.png", title=run_dir.name)
         print(f"wrote {run_dir / 'curves.png'}")
     return 0
@@ -183,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite",
         action="store_true",
         help="start again from scratch over an existing run directory",
+    )
+    p.add_argument(
+        "--allow-change",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY",
+        help="with --resume: let this experiment key differ from the checkpoint's, e.g. a lower "
+        "optimizer.lr after a divergence (recorded in metrics.jsonl; repeatable)",
     )
     p.set_defaults(func=cmd_train)
     p = sub.add_parser(

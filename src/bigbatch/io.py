@@ -5,6 +5,7 @@ A crash (even SIGKILL) at any moment leaves either the old file or the new one, 
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -27,12 +28,18 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
+STORAGE_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES}
+
+
 @contextmanager
 def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     """A file opened for writing that appears at ``path`` only when the block ends without error."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise WriteError(path, exc) from None
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -40,9 +47,24 @@ def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
             os.fsync(f.fileno())
         os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        # Storage errors only: an OSError of the caller's own (a failed download) stays its own.
+        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRORS:
+            raise WriteError(path, exc) from None
         raise
+
+
+class WriteError(BigbatchError):
+    """A file could not be written (disk full, read-only, not a directory); the old one is kept."""
+
+    def __init__(self, path: Path, exc: OSError):
+        reason = exc.strerror or str(exc)
+        kept = "its previous version is intact" if path.exists() else "nothing was written there"
+        super().__init__(
+            f"could not write '{path}' ({reason}); {kept}. Free disk space or choose a writable "
+            "runtime.output_dir, then run again (with --resume to continue a run)"
+        )
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -84,8 +106,8 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
                 raise BigbatchError(
-                    f"metrics file '{path}' line {i} is not valid JSON; delete the run directory "
-                    "to "
-                    "start over"
+                    f"metrics file '{path}' line {i} is not valid JSON (damaged); the run's "
+                    "checkpoint holds every row up to its epoch, so `bigbatch train CONFIG "
+                    "--resume` with the run's config rewrites the file"
                 ) from None
     return rows

@@ -61,7 +61,7 @@ def test_landscape_command_writes_csv_json_png(two_runs):
         == 0
     )
     for run in (a, b):
-        base = run / "landscape" / "1d_filter_seed3"
+        base = run / "landscape" / "1d_filter_seed3_points5"
         rows = list(csv.DictReader(base.with_suffix(".csv").open()))
         assert [float(r["c0"]) for r in rows] == [-0.5, 0.0, 0.5, 1.0, 1.5]
         meta = json.loads(base.with_suffix(".json").read_text())
@@ -71,7 +71,7 @@ def test_landscape_command_writes_csv_json_png(two_runs):
         last = read_jsonl(run / "metrics.jsonl")[-1]
         assert float(rows[1]["test_loss"]) == pytest.approx(last["test_loss"], rel=1e-5)
         assert float(rows[1]["test_acc"]) == pytest.approx(last["test_acc"])
-    assert list(a.parent.glob("landscape_1d_filter_seed3_a_vs_b.png"))
+    assert list(a.parent.glob("landscape_1d_filter_seed3_points5_a_vs_b.png"))
 
 
 def test_landscape_batch_size_changes_nothing_but_rounding(two_runs):
@@ -82,7 +82,7 @@ def test_landscape_batch_size_changes_nothing_but_rounding(two_runs):
             cli_main(["landscape", str(a), "--points", "3", "--seed", "5", "--batch-size", batch])
             == 0
         )
-        curves.append(list(csv.DictReader((a / "landscape" / "1d_none_seed5.csv").open())))
+        curves.append(list(csv.DictReader((a / "landscape" / "1d_none_seed5_points3.csv").open())))
     for r128, r7 in zip(*curves):
         assert float(r7["train_loss"]) == pytest.approx(float(r128["train_loss"]), rel=1e-5)
         assert r7["test_acc"] == r128["test_acc"]
@@ -97,7 +97,8 @@ def test_interpolation_and_2d(two_runs):
         )
         == 0
     )
-    rows = json.loads((a / "landscape" / "interpolation_to_b.json").read_text())["points"]
+    interpolation = a / "landscape" / "interpolation_to_b_range0to1_points3.json"
+    rows = json.loads(interpolation.read_text())["points"]
     assert rows[0]["test_loss"] == pytest.approx(
         read_jsonl(a / "metrics.jsonl")[-1]["test_loss"], rel=1e-5
     )
@@ -120,11 +121,14 @@ def test_interpolation_and_2d(two_runs):
         )
         == 0
     )
-    grid = json.loads((a / "landscape" / "2d_none_seed0.json").read_text())["points"]
+    grid_file = a / "landscape" / "2d_none_seed0_points3_train50_test50.json"
+    grid = json.loads(grid_file.read_text())["points"]
     assert len(grid) == 9 and {(r["c0"], r["c1"]) for r in grid} == {
         (x, y) for x in (-0.5, 0.5, 1.5) for y in (-0.5, 0.5, 1.5)
     }
     assert cli_main(["landscape", str(a), "--interpolate"]) == 2
+    # Other settings are other results: the 2-D grid above and the interpolation are both kept.
+    assert interpolation.exists()
 
 
 def test_sharpness_command(two_runs, capsys):

@@ -44,7 +44,10 @@ def _idx_dir(root):
         ("t10k-images-idx3-ubyte", (2, 5, 5)),
         ("t10k-labels-idx1-ubyte", (2,)),
     ):
-        array = np.zeros(shape, np.uint8)
+        # Labels 0, 1, 0, 1: two classes.
+        array = np.arange(np.prod(shape), dtype=np.uint8).reshape(shape) % 2
+        if "images" in name:
+            array = np.zeros(shape, np.uint8)
         (root / f"{name}.gz").write_bytes(
             gzip.compress(
                 struct.pack(">HBB", 0, 8, len(shape))
@@ -137,8 +140,11 @@ def test_image_dataset_checks_its_tensors():
         ImageDataset("t", ["a", "b"], x.float(), y, x, y)
     with pytest.raises(DatasetError, match="'t': test labels are torch.int32"):
         ImageDataset("t", ["a", "b"], x, y, x, y.int())
-    with pytest.raises(DatasetError, match="labels span 0..1 but there are 1 classes"):
-        ImageDataset("t", ["a"], x, y, x, y)
+    y3 = torch.tensor([0, 1, 2, 1])
+    with pytest.raises(DatasetError, match="labels span 0..2 but there are 2 classes"):
+        ImageDataset("t", ["a", "b"], x, y3, x, y3)
+    with pytest.raises(DatasetError, match="1 class"):
+        ImageDataset("t", ["a"], x, y * 0, x, y * 0)
     with pytest.raises(
         DatasetError, match=r"train images are \(1, 2, 2\) but test images are \(1, 3, 3\)"
     ):
@@ -181,11 +187,11 @@ def test_cache_roundtrip_is_used_and_invalidated(tmp_path, monkeypatch):
 def test_cache_of_a_directory_sees_changed_files(tmp_path):
     root = _idx_dir(tmp_path / "idx")
     cache = tmp_path / "cache"
-    assert load_dataset("idx", root, cache_dir=cache).train_labels.tolist() == [0, 0, 0, 0]
+    assert load_dataset("idx", root, cache_dir=cache).train_labels.tolist() == [0, 1, 0, 1]
     labels = root / "train-labels-idx1-ubyte.gz"
-    labels.write_bytes(gzip.compress(struct.pack(">HBBI", 0, 8, 1, 4) + bytes([1, 2, 3, 4])))
+    labels.write_bytes(gzip.compress(struct.pack(">HBBI", 0, 8, 1, 4) + bytes([1, 2, 0, 2])))
     os.utime(labels, ns=(5, 5))
-    assert load_dataset("idx", root, cache_dir=cache).train_labels.tolist() == [1, 2, 3, 4]
+    assert load_dataset("idx", root, cache_dir=cache).train_labels.tolist() == [1, 2, 0, 2]
 
 
 def test_unwritable_cache_only_warns(tmp_path):

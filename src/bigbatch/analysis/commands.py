@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import sys
 import time
 from pathlib import Path
@@ -132,15 +133,33 @@ def landscape(
         raise BigbatchError(
             "--interpolate needs exactly two run directories: the start (a=0) and the end (a=1)"
         )
-    if points < 2:
-        raise BigbatchError("--points must be at least 2")
-    if batch_size < 1:
-        raise BigbatchError("--batch-size must be at least 1")
+    _require(
+        math.isfinite(start) and math.isfinite(stop) and start < stop,
+        "--range",
+        f"is {start} {stop}; give two finite numbers, START < STOP, e.g. --range -0.5 1.5",
+    )
+    _require(points >= 2, "--points", "must be at least 2")
+    _require(batch_size >= 1, "--batch-size", "must be at least 1")
+    _require(train_examples >= 0, "--train-examples", "must be >= 0 (0: the whole training set)")
+    _require(test_examples >= 0, "--test-examples", "must be >= 0 (0: the whole test set)")
     runs = [load_trained_run(run_dirs[0])]
     runs += [
         load_trained_run(d, runs[0].dataset if _same_data(runs[0], d) else None)
         for d in run_dirs[1:]
     ]
+    if interpolate:
+        _require_same_shapes(*runs)
+    # Non-default settings go into the result's name, so a rerun with others adds, not replaces.
+    suffix = "".join(
+        f"_{label}{value}"
+        for label, value, default in (
+            ("range", f"{start:g}to{stop:g}", "-0.5to1.5"),
+            ("points", points, 41),
+            ("train", train_examples, 0),
+            ("test", test_examples, 0),
+        )
+        if value != default
+    )
     settings = {
         "start": start,
         "stop": stop,
@@ -167,7 +186,7 @@ def landscape(
         base = (
             Path(out)
             if out
-            else first.run_dir / "landscape" / f"interpolation_to_{second.run_dir.name}"
+            else first.run_dir / "landscape" / f"interpolation_to_{second.run_dir.name}{suffix}"
         )
         meta = {
             **settings,
@@ -185,7 +204,7 @@ def landscape(
         )
         return written + [base.with_suffix(".png")]
 
-    name = f"{'2d' if two_d else '1d'}_{normalization}_seed{seed}"
+    name = f"{'2d' if two_d else '1d'}_{normalization}_seed{seed}{suffix}"
     curves = []
     for run in runs:
         t0 = time.perf_counter()
@@ -242,6 +261,21 @@ def landscape(
     return written
 
 
+def _require(ok: bool, option: str, message: str) -> None:
+    if not ok:
+        raise BigbatchError(f"{option} {message}")
+
+
+def _require_same_shapes(first: TrainedRun, second: TrainedRun) -> None:
+    shapes = [[tuple(p.shape) for p in r.model.parameters()] for r in (first, second)]
+    if shapes[0] != shapes[1] or first.dataset.image_size != second.dataset.image_size:
+        raise BigbatchError(
+            f"cannot interpolate between '{first.run_dir}' (model {first.config.model.name}) and "
+            f"'{second.run_dir}' (model {second.config.model.name}): their parameters or inputs "
+            "differ in shape; interpolate between two runs of the same model on the same data"
+        )
+
+
 def _same_data(run: TrainedRun, other_dir: str) -> bool:
     import json
 
@@ -274,6 +308,17 @@ def sharpness(
     seed: int = 0,
     batch_size: int = 1000,
 ) -> Path:
+    for option, value in (
+        ("--top-k", top_k),
+        ("--lanczos-steps", lanczos_steps),
+        ("--trace-samples", trace_samples),
+        ("--ascent-steps", ascent_steps),
+        ("--batch-size", batch_size),
+    ):
+        _require(value >= 1, option, f"must be at least 1, got {value}")
+    _require(lanczos_steps >= top_k, "--lanczos-steps", f"must be >= --top-k ({top_k})")
+    _require(examples >= 0, "--examples", "must be >= 0 (0: the whole training set)")
+    _require(math.isfinite(epsilon) and epsilon > 0, "--epsilon", f"must be > 0, got {epsilon}")
     run = load_trained_run(run_dir)
     n = min(examples, run.dataset.num_train) if examples else run.dataset.num_train
     batches = run.batches("train", n, batch_size)

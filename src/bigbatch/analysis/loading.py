@@ -72,7 +72,13 @@ def load_trained_run(run_dir: str | Path, dataset: ImageDataset | None = None) -
             f"'{run_dir}' is not a bigbatch run directory (no config.json); pass the directory of "
             "a finished run"
         )
-    cfg = config_from_dict(json.loads(config_path.read_text()), stored=True)
+    try:
+        cfg = config_from_dict(json.loads(config_path.read_text()), stored=True)
+    except (ValueError, TypeError, AttributeError) as exc:  # damaged or foreign JSON
+        raise BigbatchError(
+            f"'{config_path}' is not a bigbatch run config ({exc}); pass the directory of a run "
+            "that bigbatch wrote"
+        ) from None
     state = load_checkpoint(run_dir / CHECKPOINT_NAME)
     d = cfg.data
     key = (d.format, d.path, d.train_limit, d.test_limit)
@@ -88,7 +94,16 @@ def load_trained_run(run_dir: str | Path, dataset: ImageDataset | None = None) -
         )
         _DATASETS[key] = dataset
     model = build_model(cfg.model.name, dataset.channels, dataset.image_size, dataset.num_classes)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, KeyError) as exc:
+        lines = str(exc).strip().splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else str(exc)
+        raise BigbatchError(
+            f"the weights in '{run_dir / CHECKPOINT_NAME}' do not fit the run's model "
+            f"'{cfg.model.name}' on {dataset.name} ({detail}); "
+            "config.json and checkpoint.pt come from different runs"
+        ) from None
     # NHWC is the fast layout for CPU convolutions (see the trainer); the maths is unchanged.
     model = model.to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
     mean, std = channel_stats(dataset.train_images)

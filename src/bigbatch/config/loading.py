@@ -143,6 +143,11 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def read_toml(path: str | Path, _including: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A TOML file's tables; ``include = "other.toml"`` (relative to the file) lies beneath them."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(
+            f"config '{path}' is a directory; pass the path of a TOML file such as "
+            "configs/quick.toml"
+        )
     if not path.is_file():
         raise ConfigError(
             f"config file '{path}' does not exist; pass the path of a TOML file such as "
@@ -153,6 +158,13 @@ def read_toml(path: str | Path, _including: tuple[Path, ...] = ()) -> dict[str, 
             raw = tomllib.load(f)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file '{path}' is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file '{path}' is not UTF-8 text (byte {exc.start}); TOML files are UTF-8, "
+            "save it in that encoding"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"config file '{path}' cannot be read: {exc.strerror}") from None
     include = raw.pop("include", None)
     if include is None:
         return raw

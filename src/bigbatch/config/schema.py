@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,6 +117,23 @@ class KFACConfig:
         choice(self.fisher_type, key("fisher_type"), FISHER_TYPES)
         choice(self.inverse_method, key("inverse_method"), INVERSE_METHODS)
         require(0 < self.stats_fraction <= 1, key("stats_fraction"), "must be in (0, 1]")
+        for pattern in self.skip_layers:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                require(
+                    False,
+                    key("skip_layers"),
+                    f"holds {pattern!r}, not a regular expression ({exc}); escape special "
+                    "characters, e.g. 'conv\\[1' for a literal bracket",
+                )
+        if self.inverse_interval < self.factor_interval:
+            warnings.warn(
+                f"{key('inverse_interval')} ({self.inverse_interval}) is smaller than "
+                f"{key('factor_interval')} ({self.factor_interval}): some decompositions repeat "
+                "on unchanged factors; set inverse_interval to a multiple of factor_interval",
+                stacklevel=2,
+            )
 
 
 def default_cache_dir() -> str:
@@ -144,6 +163,9 @@ class RuntimeConfig:
     micro_batch_size: int = 0
     eval_batch_size: int = 256
     checkpoint_every: int = 1
+    # An epoch whose training or test loss exceeds this many times log(classes), a uniform
+    # guess's loss, stops the run as diverged (0: only non-finite losses stop it).
+    max_loss_factor: float = 10.0
 
 
 @dataclass

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 from bigbatch.config.checks import choice, require
 from bigbatch.config.schema import (
     DATA_FORMATS,
@@ -28,8 +31,23 @@ def _check_run_name(name: str) -> None:
     )
 
 
+def _check_finite(cfg: Config) -> None:
+    # inf and nan parse as TOML floats; no key of bigbatch's means anything with them.
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            if isinstance(value, float):
+                require(
+                    math.isfinite(value),
+                    f"{section.name}.{f.name}",
+                    f"must be a finite number, got {value}",
+                )
+
+
 def validate(cfg: Config) -> None:
     """Reject values that cannot work; checks needing the dataset live in validate_against_data."""
+    _check_finite(cfg)
     _check_run_name(cfg.run.name)
     require(cfg.run.epochs >= 1, "run.epochs", f"must be >= 1, got {cfg.run.epochs}")
     choice(cfg.data.format, "data.format", DATA_FORMATS)
@@ -78,6 +96,11 @@ def validate(cfg: Config) -> None:
     )
     require(r.eval_batch_size >= 1, "runtime.eval_batch_size", "must be >= 1")
     require(r.checkpoint_every >= 1, "runtime.checkpoint_every", "must be >= 1")
+    require(
+        r.max_loss_factor == 0 or r.max_loss_factor > 1,
+        "runtime.max_loss_factor",
+        "must be > 1 (a multiple of log(classes)) or 0 to stop only on non-finite losses",
+    )
 
 
 def validate_against_data(

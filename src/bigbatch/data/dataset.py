@@ -29,6 +29,12 @@ class ImageDataset:
     def __post_init__(self) -> None:
         # Every loader (and the cache) goes through here, so a shape or dtype slip is caught at
         # load time with the dataset's name instead of deep inside a training step.
+        if len(self.classes) < 2:
+            raise DatasetError(
+                f"dataset '{self.name}' has {len(self.classes)} class(es) {self.classes}; "
+                "classification needs at least 2. Point data.path at the folder that holds one "
+                "sub-folder per class (train/<class>/..., test/<class>/...)"
+            )
         for split in ("train", "test"):
             images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
             if images.dtype != torch.uint8 or images.dim() != 4:

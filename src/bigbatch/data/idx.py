@@ -129,6 +129,17 @@ def load_idx(
             f"'{root}' has label {top} but {name or 'the dataset'} has {len(classes)} classes; is "
             "it the right dataset?"
         )
+    if classes is None:
+        # Without declared classes the labels define them: they must be 0..K-1, each used.
+        missing = sorted(set(range(top + 1)) - set(np.unique(arrays["train_labels"]).tolist()))
+        if missing:
+            shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+            raise DatasetError(
+                f"'{files['train_labels']}' has labels up to {top}, but {len(missing)} of those "
+                f"{top + 1} classes have no training example ({shown}); labels must be class "
+                "indices 0..K-1. For Fashion-MNIST set data.format=fashion-mnist, else relabel "
+                "the files"
+            )
     classes = classes or [str(i) for i in range(top + 1)]
     return ImageDataset(
         name or root.name,

@@ -103,7 +103,7 @@ def load_study(
         name=name,
         output_dir=Path(output_dir or meta.get("output_dir", f"runs/{name}")),
         seeds=list(seeds or meta.get("seeds", [0])),
-        target_accuracy=float(meta.get("target_accuracy", 0.5)),
+        target_accuracy=_target_accuracy(meta.get("target_accuracy", 0.5), path),
         description=meta.get("description", ""),
     )
     study.figures = _figures(meta.get("figures", []), path)
@@ -155,6 +155,15 @@ def load_study(
                     raise ConfigError(f"run '{run_name}' of study '{path}': {exc}") from None
                 study.runs.append(StudyRun(point_label, seed, cfg))
     return study
+
+
+def _target_accuracy(value: Any, path: str | Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise ConfigError(
+            f"[study] target_accuracy in '{path}' is {value!r}; give a test accuracy in (0, 1], "
+            "e.g. target_accuracy = 0.5"
+        )
+    return float(value)
 
 
 def _figures(raw: Any, path: str | Path) -> list[Figure]:

@@ -11,10 +11,39 @@ import torch
 from bigbatch.errors import TrainingError
 
 CHECKPOINT_NAME = "checkpoint.pt"
+# What each reader needs: analysis only the weights and the epoch, a resume everything.
+WEIGHTS = {"model": dict, "epoch": int}
+TRAINING_STATE = {
+    **WEIGHTS,
+    "step": int,
+    "metrics": list,
+    "optimizer": dict,
+    "rng": dict,
+    "config": dict,
+    "train_time": float,
+    "wall_time": float,
+}
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, require: dict[str, type] = WEIGHTS) -> dict[str, Any]:
+    """The checkpoint at ``path``, refused with a message unless it holds ``require``'s keys."""
     path = Path(path)
+    state = _load(path)
+    wrong = (
+        sorted(require)
+        if not isinstance(state, dict)
+        else sorted(k for k, kind in require.items() if not isinstance(state.get(k), kind))
+    )
+    if wrong:
+        raise TrainingError(
+            f"checkpoint '{path}' is not a bigbatch checkpoint (missing or wrong: "
+            f"{', '.join(wrong)}); it may be another program's file or from an incompatible "
+            "version. Point at a bigbatch run directory, or delete it to restart the run"
+        )
+    return state
+
+
+def _load(path: Path) -> Any:
     if not path.is_file():
         raise TrainingError(f"no checkpoint at '{path}'; train without --resume to start the run")
     try:

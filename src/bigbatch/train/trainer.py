@@ -22,8 +22,9 @@ from bigbatch.errors import TrainingError
 from bigbatch.io import atomic_torch_save, atomic_write_json, write_jsonl
 from bigbatch.models import build_model
 from bigbatch.optim.schedules import LRSchedule
-from bigbatch.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from bigbatch.train.checkpoint import CHECKPOINT_NAME, TRAINING_STATE, load_checkpoint
 from bigbatch.train.distributed import ParallelContext
+from bigbatch.train.rundir import RunDirectory
 from bigbatch.train.state import (
     check_compatible,
     peak_rss_mib,
@@ -38,11 +39,23 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise TrainingError(
             f"runtime.device '{name}' is not a torch device; use auto, cpu or cuda"
         ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(
+            f"runtime.device is '{name}' but this torch has no CUDA device "
+            f'(torch {torch.__version__}); use runtime.device="auto" or "cpu", or install a '
+            "CUDA build of torch"
+        )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise TrainingError(
+            f"runtime.device is '{name}' but only {torch.cuda.device_count()} CUDA device(s) "
+            "are visible; use cuda:0 .. cuda:N-1 or auto"
+        )
+    return device
 
 
 def load_run_dataset(cfg: Config) -> ImageDataset:
@@ -82,6 +95,7 @@ class Trainer:
             cfg, ds.num_train, ds.num_test, self.parallel.world_size, ds.image_size
         )
         self.run_dir = cfg.run_dir()
+        self.files: RunDirectory | None = None
 
         seed_everything(cfg.run.seed)
         self.model = build_model(cfg.model.name, ds.channels, ds.image_size, ds.num_classes).to(
@@ -183,11 +197,22 @@ class Trainer:
             "config": self.cfg.to_dict(),
         }
 
-    def _restore(self) -> tuple[int, int, float, float, list[dict[str, Any]]]:
+    def _restore(
+        self, allow_change: tuple[str, ...]
+    ) -> tuple[int, int, float, float, list[dict[str, Any]], dict[str, Any]]:
         path = self.run_dir / CHECKPOINT_NAME
-        state = load_checkpoint(path)
-        check_compatible(
-            config_from_dict(state["config"], stored=True).experiment(), self.cfg.experiment(), path
+        state = load_checkpoint(path, require=TRAINING_STATE)
+        if state["epoch"] > self.cfg.run.epochs:
+            raise TrainingError(
+                f"'{self.run_dir}' has trained {state['epoch']} epochs, more than run.epochs="
+                f"{self.cfg.run.epochs}; resume with run.epochs >= {state['epoch']} (a finished "
+                "run is not shortened), or start a new run.name"
+            )
+        changes = check_compatible(
+            config_from_dict(state["config"], stored=True).experiment(),
+            self.cfg.experiment(),
+            path,
+            allow_change,
         )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -201,26 +226,49 @@ class Trainer:
             state["train_time"],
             state["wall_time"],
             list(state["metrics"]),
+            changes,
         )
 
     # -- loop ----------------------------------------------------------------------------------
-    def fit(self, resume: bool = False, overwrite: bool = False) -> list[dict[str, Any]]:
+    def fit(
+        self, resume: bool = False, overwrite: bool = False, allow_change: tuple[str, ...] = ()
+    ) -> list[dict[str, Any]]:
+        """Train (or with ``resume`` continue) the run; ``overwrite`` replaces an existing run once
+        the new one has its first checkpoint; ``allow_change`` names experiment keys a resume may
+        change (recorded in the first resumed row)."""
+        checkpoint = self.run_dir / CHECKPOINT_NAME
+        # Only the main rank writes, so only it locks (before looking at what the dir holds).
+        files = (
+            RunDirectory(self.run_dir, replace=overwrite and not resume and checkpoint.exists())
+            if self.parallel.is_main
+            else None
+        )
+        self.files = files
+        try:
+            if not resume and checkpoint.exists() and not overwrite:
+                raise TrainingError(
+                    f"'{self.run_dir}' already holds a run; pass --resume to continue it, "
+                    "--overwrite to start it again from scratch, or choose another run.name"
+                )
+            return self._fit(files, resume and checkpoint.exists(), allow_change)
+        finally:
+            if files is not None:
+                files.close()
+
+    def _fit(
+        self, files: RunDirectory | None, resume: bool, allow_change: tuple[str, ...]
+    ) -> list[dict[str, Any]]:
         cfg, main = self.cfg, self.parallel.is_main
         rows: list[dict[str, Any]] = []
         start_epoch, step, train_time, wall_time = 0, 0, 0.0, 0.0
-        checkpoint = self.run_dir / CHECKPOINT_NAME
-        if resume and checkpoint.exists():
-            start_epoch, step, train_time, wall_time, rows = self._restore()
-        elif checkpoint.exists() and not overwrite:
-            raise TrainingError(
-                f"'{self.run_dir}' already holds a run; pass --resume to continue it, --overwrite "
-                "to start "
-                "it again from scratch, or choose another run.name"
-            )
-        if main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.run_dir / "config.json", cfg.to_dict())
-            write_jsonl(self.run_dir / "metrics.jsonl", rows)
+        changes: dict[str, Any] = {}
+        if resume:
+            start_epoch, step, train_time, wall_time, rows, changes = self._restore(allow_change)
+        elif allow_change:
+            raise TrainingError("--allow-change only applies with --resume")
+        if files is not None:
+            atomic_write_json(files.path / "config.json", cfg.to_dict())
+            write_jsonl(files.path / "metrics.jsonl", rows)
         show = _progress_enabled(cfg.runtime.progress, main)
 
         for epoch in range(start_epoch, cfg.run.epochs):
@@ -257,15 +305,21 @@ class Trainer:
             wall_time += time.perf_counter() - wall_start
             row["wall_time"] = wall_time
             row["max_rss_mib"] = peak_rss_mib()
+            if changes:
+                row["config_changes"], changes = changes, {}
             rows.append(row)
-            if main:
+            out = files.path if files is not None else self.run_dir
+            # Before the checkpoint: a diverged epoch is never saved as the last good one.
+            self._check_divergence(row)
+            if files is not None:
                 if (epoch + 1) % cfg.runtime.checkpoint_every == 0 or epoch + 1 == cfg.run.epochs:
                     # Checkpoint before metrics: a crash in between re-runs this epoch on resume.
                     atomic_torch_save(
-                        self.run_dir / CHECKPOINT_NAME,
+                        out / CHECKPOINT_NAME,
                         self._state(epoch + 1, step, train_time, wall_time, rows),
                     )
-                write_jsonl(self.run_dir / "metrics.jsonl", rows)
+                    files.commit()
+                write_jsonl(files.path / "metrics.jsonl", rows)
                 if show:
                     tqdm.write(_epoch_summary(row))
         return rows
@@ -332,17 +386,43 @@ class Trainer:
         }
 
     def _fail_non_finite(self, epoch: int, index: int, loss: float) -> None:
-        path = self.run_dir / CHECKPOINT_NAME
-        kept = (
-            f"the last good checkpoint is kept at '{path}'"
-            if path.exists()
-            else "no checkpoint was written yet"
-        )
-        raise TrainingError(
-            f"non-finite training loss ({loss}) at epoch {epoch + 1}, batch {index + 1}; {kept}. "
-            "Lower optimizer.lr (or raise kfac.damping / add warm-up) and run again"
-            + (" with --resume." if path.exists() else ".")
-        )
+        self._stop(f"non-finite training loss ({loss}) at epoch {epoch + 1}, batch {index + 1}")
+
+    def _check_divergence(self, row: dict[str, Any]) -> None:
+        """A run whose epoch losses are non-finite or far above a uniform guess's is stopped."""
+        factor = self.cfg.runtime.max_loss_factor
+        limit = factor * math.log(self.dataset.num_classes) if factor > 0 else math.inf
+        for key in ("train_loss", "test_loss"):
+            value, epoch = row[key], row["epoch"]
+            if not math.isfinite(value):
+                self._stop(f"{key} is {value} after epoch {epoch}")
+            if value > limit:
+                self._stop(
+                    f"{key} {value:.4g} after epoch {epoch} is above {limit:.3g}, "
+                    f"runtime.max_loss_factor={factor:g} times log({self.dataset.num_classes}) "
+                    "(the loss of a uniform guess): the run diverged"
+                )
+
+    def _stop(self, what: str) -> None:
+        files = self.files
+        path = (files.path if files is not None else self.run_dir) / CHECKPOINT_NAME
+        if files is not None and files.replacing:
+            advice = (
+                f"the run it was to replace is unchanged in '{files.final}'. Lower optimizer.lr "
+                "(or raise kfac.damping / add warm-up) and run again with --overwrite"
+            )
+        elif path.exists():
+            advice = (
+                f"the last good checkpoint is kept at '{path}'. Continue from it with a lower "
+                "learning rate: add --resume --allow-change optimizer.lr --set optimizer.lr=... "
+                "(or raise kfac.damping, or add a warm-up, the same way)"
+            )
+        else:
+            advice = (
+                "no checkpoint was written yet. Lower optimizer.lr (or raise kfac.damping / add "
+                "warm-up) and run again"
+            )
+        raise TrainingError(f"{what}; {advice}")
 
 
 def _epoch_summary(row: dict[str, Any]) -> str:
