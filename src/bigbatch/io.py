@@ -6,6 +6,7 @@ A crash (even SIGKILL) at any moment leaves either the old file or the new one, 
 from __future__ import annotations
 
 import errno
+import io
 import json
 import math
 import os
@@ -77,8 +78,12 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def atomic_torch_save(path: str | Path, obj: Any) -> None:
+    # Serialized in memory first: torch.save turns a failed write (disk full) into an opaque
+    # RuntimeError, a plain write keeps the OSError that says what happened.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_file(path, "wb") as f:
-        torch.save(obj, f)
+        f.write(buffer.getbuffer())
 
 
 def _finite_row(row: dict[str, Any]) -> dict[str, Any]:

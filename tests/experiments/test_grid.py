@@ -1,5 +1,9 @@
 """Studies (experiments/grid.py): the shipped configs, grid expansion, errors, skip and resume."""
 
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -149,3 +153,64 @@ name = "two"
     assert (study.runs[0].run_dir / "checkpoint.pt").stat().st_mtime_ns == stamp
     rows = read_jsonl(study.runs[1].run_dir / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2]
+
+
+def _children(pid):
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+def _alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc")
+def test_sigterm_ends_a_parallel_study_and_its_workers(tmp_path):
+    path = _write_study(
+        tmp_path,
+        """[base.run]
+epochs = 200
+[base.data]
+format = "synthetic"
+train_limit = 200
+test_limit = 100
+[base.train]
+batch_size = 50
+[base.runtime]
+progress = "off"
+[[runs]]
+name = "one"
+[[runs]]
+name = "two"
+""",
+    )
+    study = load_study(path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bigbatch", "reproduce", str(path), "--jobs", "2"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not all((r.run_dir / "checkpoint.pt").exists() for r in study.runs):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.2)
+    workers = [c for c in _children(proc.pid) if _alive(c)]
+    assert len(workers) >= 2  # the pool's workers (its resource tracker may add one)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    deadline = time.monotonic() + 30
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(w) for w in workers), "workers outlived the study"
+    # Nothing was left locked or half-written: each run resumes from its last checkpoint.
+    assert [run_status(r) for r in study.runs] == ["partial", "partial"]
+    from bigbatch.train.rundir import RunLock
+
+    for r in study.runs:
+        RunLock(r.run_dir).release()

@@ -137,8 +137,6 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, synthetic):
     Trainer(_cfg(tmp_path, "run.epochs=1"), synthetic).fit()
     before = load_checkpoint(tmp_path / "t" / "checkpoint.pt")
     trainer = Trainer(_cfg(tmp_path, "run.epochs=3"), synthetic)
-    with torch.no_grad():
-        pass
     original_step = trainer.optimizer.step
 
     def poisoned_step(*args, **kwargs):  # a real divergence: parameters become inf
@@ -153,6 +151,43 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, synthetic):
     assert after["epoch"] == 1
     for k, v in before["model"].items():
         assert torch.equal(v, after["model"][k])
+
+
+def test_finite_divergence_stops_and_a_resume_may_change_the_lr(tmp_path, synthetic):
+    # The case: K-FAC with damping far below float32 resolution at batch 32 reaches
+    # losses of 1e13 that are all finite.
+    kfac = ['optimizer.name="kfac"', "kfac.damping=1e-12", "train.batch_size=32"]
+    with pytest.raises(TrainingError, match=r"train_loss .* above 23, .* diverged; no checkpoint"):
+        Trainer(_cfg(tmp_path / "kfac", "run.epochs=1", *kfac), synthetic).fit()
+    Trainer(_cfg(tmp_path, "run.epochs=1"), synthetic).fit()
+    good = load_checkpoint(tmp_path / "t" / "checkpoint.pt")
+    huge = _cfg(tmp_path, "run.epochs=2", "optimizer.lr=30")
+    with pytest.raises(TrainingError, match="config changed.*--allow-change optimizer.lr"):
+        Trainer(huge, synthetic).fit(resume=True)
+    with pytest.raises(TrainingError, match=r"diverged; the last good checkpoint.*--allow-change"):
+        Trainer(huge, synthetic).fit(resume=True, allow_change=("optimizer.lr",))
+    kept = load_checkpoint(tmp_path / "t" / "checkpoint.pt")
+    assert kept["epoch"] == 1
+    assert all(torch.equal(v, kept["model"][k]) for k, v in good["model"].items())
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "t" / "metrics.jsonl")] == [1]
+    # The advice works: a lower rate, recorded in the row of the first resumed epoch.
+    rows = Trainer(_cfg(tmp_path, "run.epochs=2", "optimizer.lr=0.1"), synthetic).fit(
+        resume=True, allow_change=("optimizer.lr",)
+    )
+    assert rows[1]["config_changes"] == {"optimizer.lr": [0.05, 0.1]}
+    assert "config_changes" not in rows[0]
+    assert json.loads((tmp_path / "t" / "config.json").read_text())["optimizer"]["lr"] == 0.1
+    assert read_jsonl(tmp_path / "t" / "metrics.jsonl")[1]["config_changes"] == {
+        "optimizer.lr": [0.05, 0.1]
+    }
+
+
+def test_resume_never_shortens_a_run(tmp_path, synthetic):
+    Trainer(_cfg(tmp_path, "run.epochs=2"), synthetic).fit()
+    config = (tmp_path / "t" / "config.json").read_text()
+    with pytest.raises(TrainingError, match="trained 2 epochs.*run.epochs >= 2"):
+        Trainer(_cfg(tmp_path, "run.epochs=1"), synthetic).fit(resume=True)
+    assert (tmp_path / "t" / "config.json").read_text() == config
 
 
 def test_batch_larger_than_dataset_rejected(tmp_path, synthetic):

@@ -19,8 +19,8 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import re
+import signal
 from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from bigbatch.config import (
     read_toml,
     validate,
 )
-from bigbatch.errors import ConfigError
+from bigbatch.errors import BigbatchError, ConfigError, TrainingError
 from bigbatch.io import read_jsonl
 from bigbatch.report.report import Figure
 from bigbatch.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
@@ -229,11 +229,26 @@ def _train_one(run: StudyRun, threads: int | None) -> str:
     )
 
 
+def _worker(job: tuple[str, StudyRun, int]) -> tuple[str, str, bool]:
+    """(tag, summary or error message, ok) of one run in a worker process."""
+    tag, run, threads = job
+    try:
+        return tag, _train_one(run, threads), True
+    except BigbatchError as exc:
+        return tag, str(exc), False
+
+
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the pool, which terminates its workers
+
+
 def run_study(study: Study, jobs: int = 1) -> list[StudyRun]:
     """Run every run of the study: finished runs are skipped, interrupted ones resumed.
 
     With ``jobs`` > 1, runs train in that many worker processes with the CPU threads split among
     them: small models use two cores better as two single-threaded runs than as one run on two.
+    A failed run does not stop the others; the study fails at the end, naming it. SIGTERM or
+    SIGINT ends the workers too (each run resumes from its last checkpoint).
     """
     pending = []
     for i, run in enumerate(study.runs, 1):
@@ -244,16 +259,29 @@ def run_study(study: Study, jobs: int = 1) -> list[StudyRun]:
         else:
             print(f"{tag}: {'resuming' if status == 'partial' else 'queued'}", flush=True)
             pending.append((tag, run))
+    failed = []
     if jobs <= 1:
         for tag, run in pending:
-            print(f"{tag}: {_train_one(run, None)}", flush=True)
-        return study.runs
-    threads = max(1, torch.get_num_threads() // jobs)
-    pending.sort(key=lambda item: -_estimated_cost(item[1]))
-    with ProcessPoolExecutor(
-        max_workers=jobs, mp_context=multiprocessing.get_context("spawn")
-    ) as pool:
-        futures = {pool.submit(_train_one, run, threads): tag for tag, run in pending}
-        for future in as_completed(futures):
-            print(f"{futures[future]}: {future.result()}", flush=True)
+            tag, message, ok = _worker((tag, run, 0))
+            print(f"{tag}: {message if ok else 'FAILED: ' + message}", flush=True)
+            failed += [] if ok else [tag]
+    else:
+        threads = max(1, torch.get_num_threads() // jobs)
+        pending.sort(key=lambda item: -_estimated_cost(item[1]))
+        previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+        try:
+            # maxtasksperchild=1: every run starts in a fresh process, as a lone `train` would.
+            with multiprocessing.get_context("spawn").Pool(jobs, maxtasksperchild=1) as pool:
+                jobs_list = [(tag, run, threads) for tag, run in pending]
+                for tag, message, ok in pool.imap_unordered(_worker, jobs_list):
+                    print(f"{tag}: {message if ok else 'FAILED: ' + message}", flush=True)
+                    failed += [] if ok else [tag]
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    if failed:
+        raise TrainingError(
+            f"{len(failed)} of {len(pending)} runs failed ({', '.join(failed)}; messages above); "
+            "the others are done. Fix the cause and run the study again: finished runs are "
+            "skipped"
+        )
     return study.runs
