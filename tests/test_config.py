@@ -171,3 +171,11 @@ def test_inverse_interval_below_factor_interval_warns():
 def test_non_finite_numbers_are_refused(key, value):
     with pytest.raises(ConfigError, match=f"'{key}' must be a finite number"):
         load_config(None, [f"{key}={value}"])
+
+
+def test_relative_data_path_is_stored_resolved(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ['data.path="data/cifar.zip"'])
+    assert cfg.data.path == str(tmp_path / "data" / "cifar.zip")
+    assert config_from_dict(cfg.to_dict(), stored=True).data.path == cfg.data.path
+    assert load_config(None, ['data.path=""']).data.path == ""  # empty: CIFAR-10 in the cache

@@ -28,7 +28,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from bigbatch.train.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
-    parallel = init_parallel(cfg.runtime.dist_timeout)
+    parallel = init_parallel(cfg.runtime.dist_timeout, cfg.runtime.device)
     try:
         trainer = Trainer(cfg, parallel=parallel)
         rows = trainer.fit(

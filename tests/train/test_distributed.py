@@ -52,7 +52,8 @@ def _args(out, name, extra, flags=()):
     ]
 
 
-def _launch(out, name, extra, world_size, port, flags=()):
+def _launch(out, name, extra, world_size, port, flags=(), per_rank=lambda rank: []):
+    """``per_rank(rank)``: extra --set values of that rank only."""
     procs = []
     for rank in range(world_size):
         env = dict(
@@ -66,7 +67,7 @@ def _launch(out, name, extra, world_size, port, flags=()):
         )
         procs.append(
             subprocess.Popen(
-                _args(out, name, extra, flags),
+                _args(out, name, [*extra, *per_rank(rank)], flags),
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -215,3 +216,66 @@ def test_kfac_on_two_ranks_equals_one_process(tmp_path, upper):
     )
     rows = read_jsonl(tmp_path / "two" / "metrics.jsonl")
     assert rows[0]["kfac_factor_bytes"] > 0 and rows[0]["kfac_communication_time"] > 0
+
+
+def test_ranks_started_with_different_configs_refuse_to_train(tmp_path):
+    procs = _launch(
+        tmp_path,
+        "mixed",
+        ["run.epochs=1"],
+        2,
+        _free_port(),
+        per_rank=lambda rank: ["optimizer.lr=0.1"] if rank == 1 else [],
+    )
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 2 and "different configs" in err and "Traceback" not in err, err
+    assert not (tmp_path / "mixed" / "checkpoint.pt").exists()
+
+
+def test_ranks_without_a_shared_disk_resume_from_rank_0s_checkpoint(tmp_path):
+    # Each rank has its own output dir; only rank 0's holds the run, and rank 1 gets it from there.
+    def own_dir(rank):
+        return [f"runtime.output_dir={tmp_path / f'disk{rank}'}"]
+
+    extra = ["data.train_limit=256", "train.batch_size=32"]
+    _finish(_launch(tmp_path, "r", [*extra, "run.epochs=1"], 2, _free_port(), per_rank=own_dir))
+    assert not (tmp_path / "disk1" / "r" / "checkpoint.pt").exists()
+    _finish(
+        _launch(
+            tmp_path,
+            "r",
+            [*extra, "run.epochs=2"],
+            2,
+            _free_port(),
+            flags=["--resume"],
+            per_rank=own_dir,
+        )
+    )
+    _finish(_launch(tmp_path, "straight", [*extra, "run.epochs=2"], 2, _free_port()))
+    resumed = read_jsonl(tmp_path / "disk0" / "r" / "metrics.jsonl")
+    straight = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+    for a, b in zip(resumed, straight, strict=True):
+        for key in ("train_loss", "test_loss", "test_acc", "step"):
+            assert a[key] == b[key], key
+
+
+def test_batchnorm_statistics_are_averaged_before_evaluation(tmp_path):
+    # Each rank normalizes with running statistics of its own shards; the sharded evaluation and
+    # the checkpoint use their mean, so the checkpoint evaluated in one process gives the same loss.
+    from bigbatch.analysis.landscape import evaluate_loss
+    from bigbatch.analysis.loading import load_trained_run
+
+    extra = [
+        'model.name="resnet20"',
+        "data.train_limit=128",
+        "data.test_limit=64",
+        "train.batch_size=32",
+        "run.epochs=1",
+        "runtime.eval_batch_size=64",
+    ]
+    _finish(_launch(tmp_path, "bn", extra, 2, _free_port()))
+    run = load_trained_run(tmp_path / "bn")
+    loss, _ = evaluate_loss(run.model, run.batches("test", batch_size=64))
+    logged = read_jsonl(tmp_path / "bn" / "metrics.jsonl")[-1]["test_loss"]
+    assert loss == pytest.approx(logged, rel=1e-5)

@@ -98,6 +98,9 @@ def config_from_dict(raw: dict[str, Any], stored: bool = False) -> Config:
         if not isinstance(values, dict):
             raise ConfigError(f"config section '[{section}]' must be a table of keys")
         _apply(getattr(cfg, section), section, values)
+    if cfg.data.path:
+        # Stored resolved, so analysis and --resume find the data from any directory.
+        cfg.data.path = str(Path(cfg.data.path).expanduser().absolute())
     return cfg
 
 

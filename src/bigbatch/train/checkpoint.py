@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,21 @@ TRAINING_STATE = {
 
 def load_checkpoint(path: str | Path, require: dict[str, type] = WEIGHTS) -> dict[str, Any]:
     """The checkpoint at ``path``, refused with a message unless it holds ``require``'s keys."""
-    path = Path(path)
-    state = _load(path)
+    return parse_checkpoint(read_checkpoint(Path(path)), Path(path), require)
+
+
+def read_checkpoint(path: Path) -> bytes:
+    if not path.is_file():
+        raise TrainingError(f"no checkpoint at '{path}'; train without --resume to start the run")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise TrainingError(f"checkpoint '{path}' cannot be read ({exc.strerror})") from None
+
+
+def parse_checkpoint(data: bytes, path: Path, require: dict[str, type] = WEIGHTS) -> dict[str, Any]:
+    """The checkpoint in ``data`` (read from ``path``), checked to hold ``require``'s keys."""
+    state = _load(data, path)
     wrong = (
         sorted(require)
         if not isinstance(state, dict)
@@ -43,13 +57,11 @@ def load_checkpoint(path: str | Path, require: dict[str, type] = WEIGHTS) -> dic
     return state
 
 
-def _load(path: Path) -> Any:
-    if not path.is_file():
-        raise TrainingError(f"no checkpoint at '{path}'; train without --resume to start the run")
+def _load(data: bytes, path: Path) -> Any:
     try:
         # weights_only: unpickling may build tensors and plain containers only, so a checkpoint from
         # someone else cannot run code here.
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first_line = str(exc).splitlines()[0] if str(exc) else "refused"
         raise TrainingError(

@@ -26,13 +26,43 @@ from bigbatch.collectives import run_collective
 from bigbatch.errors import TrainingError
 
 
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """The torch device runtime.device names; "auto" and a bare "cuda" mean cuda:LOCAL_RANK for
+    a rank of a torchrun job."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TrainingError(
+            f"runtime.device '{name}' is not a torch device; use auto, cpu or cuda"
+        ) from None
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise TrainingError(
+            f"runtime.device is '{name}' but this torch has no CUDA device "
+            f'(torch {torch.__version__}); use runtime.device="auto" or "cpu", or install a '
+            "CUDA build of torch"
+        )
+    if device.index is None:
+        device = torch.device("cuda", local_rank or 0)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise TrainingError(
+            f"runtime.device resolves to '{device}' but only {torch.cuda.device_count()} CUDA "
+            "device(s) are visible; use cuda:0 .. cuda:N-1 or auto"
+        )
+    return device
+
+
 class ParallelContext:
     """A single process: rank 0 of 1. Subclasses communicate."""
 
     rank = 0
     world_size = 1
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device or torch.device("cpu")
         self.communication_time = 0.0
         self.bytes_communicated = 0
 
@@ -50,18 +80,28 @@ class ParallelContext:
     def broadcast_parameters(self, model: nn.Module) -> None:
         pass
 
+    def average_buffers(self, model: nn.Module) -> None:
+        """BatchNorm running statistics: the mean over ranks (each saw only its shard)."""
+
+    def share(self, data: bytes | None) -> bytes | None:
+        """Rank 0's ``data`` on every rank (the others pass None): ranks need no shared disk."""
+        return data
+
+    def check_same(self, digest: int, what: str) -> None:
+        """Refuse to start unless every rank passes the same ``digest``."""
+
+    def agree(self, error: str | None) -> None:
+        """Raise rank 0's error (if any) on every rank, so that no rank waits for a failed one."""
+        if error:
+            raise TrainingError(error)
+
 
 class DistributedContext(ParallelContext):
-    def __init__(self, timeout_s: float):
-        super().__init__()
+    def __init__(self, timeout_s: float, device: torch.device):
+        super().__init__(device)
         self.timeout_s = timeout_s
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        self.device = (
-            torch.device("cuda", torch.cuda.current_device())
-            if dist.get_backend() == "nccl"
-            else torch.device("cpu")
-        )
 
     def _all_reduce(self, tensor: torch.Tensor, what: str) -> None:
         start = time.perf_counter()
@@ -98,28 +138,84 @@ class DistributedContext(ParallelContext):
                 "parameter broadcast", self.rank, self.timeout_s, dist.broadcast, tensor.data, src=0
             )
 
+    def average_buffers(self, model: nn.Module) -> None:
+        buffers = [b for b in model.buffers() if b.is_floating_point()]
+        if not buffers:
+            return
+        flat = torch.cat([b.reshape(-1) for b in buffers])
+        self._all_reduce(flat, "BatchNorm statistics all-reduce")
+        flat /= self.world_size
+        offset = 0
+        for b in buffers:
+            b.copy_(flat[offset : offset + b.numel()].view_as(b))
+            offset += b.numel()
+
+    def share(self, data: bytes | None) -> bytes | None:
+        size = torch.tensor([-1 if data is None else len(data)], dtype=torch.int64)
+        size = size.to(self.device)
+        run_collective("broadcast from rank 0", self.rank, self.timeout_s, dist.broadcast, size, 0)
+        n = int(size)
+        if n < 0:
+            return None
+        payload = (
+            torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            if self.rank == 0 and data
+            else torch.empty(n, dtype=torch.uint8)
+        ).to(self.device)
+        if n:
+            run_collective(
+                "broadcast from rank 0", self.rank, self.timeout_s, dist.broadcast, payload, 0
+            )
+        return payload.cpu().numpy().tobytes()
+
+    def check_same(self, digest: int, what: str) -> None:
+        # max(d) and max(-d) over ranks: every rank has the same d iff both give it back.
+        t = torch.tensor([digest, -digest], dtype=torch.int64, device=self.device)
+        run_collective(
+            "config check",
+            self.rank,
+            self.timeout_s,
+            lambda: dist.all_reduce(t, op=dist.ReduceOp.MAX),
+        )
+        if int(t[0]) != digest or -int(t[1]) != digest:
+            raise TrainingError(
+                f"the ranks of this job were started with different {what}; start every rank "
+                "with the same config file and --set values (rank "
+                f"{self.rank} has fingerprint {digest:x})"
+            )
+
+    def agree(self, error: str | None) -> None:
+        shared = self.share(error.encode() if error is not None else b"")
+        if shared:
+            raise TrainingError(shared.decode() if self.rank == 0 else f"rank 0: {shared.decode()}")
+
 
 def launched_with_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
 
 
-def init_parallel(timeout_s: float = 300.0) -> ParallelContext:
-    """A DistributedContext under torchrun (gloo on CPU, nccl on GPU), else a single-process
-    context."""
+def init_parallel(timeout_s: float = 300.0, device_name: str = "auto") -> ParallelContext:
+    """A DistributedContext under torchrun, else a single-process context; the backend follows
+    the device (nccl for CUDA, gloo for the CPU), each rank on cuda:LOCAL_RANK."""
     if not launched_with_torchrun():
-        return ParallelContext()
+        return ParallelContext(resolve_device(device_name))
+    device = resolve_device(device_name, int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if device.type == "cuda" else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
         try:
-            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+            dist.init_process_group(
+                backend,
+                timeout=timedelta(seconds=timeout_s),
+                device_id=device if backend == "nccl" else None,
+            )
         except (RuntimeError, dist.DistError, ValueError) as exc:
             raise TrainingError(
                 f"could not join the process group ({exc}); check MASTER_ADDR/MASTER_PORT and that "
                 "every rank started"
             ) from None
-    return DistributedContext(timeout_s)
+    return DistributedContext(timeout_s, device)
 
 
 def shutdown_parallel() -> None:

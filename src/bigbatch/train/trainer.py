@@ -6,6 +6,8 @@ each forward when the MC Fisher is on, and ``step`` between backward and the SGD
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import sys
 import time
@@ -18,12 +20,17 @@ from bigbatch.augment.mixup import BatchMixer
 from bigbatch.config import Config, config_from_dict, validate_against_data
 from bigbatch.data import ImageDataset, load_dataset
 from bigbatch.data.batches import BatchLoader, channel_stats
-from bigbatch.errors import TrainingError
+from bigbatch.errors import BigbatchError, TrainingError
 from bigbatch.io import atomic_torch_save, atomic_write_json, write_jsonl
 from bigbatch.models import build_model
 from bigbatch.optim.schedules import LRSchedule
-from bigbatch.train.checkpoint import CHECKPOINT_NAME, TRAINING_STATE, load_checkpoint
-from bigbatch.train.distributed import ParallelContext
+from bigbatch.train.checkpoint import (
+    CHECKPOINT_NAME,
+    TRAINING_STATE,
+    parse_checkpoint,
+    read_checkpoint,
+)
+from bigbatch.train.distributed import ParallelContext, resolve_device
 from bigbatch.train.rundir import RunDirectory
 from bigbatch.train.state import (
     check_compatible,
@@ -33,29 +40,6 @@ from bigbatch.train.state import (
     set_rng_state,
 )
 from bigbatch.train.steps import evaluate, forward_backward, micro_batch_size, use_channels_last
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise TrainingError(
-            f"runtime.device '{name}' is not a torch device; use auto, cpu or cuda"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(
-            f"runtime.device is '{name}' but this torch has no CUDA device "
-            f'(torch {torch.__version__}); use runtime.device="auto" or "cpu", or install a '
-            "CUDA build of torch"
-        )
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise TrainingError(
-            f"runtime.device is '{name}' but only {torch.cuda.device_count()} CUDA device(s) "
-            "are visible; use cuda:0 .. cuda:N-1 or auto"
-        )
-    return device
 
 
 def load_run_dataset(cfg: Config) -> ImageDataset:
@@ -85,10 +69,14 @@ class Trainer:
         parallel: ParallelContext | None = None,
     ):
         self.cfg = cfg
-        self.parallel = parallel or ParallelContext()
+        self.parallel = parallel or ParallelContext(resolve_device(cfg.runtime.device))
         if cfg.runtime.threads:
             torch.set_num_threads(cfg.runtime.threads)
-        self.device = resolve_device(cfg.runtime.device)
+        self.device = self.parallel.device
+        # Where the data lies may differ between machines; everything else must agree.
+        experiment = {**cfg.experiment(), "data": {**cfg.experiment()["data"], "path": ""}}
+        digest = hashlib.sha256(json.dumps(experiment, sort_keys=True).encode()).hexdigest()
+        self.parallel.check_same(int(digest[:15], 16), "configs")
         self.dataset = dataset if dataset is not None else load_run_dataset(cfg)
         ds = self.dataset
         validate_against_data(
@@ -198,10 +186,10 @@ class Trainer:
         }
 
     def _restore(
-        self, allow_change: tuple[str, ...]
+        self, data: bytes, allow_change: tuple[str, ...]
     ) -> tuple[int, int, float, float, list[dict[str, Any]], dict[str, Any]]:
         path = self.run_dir / CHECKPOINT_NAME
-        state = load_checkpoint(path, require=TRAINING_STATE)
+        state = parse_checkpoint(data, path, require=TRAINING_STATE)
         if state["epoch"] > self.cfg.run.epochs:
             raise TrainingError(
                 f"'{self.run_dir}' has trained {state['epoch']} epochs, more than run.epochs="
@@ -237,33 +225,44 @@ class Trainer:
         the new one has its first checkpoint; ``allow_change`` names experiment keys a resume may
         change (recorded in the first resumed row)."""
         checkpoint = self.run_dir / CHECKPOINT_NAME
-        # Only the main rank writes, so only it locks (before looking at what the dir holds).
-        files = (
-            RunDirectory(self.run_dir, replace=overwrite and not resume and checkpoint.exists())
-            if self.parallel.is_main
-            else None
-        )
+        files, failure, data = None, None, None
+        if self.parallel.is_main:
+            # Only the main rank writes, so only it locks (before looking at what the dir holds)
+            # and reads the checkpoint: the other ranks get its bytes and need no shared disk.
+            try:
+                exists = checkpoint.exists()
+                files = RunDirectory(self.run_dir, replace=overwrite and not resume and exists)
+                if not resume and exists and not overwrite:
+                    raise TrainingError(
+                        f"'{self.run_dir}' already holds a run; pass --resume to continue it, "
+                        "--overwrite to start it again from scratch, or choose another run.name"
+                    )
+                data = read_checkpoint(checkpoint) if resume and exists else None
+            except BigbatchError as exc:
+                failure = exc
         self.files = files
         try:
-            if not resume and checkpoint.exists() and not overwrite:
-                raise TrainingError(
-                    f"'{self.run_dir}' already holds a run; pass --resume to continue it, "
-                    "--overwrite to start it again from scratch, or choose another run.name"
-                )
-            return self._fit(files, resume and checkpoint.exists(), allow_change)
+            self.parallel.agree(str(failure) if failure is not None else None)
+            if failure is not None:
+                raise failure
+            if resume:
+                data = self.parallel.share(data)
+            return self._fit(files, data, allow_change)
         finally:
             if files is not None:
                 files.close()
 
     def _fit(
-        self, files: RunDirectory | None, resume: bool, allow_change: tuple[str, ...]
+        self, files: RunDirectory | None, checkpoint: bytes | None, allow_change: tuple[str, ...]
     ) -> list[dict[str, Any]]:
         cfg, main = self.cfg, self.parallel.is_main
         rows: list[dict[str, Any]] = []
         start_epoch, step, train_time, wall_time = 0, 0, 0.0, 0.0
         changes: dict[str, Any] = {}
-        if resume:
-            start_epoch, step, train_time, wall_time, rows, changes = self._restore(allow_change)
+        if checkpoint is not None:
+            start_epoch, step, train_time, wall_time, rows, changes = self._restore(
+                checkpoint, allow_change
+            )
         elif allow_change:
             raise TrainingError("--allow-change only applies with --resume")
         if files is not None:
@@ -283,6 +282,7 @@ class Trainer:
             step = row["step"]
             train_time += row["epoch_time"]
             row["train_time"] = train_time
+            self.parallel.average_buffers(self.model)  # before evaluating and checkpointing
             test = evaluate(
                 self.model, self.test_loader, self.device, self.memory_format, self.parallel
             )
