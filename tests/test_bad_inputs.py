@@ -172,6 +172,11 @@ CASES: dict[str, tuple[Case, int, str]] = {
         2,
         "output_dir",
     ),
+    "output dir on a read-only filesystem": (
+        lambda ws: ws.train("runtime.output_dir=/proc/bigbatch-runs"),
+        2,
+        "runtime.output_dir",
+    ),
     "existing run without --resume": (lambda ws: ws.train(name="r"), 2, "--resume"),
     "resume with fewer epochs than done": (
         lambda ws: [

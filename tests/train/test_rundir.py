@@ -102,3 +102,12 @@ def test_full_disk_is_a_message_and_the_last_checkpoint_survives(synthetic_run):
     assert "previous version is intact" in done.stderr and "Traceback" not in done.stderr
     assert (synthetic_run / "checkpoint.pt").read_bytes() == checkpoint
     assert not [p for p in synthetic_run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_resume_restores_a_damaged_metrics_file(synthetic_run, capsys):
+    good = (synthetic_run / "metrics.jsonl").read_text()
+    (synthetic_run / "metrics.jsonl").write_text(good + '{"epoch": 2, "trai\n')
+    assert cli_main(["report", str(synthetic_run)]) == 2
+    assert "--resume" in capsys.readouterr().err  # the advice, and it works:
+    assert cli_main(_train_argv(synthetic_run, flag="--resume")) == 0
+    assert (synthetic_run / "metrics.jsonl").read_text() == good

@@ -194,7 +194,10 @@ def run_status(run: StudyRun) -> str:
     path = run.run_dir / CHECKPOINT_NAME
     if not path.exists():
         return "new"
-    rows = read_jsonl(run.run_dir / "metrics.jsonl")
+    try:
+        rows = read_jsonl(run.run_dir / "metrics.jsonl")
+    except BigbatchError:
+        return "partial"  # a damaged metrics file: the resume rewrites it from the checkpoint
     if (
         rows
         and rows[-1]["epoch"] >= run.config.run.epochs
