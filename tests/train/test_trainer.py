@@ -274,3 +274,17 @@ def test_end_to_end_cifar_subset_beats_chance(tmp_path, cifar_zip):
     rows = Trainer(cfg).fit()
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert rows[-1]["test_acc"] > 0.2  # chance is 0.1
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_kfac_run_trains(tmp_path, synthetic, precision):
+    cfg = _cfg(tmp_path, "run.epochs=2", 'optimizer.name="kfac"', f'train.precision="{precision}"')
+    rows = Trainer(cfg, synthetic).fit()
+    reference = Trainer(_cfg(tmp_path / "fp32", "run.epochs=2", 'optimizer.name="kfac"'), synthetic)
+    exact = reference.fit()
+    assert rows[-1]["kfac_nonfinite_factors"] == rows[-1]["kfac_nonfinite_updates"] == 0
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert rows[-1]["test_acc"] == pytest.approx(exact[-1]["test_acc"], abs=0.05)
+    # The loss scale is part of the run's state: a resume continues it.
+    if precision == "fp16":
+        assert load_checkpoint(tmp_path / "t" / "checkpoint.pt")["scaler"]["scale"] > 0

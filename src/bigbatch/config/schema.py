@@ -20,6 +20,7 @@ from bigbatch.config.checks import choice, require
 DATA_FORMATS = ("auto", "cifar10", "image-folder", "idx", "fashion-mnist", "synthetic")
 MODELS = ("lenet5", "resnet20", "resnet32", "resnet44", "resnet56")
 OPTIMIZERS = ("sgd", "kfac")
+PRECISIONS = ("fp32", "bf16", "fp16")
 FISHER_TYPES = ("empirical", "mc")
 INVERSE_METHODS = ("eigen", "inverse")
 SWITCH_MODES = ("auto", "on", "off")  # runtime.progress and runtime.channels_last
@@ -64,6 +65,8 @@ class TrainConfig:
     # Clean (no augmentation) accuracy on this many training examples each epoch; 0 disables.
     train_eval_examples: int = 10000
     drop_last: bool = False
+    # Autocast precision of forward passes: fp32 (off), bf16, or fp16 (with a gradient scaler).
+    precision: str = "fp32"
 
 
 @dataclass

@@ -11,6 +11,7 @@ from bigbatch.config.schema import (
     MAX_RUN_NAME,
     MODELS,
     OPTIMIZERS,
+    PRECISIONS,
     SWITCH_MODES,
     Config,
 )
@@ -70,6 +71,7 @@ def validate(cfg: Config) -> None:
         cfg.train.batch_size >= 1, "train.batch_size", f"must be >= 1, got {cfg.train.batch_size}"
     )
     require(cfg.train.train_eval_examples >= 0, "train.train_eval_examples", "must be >= 0")
+    choice(cfg.train.precision, "train.precision", PRECISIONS)
     choice(cfg.optimizer.name, "optimizer.name", OPTIMIZERS)
     require(cfg.optimizer.lr > 0, "optimizer.lr", f"must be > 0, got {cfg.optimizer.lr}")
     require(0 <= cfg.optimizer.momentum < 1, "optimizer.momentum", "must be in [0, 1)")

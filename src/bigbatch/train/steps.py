@@ -33,6 +33,20 @@ def use_channels_last(cfg: Config, device: torch.device) -> bool:
     return mode == "on" or (mode == "auto" and device.type == "cpu")
 
 
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """The forward passes' mixed-precision context ("fp32": disabled)."""
+    dtype = AUTOCAST_DTYPES[precision]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    # The loss of autocast's bf16/fp16 logits in float32; float64 models stay float64.
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def forward_backward(
     model: nn.Module,
     x: torch.Tensor,
@@ -41,23 +55,28 @@ def forward_backward(
     label_smoothing: float = 0.0,
     mc_fisher: Any = None,
     memory_format: torch.memory_format = torch.contiguous_format,
+    precision: str = "fp32",
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[float, float]:
     """Accumulate the gradient of the batch-mean loss in micro-batches; returns (loss sum, hits).
 
     Each micro-batch's mean loss is weighted by its share of the batch, so the accumulated gradient
-    equals the full-batch gradient up to float rounding (tests check this).
+    equals the full-batch gradient up to float rounding (tests check this). Forward passes run
+    under ``precision``'s autocast, backward passes of ``scaler``-scaled losses.
     """
     n = x.shape[0]
     loss_sum = 0.0
     hits = 0.0
     for start in range(0, n, micro):
         size = min(micro, n - start)
-        logits = model(x.narrow(0, start, size).contiguous(memory_format=memory_format))
         part = targets.narrow(start, size)
-        if mc_fisher is not None:
-            mc_fisher.accumulate_mc_fisher(logits)
-        loss = mixed_cross_entropy(logits, part, label_smoothing)
-        (loss * (size / n)).backward()
+        with autocast(x.device, precision):
+            logits = model(x.narrow(0, start, size).contiguous(memory_format=memory_format))
+            if mc_fisher is not None:
+                mc_fisher.accumulate_mc_fisher(logits)
+            loss = mixed_cross_entropy(_at_least_float32(logits), part, label_smoothing)
+        weighted = loss * (size / n)
+        (scaler.scale(weighted) if scaler is not None else weighted).backward()
         loss_sum += loss.item() * size
         hits += float(mixed_correct(logits.detach(), part))
     return loss_sum, hits
@@ -70,6 +89,7 @@ def evaluate(
     device: torch.device,
     memory_format: torch.memory_format = torch.contiguous_format,
     parallel: ParallelContext | None = None,
+    precision: str = "fp32",
 ) -> dict[str, float]:
     """Mean loss and top-1 accuracy; with several ranks each evaluates its shard and the sums are
     reduced."""
@@ -80,7 +100,8 @@ def evaluate(
     count = 0
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = model(x.contiguous(memory_format=memory_format))
+        with autocast(device, precision):
+            logits = _at_least_float32(model(x.contiguous(memory_format=memory_format)))
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         hits += (logits.argmax(1) == y).sum()
         count += y.shape[0]

@@ -101,6 +101,8 @@ class Trainer:
             weight_decay=cfg.optimizer.weight_decay,
             nesterov=cfg.optimizer.nesterov,
         )
+        # fp16 needs loss scaling; disabled, the scaler's calls are the plain ones.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
         self.kfac = self._build_kfac() if cfg.optimizer.name == "kfac" else None
         # Only the MC Fisher needs the logits of every forward (for its sampled-label backward).
         self.mc_fisher = (
@@ -181,6 +183,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "kfac": self.kfac.state_dict() if self.kfac is not None else None,
+            "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
             "config": self.cfg.to_dict(),
         }
@@ -206,6 +209,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.kfac is not None:
             self.kfac.load_state_dict(state["kfac"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         # The checkpoint carries the metrics up to its epoch: rows logged after it are re-run.
         return (
@@ -284,7 +289,12 @@ class Trainer:
             row["train_time"] = train_time
             self.parallel.average_buffers(self.model)  # before evaluating and checkpointing
             test = evaluate(
-                self.model, self.test_loader, self.device, self.memory_format, self.parallel
+                self.model,
+                self.test_loader,
+                self.device,
+                self.memory_format,
+                self.parallel,
+                cfg.train.precision,
             )
             row.update(test_loss=test["loss"], test_acc=test["acc"])
             if self.train_eval_loader is not None:
@@ -294,6 +304,7 @@ class Trainer:
                     self.device,
                     self.memory_format,
                     self.parallel,
+                    cfg.train.precision,
                 )
                 row.update(train_eval_loss=clean["loss"], train_eval_acc=clean["acc"])
             if self.parallel.world_size > 1:
@@ -356,6 +367,8 @@ class Trainer:
                 cfg.augment.label_smoothing,
                 self.mc_fisher,
                 self.memory_format,
+                cfg.train.precision,
+                self.scaler,
             )
             # One collective averages gradients and sums the step's metrics over ranks.
             batch_loss, batch_hits, batch_size = self.parallel.reduce_step(
@@ -363,9 +376,13 @@ class Trainer:
             )
             if not math.isfinite(batch_loss):
                 self._fail_non_finite(epoch, i, batch_loss)
+            self.scaler.unscale_(self.optimizer)
             if self.kfac is not None:
-                self.kfac.step(lr=lr)
-            self.optimizer.step()
+                # Its G came from scaled gradients; an overflowed step's statistics are skipped.
+                scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+                self.kfac.step(lr=lr, grad_scale=scale)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             step += 1
             loss_sum += batch_loss
             hits += batch_hits

@@ -84,6 +84,13 @@ class LayerFactors:
             return
         rows = pending[0] if len(pending) == 1 else torch.cat(pending)
         pending.clear()
+        # Under mixed precision the rows are bf16/fp16: the statistics are summed in float32 at
+        # least (an fp16 Gram overflows), with autocast off so the products stay in that dtype.
+        rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
+        with torch.autocast(rows.device.type, enabled=False):
+            self._add(side, rows)
+
+    def _add(self, side: str, rows: torch.Tensor) -> None:
         if side == "a":
             a = self.a_contribution(rows)
             self.a_sum = a if self.a_sum is None else self.a_sum.add_(a)

@@ -47,7 +47,15 @@ from bigbatch.optim.kfac.decompositions import pi_ratio, robust_eigh, robust_inv
 from bigbatch.optim.kfac.layers import LayerFactors, make_layer_factors
 
 TIMING_PARTS = ("statistics", "eigendecomposition", "preconditioning", "communication")
-HEALTH_COUNTERS = ("nonfinite_factors", "eigh_retries", "eigh_failures", "nonfinite_updates")
+# scaled_overflow_steps: steps whose loss-scaled gradients overflowed (fp16); a GradScaler skips
+# them, K-FAC skips their statistics, and neither is a fault.
+HEALTH_COUNTERS = (
+    "nonfinite_factors",
+    "eigh_retries",
+    "eigh_failures",
+    "nonfinite_updates",
+    "scaled_overflow_steps",
+)
 
 
 class LayerState:
@@ -115,6 +123,7 @@ class KFACPreconditioner:
         self.health = dict.fromkeys(HEALTH_COUNTERS, 0)
         self._mc_outputs: list[tuple[LayerFactors, torch.Tensor]] = []
         self._warned_missing = False
+        self._scaled = self._overflow_seen = False
         self._handles = [
             state.factors.module.register_forward_hook(self._forward_hook(state.factors))
             for state in self.layers.values()
@@ -179,10 +188,18 @@ class KFACPreconditioner:
         return max(1, math.ceil(n * self.stats_fraction))
 
     # -- the step --------------------------------------------------------------------------------
-    def step(self, lr: float | None = None) -> None:
+    def step(self, lr: float | None = None, grad_scale: float | torch.Tensor | None = None) -> None:
+        """Precondition the gradients (already unscaled); ``grad_scale``: the loss scale of a
+        GradScaler, which the output gradients the statistics saw still carry."""
+        with torch.autocast(self.device.type, enabled=False):
+            self._step(lr, grad_scale)
+
+    def _step(self, lr: float | None, grad_scale: float | torch.Tensor | None) -> None:
+        self._overflow_seen = False
+        self._scaled = grad_scale is not None
         if self.collecting:
             start = time.perf_counter()
-            batch = self._batch_factors()
+            batch = self._batch_factors(grad_scale)
             self.timings["statistics"] += time.perf_counter() - start
             self.reduce_factors(batch)
             start = time.perf_counter()
@@ -200,12 +217,19 @@ class KFACPreconditioner:
         for state in self.layers.values():
             state.factors.reset()
 
-    def _batch_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    def _batch_factors(
+        self, grad_scale: float | torch.Tensor | None = None
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
         """Per layer: (A sum, G sum, contributing examples), G scaled to per-example gradients."""
         out = {}
         missing = []
-        # Empirical: hooks saw g / N for a mean loss over N examples, so sum(g g^T) = N^2 * raw sum.
-        scale = float(self.examples_seen) ** 2 if self.fisher_type == "empirical" else 1.0
+        # Empirical: hooks saw S g / N for a mean loss over N examples scaled by S (a GradScaler's,
+        # else 1), so sum(g g^T) = (N / S)^2 * raw sum. The MC backward is never scaled.
+        scale: float | torch.Tensor = 1.0
+        if self.fisher_type == "empirical":
+            scale = float(self.examples_seen) ** 2
+            if grad_scale is not None:
+                scale = scale / grad_scale**2
         for name, state in self.layers.items():
             f = state.factors
             f.finish()
@@ -244,7 +268,7 @@ class KFACPreconditioner:
         ).tolist()
         for k, (name, (a_sum, g_sum, count)) in enumerate(batch.items()):
             if not (math.isfinite(sums[2 * k]) and math.isfinite(sums[2 * k + 1])):
-                self.health["nonfinite_factors"] += 1
+                self._count_nonfinite("nonfinite_factors", 1)
                 continue
             state = self.layers[name]
             a, g = a_sum / count, g_sum / count
@@ -330,7 +354,7 @@ class KFACPreconditioner:
         vg = torch.stack(products).tolist()  # one synchronization for all layers
         finite = [(state, x) for (state, x), p in zip(updates, vg) if math.isfinite(p)]
         # Those keep their raw gradient.
-        self.health["nonfinite_updates"] += len(updates) - len(finite)
+        self._count_nonfinite("nonfinite_updates", len(updates) - len(finite))
         nu = 1.0
         if self.kl_clip > 0 and lr is not None:
             vg_sum = sum(p for p in vg if math.isfinite(p)) * lr**2
@@ -338,6 +362,15 @@ class KFACPreconditioner:
                 nu = min(1.0, math.sqrt(self.kl_clip / vg_sum))
         for state, x in finite:
             state.factors.set_grad_matrix(x.mul_(nu) if nu != 1.0 else x)
+
+    def _count_nonfinite(self, counter: str, n: int) -> None:
+        if not n:
+            return
+        if not self._scaled:
+            self.health[counter] += n
+        elif not self._overflow_seen:  # one overflow per step, however many layers show it
+            self.health["scaled_overflow_steps"] += 1
+            self._overflow_seen = True
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
