@@ -17,6 +17,7 @@ Each run's config is base <- run <- grid point <- seed <- command-line overrides
 from __future__ import annotations
 
 import itertools
+import math
 import multiprocessing
 import re
 import signal
@@ -232,13 +233,29 @@ def _train_one(run: StudyRun, threads: int | None) -> str:
     )
 
 
+_free_gpus: Any = None  # in a worker: the queue of GPU indices no run is using
+
+
+def _share_gpus(queue: Any) -> None:
+    global _free_gpus
+    _free_gpus = queue
+
+
 def _worker(job: tuple[str, StudyRun, int]) -> tuple[str, str, bool]:
     """(tag, summary or error message, ok) of one run in a worker process."""
     tag, run, threads = job
+    gpu = None
+    if _free_gpus is not None and run.config.runtime.device in ("auto", "cuda"):
+        # Each run takes a GPU no other run holds (runtime keys never change results).
+        gpu = _free_gpus.get()
+        run.config.runtime.device = f"cuda:{gpu}"
     try:
         return tag, _train_one(run, threads), True
     except BigbatchError as exc:
         return tag, str(exc), False
+    finally:
+        if gpu is not None:
+            _free_gpus.put(gpu)
 
 
 def _stop_on_sigterm(signum: int, frame: Any) -> None:
@@ -274,7 +291,16 @@ def run_study(study: Study, jobs: int = 1) -> list[StudyRun]:
         previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
         try:
             # maxtasksperchild=1: every run starts in a fresh process, as a lone `train` would.
-            with multiprocessing.get_context("spawn").Pool(jobs, maxtasksperchild=1) as pool:
+            context = multiprocessing.get_context("spawn")
+            gpus = torch.cuda.device_count()
+            queue = None
+            if gpus > 1:
+                queue = context.Queue()
+                for k in range(gpus * math.ceil(jobs / gpus)):
+                    queue.put(k % gpus)  # jobs beyond the GPU count share them evenly
+            with context.Pool(
+                jobs, initializer=_share_gpus, initargs=(queue,), maxtasksperchild=1
+            ) as pool:
                 jobs_list = [(tag, run, threads) for tag, run in pending]
                 for tag, message, ok in pool.imap_unordered(_worker, jobs_list):
                     print(f"{tag}: {message if ok else 'FAILED: ' + message}", flush=True)
