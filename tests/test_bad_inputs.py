@@ -276,6 +276,15 @@ CASES: dict[str, tuple[Case, int, str]] = {
         "--train-examples",
     ),
     "landscape --points 0": (lambda ws: ["landscape", str(ws.run), "--points", "0"], 2, "--points"),
+    "sharpness --device cuda without CUDA": (
+        lambda ws: (
+            ["sharpness", str(ws.run), "--device", "cuda"]
+            if not torch.cuda.is_available()
+            else ["sharpness", str(ws.run), "--device", "cuda:99"]
+        ),
+        2,
+        "runtime.device",
+    ),
     # reports and studies
     "report on rows without epoch": (
         lambda ws: ["report", ws.file("runs/r/metrics.jsonl", '{"loss": 1}\n') and str(ws.run)],

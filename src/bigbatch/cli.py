@@ -124,6 +124,7 @@ def cmd_landscape(args: argparse.Namespace) -> int:
         interpolate=args.interpolate,
         two_d=args.two_d,
         out=args.out,
+        device=args.device,
     )
     print("wrote:\n  " + "\n  ".join(map(str, written)))
     return 0
@@ -143,6 +144,7 @@ def cmd_sharpness(args: argparse.Namespace) -> int:
         epsilon=args.epsilon,
         ascent_steps=args.ascent_steps,
         seed=args.seed,
+        device=args.device,
     )
     result = json.loads(path.read_text())
     print(
@@ -254,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", help="where the overlay or interpolation plot goes (default: beside the runs)"
     )
+    p.add_argument(
+        "--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N"
+    )
     p.set_defaults(func=cmd_landscape)
     p = sub.add_parser(
         "sharpness", help="top Hessian eigenvalues, Hessian trace and epsilon-sharpness of a run"
@@ -268,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epsilon", type=float, default=1e-3)
     p.add_argument("--ascent-steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N"
+    )
     p.set_defaults(func=cmd_sharpness)
     p = sub.add_parser("report", help="redraw the loss/accuracy curves of run directories")
     p.add_argument("run_dirs", nargs="+")

@@ -162,3 +162,20 @@ def test_sharpness_command(two_runs, capsys):
         and result["epsilon_sharpness"] >= 0
     )
     assert "top Hessian eigenvalues" in capsys.readouterr().out
+
+
+@pytest.mark.cuda
+def test_analysis_on_the_gpu_equals_the_cpu(two_runs):
+    a, _ = two_runs
+    options = ["--examples", "200", "--lanczos-steps", "8", "--trace-samples", "4"]
+    results = []
+    for device in ("cpu", "cuda"):
+        assert cli_main(["sharpness", str(a), *options, "--device", device]) == 0
+        results.append(json.loads((a / "sharpness.json").read_text()))
+        assert cli_main(["landscape", str(a), "--points", "3", "--device", device]) == 0
+        results.append(json.loads((a / "landscape" / "1d_none_seed0_points3.json").read_text()))
+    cpu_sharpness, cpu_landscape, gpu_sharpness, gpu_landscape = results
+    for key in ("top_eigenvalues", "trace", "epsilon_sharpness"):
+        assert gpu_sharpness[key] == pytest.approx(cpu_sharpness[key], rel=1e-3), key
+    for p, q in zip(gpu_landscape["points"], cpu_landscape["points"], strict=True):
+        assert p["train_loss"] == pytest.approx(q["train_loss"], rel=1e-4)

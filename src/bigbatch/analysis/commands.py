@@ -128,6 +128,7 @@ def landscape(
     interpolate: bool = False,
     two_d: bool = False,
     out: str | None = None,
+    device: str = "auto",
 ) -> list[Path]:
     if interpolate and len(run_dirs) != 2:
         raise BigbatchError(
@@ -142,9 +143,9 @@ def landscape(
     _require(batch_size >= 1, "--batch-size", "must be at least 1")
     _require(train_examples >= 0, "--train-examples", "must be >= 0 (0: the whole training set)")
     _require(test_examples >= 0, "--test-examples", "must be >= 0 (0: the whole test set)")
-    runs = [load_trained_run(run_dirs[0])]
+    runs = [load_trained_run(run_dirs[0], device=device)]
     runs += [
-        load_trained_run(d, runs[0].dataset if _same_data(runs[0], d) else None)
+        load_trained_run(d, runs[0].dataset if _same_data(runs[0], d) else None, device)
         for d in run_dirs[1:]
     ]
     if interpolate:
@@ -307,6 +308,7 @@ def sharpness(
     ascent_steps: int = 10,
     seed: int = 0,
     batch_size: int = 1000,
+    device: str = "auto",
 ) -> Path:
     for option, value in (
         ("--top-k", top_k),
@@ -319,7 +321,7 @@ def sharpness(
     _require(lanczos_steps >= top_k, "--lanczos-steps", f"must be >= --top-k ({top_k})")
     _require(examples >= 0, "--examples", "must be >= 0 (0: the whole training set)")
     _require(math.isfinite(epsilon) and epsilon > 0, "--epsilon", f"must be > 0, got {epsilon}")
-    run = load_trained_run(run_dir)
+    run = load_trained_run(run_dir, device=device)
     n = min(examples, run.dataset.num_train) if examples else run.dataset.num_train
     batches = run.batches("train", n, batch_size)
     result: dict[str, Any] = {

@@ -65,6 +65,16 @@ def loss_and_gradient(model: nn.Module, batches: Batches) -> tuple[float, Vector
     return loss_sum / total, [g / total for g in grad]
 
 
+# Probes are drawn from a CPU generator and moved to the parameters' device: a seed gives the same
+# probes, and so the same estimates, on every device; one copy per probe is small beside an HVP.
+def _draw_gaussian(p: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    return torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device)
+
+
+def _draw_rademacher(p: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    return (torch.randint(0, 2, p.shape, generator=g).to(p.dtype) * 2 - 1).to(p.device)
+
+
 def lanczos_top_eigenvalues(
     model: nn.Module,
     batches: Batches,
@@ -81,7 +91,7 @@ def lanczos_top_eigenvalues(
     """
     params = _params(model)
     g = torch.Generator().manual_seed(seed)
-    v = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+    v = [_draw_gaussian(p, g) for p in params]
     v = _scale(1.0 / _norm(v), v)
     basis: list[Vector] = []
     alphas: list[float] = []
@@ -120,7 +130,7 @@ def power_iteration_top_eigenvalue(
     Lanczos."""
     params = _params(model)
     g = torch.Generator().manual_seed(seed)
-    v = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+    v = [_draw_gaussian(p, g) for p in params]
     v = _scale(1.0 / _norm(v), v)
     eig = 0.0
     for _ in range(iters):
@@ -145,7 +155,7 @@ def hutchinson_trace(
     g = torch.Generator().manual_seed(seed)
     values = []
     for i in range(samples):
-        v = [torch.randint(0, 2, p.shape, generator=g).to(p.dtype) * 2 - 1 for p in params]
+        v = [_draw_rademacher(p, g) for p in params]
         values.append(float(_dot(hessian_vector_product(model, batches, v), v)))
         progress(i + 1)
     mean = sum(values) / len(values)

@@ -17,6 +17,7 @@ from bigbatch.data.batches import BatchLoader, channel_stats
 from bigbatch.errors import BigbatchError
 from bigbatch.models import build_model
 from bigbatch.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from bigbatch.train.distributed import resolve_device
 
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 
@@ -30,6 +31,7 @@ class TrainedRun:
     mean: list[float]
     std: list[float]
     epoch: int
+    device: torch.device = torch.device("cpu")
 
     def batches(
         self,
@@ -56,7 +58,8 @@ class TrainedRun:
 
         def iterate() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
             for x, y in loader:
-                yield x.to(dtype).contiguous(memory_format=memory_format), y
+                x = x.to(self.device, dtype, non_blocking=True)
+                yield x.contiguous(memory_format=memory_format), y.to(self.device)
 
         return iterate
 
@@ -64,7 +67,11 @@ class TrainedRun:
 _DATASETS: dict[tuple, ImageDataset] = {}
 
 
-def load_trained_run(run_dir: str | Path, dataset: ImageDataset | None = None) -> TrainedRun:
+def load_trained_run(
+    run_dir: str | Path, dataset: ImageDataset | None = None, device: str = "cpu"
+) -> TrainedRun:
+    """The run's model (on ``device``, a runtime.device value) and its data."""
+    target = resolve_device(device)
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
     if not config_path.exists():
@@ -105,6 +112,6 @@ def load_trained_run(run_dir: str | Path, dataset: ImageDataset | None = None) -
             "config.json and checkpoint.pt come from different runs"
         ) from None
     # NHWC is the fast layout for CPU convolutions (see the trainer); the maths is unchanged.
-    model = model.to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
+    model = model.to(target, memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
     mean, std = channel_stats(dataset.train_images)
-    return TrainedRun(run_dir, cfg, model, dataset, mean, std, state["epoch"])
+    return TrainedRun(run_dir, cfg, model, dataset, mean, std, state["epoch"], target)
