@@ -101,7 +101,8 @@ class KFACPreconditioner:
         self.inverse_method = options.inverse_method
         self.stats_fraction = options.stats_fraction
         self.factor_dtype = factor_dtype
-        self.mc_generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.mc_generator: torch.Generator | None = None  # made on the model's device, when used
 
         patterns = [re.compile(p) for p in options.skip_layers]
         self.layers: dict[str, LayerState] = {}
@@ -169,11 +170,8 @@ class KFACPreconditioner:
         start = time.perf_counter()
         with torch.no_grad():
             probs = torch.softmax(logits.detach().float(), dim=1)
-            sampled = (
-                torch.multinomial(probs.cpu(), 1, generator=self.mc_generator)
-                .squeeze(1)
-                .to(logits.device)
-            )
+            sampled = torch.multinomial(probs, 1, generator=self._generator(probs.device))
+            sampled = sampled.squeeze(1)
         # A sum of per-example losses: each output gradient is already that example's own gradient.
         loss = F.cross_entropy(logits, sampled, reduction="sum")
         outputs = [o for _, o in self._mc_outputs]
@@ -183,6 +181,13 @@ class KFACPreconditioner:
             factors.add_output_grad(grad[:k], sampled=k < out.shape[0])
         self._mc_outputs.clear()
         self.timings["statistics"] += time.perf_counter() - start
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """The MC labels' generator, on the device the logits are on (no host round trip)."""
+        if self.mc_generator is None or self.mc_generator.device != device:
+            # A device's generator state cannot move to another: reseed from the seed and step.
+            self.mc_generator = torch.Generator(device).manual_seed(self.seed + self.steps)
+        return self.mc_generator
 
     def _sampled_rows(self, n: int) -> int:
         return max(1, math.ceil(n * self.stats_fraction))
@@ -403,7 +408,8 @@ class KFACPreconditioner:
         return {
             "steps": self.steps,
             "health": dict(self.health),
-            "mc_generator": self.mc_generator.get_state(),
+            "mc_generator": None if self.mc_generator is None else self.mc_generator.get_state(),
+            "mc_generator_device": None if self.mc_generator is None else str(self.device),
             "layers": {
                 name: {
                     "A": copy(s.A),
@@ -431,7 +437,15 @@ class KFACPreconditioner:
 
         self.steps = state["steps"]
         self.health.update(state["health"])
-        self.mc_generator.set_state(state["mc_generator"])
+        # The generator resumes exactly on the device type it was saved from; on another it is
+        # reseeded from (seed, step) when first used.
+        self.mc_generator = None
+        saved = state.get("mc_generator")
+        if saved is not None and torch.device(state.get("mc_generator_device") or "cpu").type == (
+            self.device.type
+        ):
+            self.mc_generator = torch.Generator(self.device)
+            self.mc_generator.set_state(saved)
         for name, s in state["layers"].items():
             layer = self.layers[name]
             layer.A, layer.G = restore(s["A"]), restore(s["G"])
