@@ -28,6 +28,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from bigbatch.train.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.runtime.deterministic:
+        # Read by cuBLAS when CUDA initializes, which joining an nccl group does.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     parallel = init_parallel(cfg.runtime.dist_timeout, cfg.runtime.device)
     try:
         trainer = Trainer(cfg, parallel=parallel)

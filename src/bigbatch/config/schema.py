@@ -169,6 +169,9 @@ class RuntimeConfig:
     # An epoch whose training or test loss exceeds this many times log(classes), a uniform
     # guess's loss, stops the run as diverged (0: only non-finite losses stop it).
     max_loss_factor: float = 10.0
+    # Deterministic cuDNN/cuBLAS kernels, so a resumed GPU run equals an uninterrupted one bit for
+    # bit; false allows faster, autotuned kernels (runs then differ in the last bits).
+    deterministic: bool = True
 
 
 @dataclass

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
 import resource
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
     keys = n["keys"].numpy().astype(np.uint32)
     np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
     random.setstate(state["python"])
+
+
+def set_determinism(deterministic: bool, device: torch.device) -> None:
+    """Deterministic kernels (or, off, cuDNN's autotuner); the CPU kernels bigbatch uses already
+    are, so only CUDA changes."""
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+    if device.type != "cuda":
+        return
+    if deterministic:
+        # cuBLAS needs a fixed workspace for reproducible GEMMs; read when CUDA initializes.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    if not deterministic:
+        warnings.warn(
+            "runtime.deterministic=false: autotuned GPU kernels, so a resumed run is not "
+            "bit-identical to an uninterrupted one",
+            stacklevel=2,
+        )
 
 
 def seed_everything(seed: int) -> None:

@@ -37,6 +37,7 @@ from bigbatch.train.state import (
     peak_rss_mib,
     rng_state,
     seed_everything,
+    set_determinism,
     set_rng_state,
 )
 from bigbatch.train.steps import evaluate, forward_backward, micro_batch_size, use_channels_last
@@ -85,6 +86,7 @@ class Trainer:
         self.run_dir = cfg.run_dir()
         self.files: RunDirectory | None = None
 
+        set_determinism(cfg.runtime.deterministic, self.device)
         seed_everything(cfg.run.seed)
         self.model = build_model(cfg.model.name, ds.channels, ds.image_size, ds.num_classes).to(
             self.device
