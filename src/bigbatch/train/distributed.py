@@ -70,8 +70,11 @@ class ParallelContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def reduce_step(self, model: nn.Module, local_count: int, extras: list[float]) -> list[float]:
-        """Average gradients over the global batch; return ``extras`` summed over ranks."""
+    def reduce_step(
+        self, model: nn.Module, local_count: int, extras: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Average gradients over the global batch; return ``extras`` (scalar tensors) summed over
+        ranks, still on the device."""
         return extras
 
     def all_sum(self, values: list[float]) -> list[float]:
@@ -109,15 +112,15 @@ class DistributedContext(ParallelContext):
         self.communication_time += time.perf_counter() - start
         self.bytes_communicated += tensor.numel() * tensor.element_size()
 
-    def reduce_step(self, model: nn.Module, local_count: int, extras: list[float]) -> list[float]:
+    def reduce_step(
+        self, model: nn.Module, local_count: int, extras: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
         grads_of = [p.grad for p in model.parameters() if p.grad is not None]
         grads = [g.reshape(-1) * local_count for g in grads_of]  # local mean -> local sum
-        tail = torch.tensor(
-            [*extras, float(local_count)],
-            dtype=grads[0].dtype if grads else torch.float64,
-            device=self.device,
-        )
-        flat = torch.cat([*grads, tail.to(self.device)])
+        dtype = grads[0].dtype if grads else torch.float64
+        count = torch.full((1,), float(local_count), dtype=dtype, device=self.device)
+        tail = [e.to(self.device, dtype).reshape(1) for e in extras]
+        flat = torch.cat([*grads, *tail, count])
         self._all_reduce(flat, "gradient all-reduce")
         total = flat[-1]
         offset = 0
@@ -125,7 +128,7 @@ class DistributedContext(ParallelContext):
             n = g.numel()
             g.copy_(flat[offset : offset + n].view_as(g) / total)
             offset += n
-        return [float(v) for v in flat[offset:-1]]
+        return list(flat[offset:-1].unbind())
 
     def all_sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)

@@ -57,16 +57,17 @@ def forward_backward(
     memory_format: torch.memory_format = torch.contiguous_format,
     precision: str = "fp32",
     scaler: torch.amp.GradScaler | None = None,
-) -> tuple[float, float]:
-    """Accumulate the gradient of the batch-mean loss in micro-batches; returns (loss sum, hits).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accumulate the gradient of the batch-mean loss in micro-batches; returns (loss sum, hits)
+    as float64 tensors on the batch's device, read by no one here: no host sync.
 
     Each micro-batch's mean loss is weighted by its share of the batch, so the accumulated gradient
     equals the full-batch gradient up to float rounding (tests check this). Forward passes run
     under ``precision``'s autocast, backward passes of ``scaler``-scaled losses.
     """
     n = x.shape[0]
-    loss_sum = 0.0
-    hits = 0.0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+    hits = torch.zeros((), dtype=torch.float64, device=x.device)
     for start in range(0, n, micro):
         size = min(micro, n - start)
         part = targets.narrow(start, size)
@@ -77,8 +78,8 @@ def forward_backward(
             loss = mixed_cross_entropy(_at_least_float32(logits), part, label_smoothing)
         weighted = loss * (size / n)
         (scaler.scale(weighted) if scaler is not None else weighted).backward()
-        loss_sum += loss.item() * size
-        hits += float(mixed_correct(logits.detach(), part))
+        loss_sum += loss.detach().double() * size
+        hits += mixed_correct(logits.detach(), part).double()
     return loss_sum, hits
 
 

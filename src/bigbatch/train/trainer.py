@@ -345,7 +345,8 @@ class Trainer:
         self.mixer.set_epoch(epoch)
         self.model.train()
         steps_per_epoch = len(self.train_loader)
-        loss_sum, hits, seen = 0.0, 0.0, 0
+        # Sums stay on the device and are read once, at the end: no host sync per step for them.
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, hits, examples
         bar = tqdm(
             total=steps_per_epoch,
             desc=f"epoch {epoch + 1}/{cfg.run.epochs}",
@@ -373,11 +374,10 @@ class Trainer:
                 self.scaler,
             )
             # One collective averages gradients and sums the step's metrics over ranks.
-            batch_loss, batch_hits, batch_size = self.parallel.reduce_step(
-                self.model, x.shape[0], [local_loss, local_hits, float(x.shape[0])]
+            count = torch.full((), float(x.shape[0]), dtype=torch.float64, device=self.device)
+            batch = torch.stack(
+                self.parallel.reduce_step(self.model, x.shape[0], [local_loss, local_hits, count])
             )
-            if not math.isfinite(batch_loss):
-                self._fail_non_finite(epoch, i, batch_loss)
             self.scaler.unscale_(self.optimizer)
             if self.kfac is not None:
                 # Its G came from scaled gradients; an overflowed step's statistics are skipped.
@@ -386,13 +386,12 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             step += 1
-            loss_sum += batch_loss
-            hits += batch_hits
-            seen += int(batch_size)
+            totals += batch.to(torch.float64)
             bar.update()
-            if show and i % 10 == 0:
-                bar.set_postfix(loss=f"{batch_loss / batch_size:.3f}", lr=f"{lr:.2e}")
+            if show and i % 10 == 0:  # a host read only when someone watches
+                bar.set_postfix(loss=f"{float(batch[0] / batch[2]):.3f}", lr=f"{lr:.2e}")
         bar.close()
+        loss_sum, hits, seen = totals.tolist()  # the epoch's one read of them
         elapsed = time.perf_counter() - start
         return {
             "epoch": epoch + 1,
@@ -403,9 +402,6 @@ class Trainer:
             "epoch_time": elapsed,
             "images_per_sec": seen / elapsed,
         }
-
-    def _fail_non_finite(self, epoch: int, index: int, loss: float) -> None:
-        self._stop(f"non-finite training loss ({loss}) at epoch {epoch + 1}, batch {index + 1}")
 
     def _check_divergence(self, row: dict[str, Any]) -> None:
         """A run whose epoch losses are non-finite or far above a uniform guess's is stopped."""
