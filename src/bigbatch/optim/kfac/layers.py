@@ -23,6 +23,9 @@ seen by a hook is g / N: the hooks accumulate raw sums and the preconditioner mu
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +35,13 @@ from torch import nn
 # slice. Whole micro-batches are reduced at once, so a sum over micro-batches adds the same terms
 # in the same way as the sum over data-parallel ranks.
 MIN_ROWS_PER_PRODUCT = 256
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """A region where autocast is off; no context at all where it was not on (the common case)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class LayerFactors:
@@ -87,7 +97,7 @@ class LayerFactors:
         # Under mixed precision the rows are bf16/fp16: the statistics are summed in float32 at
         # least (an fp16 Gram overflows), with autocast off so the products stay in that dtype.
         rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
-        with torch.autocast(rows.device.type, enabled=False):
+        with autocast_off(rows.device.type):
             self._add(side, rows)
 
     def _add(self, side: str, rows: torch.Tensor) -> None:

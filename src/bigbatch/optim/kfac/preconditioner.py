@@ -44,7 +44,7 @@ from torch import nn
 
 from bigbatch.config import KFACConfig
 from bigbatch.optim.kfac.decompositions import pi_ratio, robust_eigh, robust_inverse
-from bigbatch.optim.kfac.layers import LayerFactors, make_layer_factors
+from bigbatch.optim.kfac.layers import LayerFactors, autocast_off, make_layer_factors
 
 TIMING_PARTS = ("statistics", "eigendecomposition", "preconditioning", "communication")
 # scaled_overflow_steps: steps whose loss-scaled gradients overflowed (fp16); a GradScaler skips
@@ -196,7 +196,7 @@ class KFACPreconditioner:
     def step(self, lr: float | None = None, grad_scale: float | torch.Tensor | None = None) -> None:
         """Precondition the gradients (already unscaled); ``grad_scale``: the loss scale of a
         GradScaler, which the output gradients the statistics saw still carry."""
-        with torch.autocast(self.device.type, enabled=False):
+        with autocast_off(self.device.type):
             self._step(lr, grad_scale)
 
     def _step(self, lr: float | None, grad_scale: float | torch.Tensor | None) -> None:
