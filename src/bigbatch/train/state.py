@@ -1,7 +1,10 @@
-"""What a checkpoint holds beside the model: RNG states, the resume check, resident memory."""
+"""What a run is made of beside the model: its dataset, RNG states, the resume and rank checks,
+resident memory."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import resource
@@ -12,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from bigbatch.config import Config
+from bigbatch.data import ImageDataset, load_dataset
 from bigbatch.errors import TrainingError
 
 # A run may be extended: its length is the one experiment key --resume does not compare.
@@ -43,6 +48,26 @@ def check_compatible(
             "run.name"
         )
     return {k: [a.get(k), b.get(k)] for k in changed if k in allowed}
+
+
+def experiment_fingerprint(cfg: Config) -> int:
+    """A hash of the experiment keys that ranks compare at start; data.path may differ between
+    machines."""
+    experiment = {**cfg.experiment(), "data": {**cfg.experiment()["data"], "path": ""}}
+    digest = hashlib.sha256(json.dumps(experiment, sort_keys=True).encode()).hexdigest()
+    return int(digest[:15], 16)
+
+
+def load_config_dataset(cfg: Config) -> ImageDataset:
+    """The dataset a run's [data] section names."""
+    return load_dataset(
+        cfg.data.format,
+        cfg.data.path,
+        download=cfg.runtime.download,
+        train_limit=cfg.data.train_limit or None,
+        test_limit=cfg.data.test_limit or None,
+        cache_dir=cfg.runtime.cache_dir or None,
+    )
 
 
 def rng_state() -> dict[str, Any]:

@@ -6,10 +6,7 @@ each forward when the MC Fisher is on, and ``step`` between backward and the SGD
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import sys
 import time
 from typing import Any
 
@@ -18,7 +15,7 @@ from tqdm import tqdm
 
 from bigbatch.augment.mixup import BatchMixer
 from bigbatch.config import Config, config_from_dict, validate_against_data
-from bigbatch.data import ImageDataset, load_dataset
+from bigbatch.data import ImageDataset
 from bigbatch.data.batches import BatchLoader, channel_stats
 from bigbatch.errors import BigbatchError, TrainingError
 from bigbatch.io import atomic_torch_save, atomic_write_json, write_jsonl
@@ -31,9 +28,12 @@ from bigbatch.train.checkpoint import (
     read_checkpoint,
 )
 from bigbatch.train.distributed import ParallelContext, resolve_device
+from bigbatch.train.health import diverged, progress_enabled, stop_advice
 from bigbatch.train.rundir import RunDirectory
 from bigbatch.train.state import (
     check_compatible,
+    experiment_fingerprint,
+    load_config_dataset,
     peak_rss_mib,
     rng_state,
     seed_everything,
@@ -41,23 +41,6 @@ from bigbatch.train.state import (
     set_rng_state,
 )
 from bigbatch.train.steps import evaluate, forward_backward, micro_batch_size, use_channels_last
-
-
-def load_run_dataset(cfg: Config) -> ImageDataset:
-    return load_dataset(
-        cfg.data.format,
-        cfg.data.path,
-        download=cfg.runtime.download,
-        train_limit=cfg.data.train_limit or None,
-        test_limit=cfg.data.test_limit or None,
-        cache_dir=cfg.runtime.cache_dir or None,
-    )
-
-
-def _progress_enabled(mode: str, is_main: bool) -> bool:
-    if not is_main or mode == "off":
-        return False
-    return mode == "on" or sys.stderr.isatty()
 
 
 class Trainer:
@@ -75,10 +58,8 @@ class Trainer:
             torch.set_num_threads(cfg.runtime.threads)
         self.device = self.parallel.device
         # Where the data lies may differ between machines; everything else must agree.
-        experiment = {**cfg.experiment(), "data": {**cfg.experiment()["data"], "path": ""}}
-        digest = hashlib.sha256(json.dumps(experiment, sort_keys=True).encode()).hexdigest()
-        self.parallel.check_same(int(digest[:15], 16), "configs")
-        self.dataset = dataset if dataset is not None else load_run_dataset(cfg)
+        self.parallel.check_same(experiment_fingerprint(cfg), "configs")
+        self.dataset = dataset if dataset is not None else load_config_dataset(cfg)
         ds = self.dataset
         validate_against_data(
             cfg, ds.num_train, ds.num_test, self.parallel.world_size, ds.image_size
@@ -275,7 +256,7 @@ class Trainer:
         if files is not None:
             atomic_write_json(files.path / "config.json", cfg.to_dict())
             write_jsonl(files.path / "metrics.jsonl", rows)
-        show = _progress_enabled(cfg.runtime.progress, main)
+        show = progress_enabled(cfg.runtime.progress, main)
 
         for epoch in range(start_epoch, cfg.run.epochs):
             wall_start = time.perf_counter()
@@ -323,7 +304,9 @@ class Trainer:
             rows.append(row)
             out = files.path if files is not None else self.run_dir
             # Before the checkpoint: a diverged epoch is never saved as the last good one.
-            self._check_divergence(row)
+            divergence = diverged(row, self.cfg.runtime.max_loss_factor, self.dataset.num_classes)
+            if divergence:
+                raise TrainingError(f"{divergence}; {stop_advice(self.files, self.run_dir)}")
             if files is not None:
                 if (epoch + 1) % cfg.runtime.checkpoint_every == 0 or epoch + 1 == cfg.run.epochs:
                     # Checkpoint before metrics: a crash in between re-runs this epoch on resume.
@@ -402,42 +385,6 @@ class Trainer:
             "epoch_time": elapsed,
             "images_per_sec": seen / elapsed,
         }
-
-    def _check_divergence(self, row: dict[str, Any]) -> None:
-        """A run whose epoch losses are non-finite or far above a uniform guess's is stopped."""
-        factor = self.cfg.runtime.max_loss_factor
-        limit = factor * math.log(self.dataset.num_classes) if factor > 0 else math.inf
-        for key in ("train_loss", "test_loss"):
-            value, epoch = row[key], row["epoch"]
-            if not math.isfinite(value):
-                self._stop(f"{key} is {value} after epoch {epoch}")
-            if value > limit:
-                self._stop(
-                    f"{key} {value:.4g} after epoch {epoch} is above {limit:.3g}, "
-                    f"runtime.max_loss_factor={factor:g} times log({self.dataset.num_classes}) "
-                    "(the loss of a uniform guess): the run diverged"
-                )
-
-    def _stop(self, what: str) -> None:
-        files = self.files
-        path = (files.path if files is not None else self.run_dir) / CHECKPOINT_NAME
-        if files is not None and files.replacing:
-            advice = (
-                f"the run it was to replace is unchanged in '{files.final}'. Lower optimizer.lr "
-                "(or raise kfac.damping / add warm-up) and run again with --overwrite"
-            )
-        elif path.exists():
-            advice = (
-                f"the last good checkpoint is kept at '{path}'. Continue from it with a lower "
-                "learning rate: add --resume --allow-change optimizer.lr --set optimizer.lr=... "
-                "(or raise kfac.damping, or add a warm-up, the same way)"
-            )
-        else:
-            advice = (
-                "no checkpoint was written yet. Lower optimizer.lr (or raise kfac.damping / add "
-                "warm-up) and run again"
-            )
-        raise TrainingError(f"{what}; {advice}")
 
 
 def _epoch_summary(row: dict[str, Any]) -> str:

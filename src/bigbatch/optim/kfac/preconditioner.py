@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigbatch.config import KFACConfig
-from bigbatch.optim.kfac.decompositions import pi_ratio, robust_eigh, robust_inverse
 from bigbatch.optim.kfac.layers import LayerFactors, autocast_off, make_layer_factors
+from bigbatch.optim.kfac.state import LayerState
 
 TIMING_PARTS = ("statistics", "eigendecomposition", "preconditioning", "communication")
 # scaled_overflow_steps: steps whose loss-scaled gradients overflowed (fp16); a GradScaler skips
@@ -56,20 +56,6 @@ HEALTH_COUNTERS = (
     "nonfinite_updates",
     "scaled_overflow_steps",
 )
-
-
-class LayerState:
-    """Running factors and their decompositions for one layer."""
-
-    def __init__(self, factors: LayerFactors):
-        self.factors = factors
-        self.A: torch.Tensor | None = None
-        self.G: torch.Tensor | None = None
-        # eigen: (QA, dA, QG, dG); inverse: (A_inv, G_inv)
-        self.decomposition: tuple[torch.Tensor, ...] | None = None
-        # eigen: 1 / (damped eigenvalues of kron(G, A)) as a [g_dim, a_dim] matrix, fixed until the
-        # next decomposition so each step's preconditioning is four products and one multiply.
-        self.scale: torch.Tensor | None = None
 
 
 class KFACPreconditioner:
@@ -293,54 +279,25 @@ class KFACPreconditioner:
         self.timings["eigendecomposition"] += time.perf_counter() - start
 
     def decompose(self, state: LayerState) -> None:
-        assert state.A is not None and state.G is not None
-        if self.inverse_method == "eigen":
-            (qa_da, retried_a), (qg_dg, retried_g) = robust_eigh(state.A), robust_eigh(state.G)
-            self.health["eigh_retries"] += retried_a + retried_g
-            if qa_da is None or qg_dg is None:
-                self.health["eigh_failures"] += 1
-                return  # keep the previous eigenbasis (or none: raw gradient)
-            state.decomposition = (*qa_da, *qg_dg)
-            self.set_scale(state)
-        else:
-            pi = pi_ratio(state.A, state.G) if self.pi_damping else 1.0
-            root = math.sqrt(self.damping)
-            (a_inv, retried_a), (g_inv, retried_g) = (
-                robust_inverse(state.A, root * pi),
-                robust_inverse(state.G, root / pi),
-            )
-            self.health["eigh_retries"] += retried_a + retried_g
-            if a_inv is None or g_inv is None:
-                self.health["eigh_failures"] += 1
-                return
-            state.decomposition = (a_inv, g_inv)
+        """Recompute the layer's decomposition; a failure keeps the previous one (or none: the
+        raw gradient) and is counted."""
+        retries, ok = state.decompose(self.inverse_method, self.damping, self.pi_damping)
+        self.health["eigh_retries"] += retries
+        self.health["eigh_failures"] += not ok
 
     def set_scale(self, state: LayerState) -> None:
-        """Cache 1 / (damped eigenvalues) of the layer's eigen decomposition (pi from the same
-        factors)."""
-        if self.inverse_method != "eigen" or state.decomposition is None:
-            state.scale = None
-            return
-        _, da, _, dg = state.decomposition
-        if self.pi_damping:
-            pi = pi_ratio(state.A, state.G) if state.A is not None and state.G is not None else 1.0
-            root = math.sqrt(self.damping)
-            denominator = torch.outer(dg + root / pi, da + root * pi)
-        else:
-            denominator = torch.outer(dg, da).add_(self.damping)
-        state.scale = denominator.reciprocal_()
+        state.set_scale(self.inverse_method, self.damping, self.pi_damping)
+
+    def solve(self, name: str, v: torch.Tensor) -> torch.Tensor:
+        """(F + damping)^-1 v for layer ``name``'s current factors and a gradient-shaped matrix v
+        [g_dim, a_dim] (weight rows, bias last)."""
+        state = self.layers[name]
+        if state.decomposition is None:
+            self.decompose(state)
+        return self._solve(state, v)
 
     def _solve(self, state: LayerState, v: torch.Tensor) -> torch.Tensor:
-        """(F + damping)^-1 v for the layer's gradient matrix v [g_dim, a_dim]."""
-        assert state.decomposition is not None
-        if self.inverse_method == "inverse":
-            a_inv, g_inv = state.decomposition
-            return g_inv @ v @ a_inv
-        if state.scale is None:
-            self.set_scale(state)
-        assert state.scale is not None
-        qa, _, qg, _ = state.decomposition
-        return qg @ (qg.t() @ v @ qa).mul_(state.scale) @ qa.t()
+        return state.solve(v, self.inverse_method, self.damping, self.pi_damping)
 
     def _precondition(self, lr: float | None) -> None:
         updates: list[tuple[LayerState, torch.Tensor]] = []
@@ -402,25 +359,12 @@ class KFACPreconditioner:
     def state_dict(self) -> dict[str, Any]:
         """Copies, so that later steps do not change a state that was saved or handed on."""
 
-        def copy(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.detach().clone()
-
         return {
             "steps": self.steps,
             "health": dict(self.health),
             "mc_generator": None if self.mc_generator is None else self.mc_generator.get_state(),
             "mc_generator_device": None if self.mc_generator is None else str(self.device),
-            "layers": {
-                name: {
-                    "A": copy(s.A),
-                    "G": copy(s.G),
-                    "decomposition": (
-                        None if s.decomposition is None else [copy(t) for t in s.decomposition]
-                    ),
-                    "scale": copy(s.scale),
-                }
-                for name, s in self.layers.items()
-            },
+            "layers": {name: s.state_dict() for name, s in self.layers.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -430,11 +374,6 @@ class KFACPreconditioner:
             raise ValueError(
                 f"K-FAC state has layers {sorted(unknown)} that this model does not register"
             )
-        device = self.device
-
-        def restore(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.detach().to(device, copy=True)
-
         self.steps = state["steps"]
         self.health.update(state["health"])
         # The generator resumes exactly on the device type it was saved from; on another it is
@@ -447,13 +386,4 @@ class KFACPreconditioner:
             self.mc_generator = torch.Generator(self.device)
             self.mc_generator.set_state(saved)
         for name, s in state["layers"].items():
-            layer = self.layers[name]
-            layer.A, layer.G = restore(s["A"]), restore(s["G"])
-            decomposition = s["decomposition"]
-            layer.decomposition = (
-                None
-                if decomposition is None
-                else tuple(t.detach().to(device, copy=True) for t in decomposition)
-            )
-            # Absent in older checkpoints: recomputed on first use.
-            layer.scale = restore(s.get("scale"))
+            self.layers[name].load_state_dict(s, self.device)

@@ -1,0 +1,98 @@
+"""One layer's K-FAC state: running factors, their decomposition, saving and restoring them."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from bigbatch.optim.kfac.decompositions import pi_ratio, robust_eigh, robust_inverse
+from bigbatch.optim.kfac.layers import LayerFactors
+
+
+def _copy(t: torch.Tensor | None, device: torch.device | None = None) -> torch.Tensor | None:
+    return None if t is None else t.detach().to(device or t.device, copy=True)
+
+
+class LayerState:
+    """Running factors and their decompositions for one layer."""
+
+    def __init__(self, factors: LayerFactors):
+        self.factors = factors
+        self.A: torch.Tensor | None = None
+        self.G: torch.Tensor | None = None
+        # eigen: (QA, dA, QG, dG); inverse: (A_inv, G_inv)
+        self.decomposition: tuple[torch.Tensor, ...] | None = None
+        # eigen: 1 / (damped eigenvalues of kron(G, A)) as a [g_dim, a_dim] matrix, fixed until the
+        # next decomposition so each step's preconditioning is four products and one multiply.
+        self.scale: torch.Tensor | None = None
+
+    # -- damping and decompositions (conventions in preconditioner.py) -------------------------
+    def decompose(self, method: str, damping: float, pi_damping: bool) -> tuple[int, bool]:
+        """(fallbacks used, success); on failure the previous decomposition stays."""
+        assert self.A is not None and self.G is not None
+        if method == "eigen":
+            (qa_da, retried_a), (qg_dg, retried_g) = robust_eigh(self.A), robust_eigh(self.G)
+            if qa_da is None or qg_dg is None:
+                return retried_a + retried_g, False
+            self.decomposition = (*qa_da, *qg_dg)
+            self.set_scale(method, damping, pi_damping)
+            return retried_a + retried_g, True
+        # Martens & Grosse's split: A + pi sqrt(d) I and G + sqrt(d) / pi I.
+        pi = pi_ratio(self.A, self.G) if pi_damping else 1.0
+        root = math.sqrt(damping)
+        (a_inv, retried_a), (g_inv, retried_g) = (
+            robust_inverse(self.A, root * pi),
+            robust_inverse(self.G, root / pi),
+        )
+        if a_inv is None or g_inv is None:
+            return retried_a + retried_g, False
+        self.decomposition = (a_inv, g_inv)
+        return retried_a + retried_g, True
+
+    def set_scale(self, method: str, damping: float, pi_damping: bool) -> None:
+        """Cache 1 / (damped eigenvalues) of an eigen decomposition (pi from the same factors)."""
+        if method != "eigen" or self.decomposition is None:
+            self.scale = None
+            return
+        _, da, _, dg = self.decomposition
+        if pi_damping:
+            pi = pi_ratio(self.A, self.G) if self.A is not None and self.G is not None else 1.0
+            root = math.sqrt(damping)
+            denominator = torch.outer(dg + root / pi, da + root * pi)
+        else:
+            denominator = torch.outer(dg, da).add_(damping)
+        self.scale = denominator.reciprocal_()
+
+    def solve(self, v: torch.Tensor, method: str, damping: float, pi_damping: bool) -> torch.Tensor:
+        """(F + damping)^-1 v for the gradient matrix v [g_dim, a_dim]."""
+        assert self.decomposition is not None
+        if method == "inverse":
+            a_inv, g_inv = self.decomposition
+            return g_inv @ v @ a_inv
+        if self.scale is None:
+            self.set_scale(method, damping, pi_damping)
+        assert self.scale is not None
+        qa, _, qg, _ = self.decomposition
+        return qg @ (qg.t() @ v @ qa).mul_(self.scale) @ qa.t()
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Copies: later steps do not change a state that was saved or handed on."""
+        decomposition = self.decomposition
+        return {
+            "A": _copy(self.A),
+            "G": _copy(self.G),
+            "decomposition": None if decomposition is None else [_copy(t) for t in decomposition],
+            "scale": _copy(self.scale),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        """Copies on ``device``, whatever device the state was saved on."""
+        self.A, self.G = _copy(state["A"], device), _copy(state["G"], device)
+        saved = state["decomposition"]
+        self.decomposition = (
+            None if saved is None else tuple(t.detach().to(device, copy=True) for t in saved)
+        )
+        self.scale = _copy(state.get("scale"), device)  # absent in older checkpoints: recomputed

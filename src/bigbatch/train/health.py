@@ -1,0 +1,56 @@
+"""What the user sees of a run's health: progress bars, losses that diverged, and the advice that
+gets a stopped run going again."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from bigbatch.train.checkpoint import CHECKPOINT_NAME
+from bigbatch.train.rundir import RunDirectory
+
+
+def diverged(row: dict[str, Any], max_loss_factor: float, num_classes: int) -> str | None:
+    """What is wrong with an epoch's losses, or None: non-finite, or above ``max_loss_factor``
+    times log(classes), the loss of a uniform guess (0 checks finiteness only)."""
+    limit = max_loss_factor * math.log(num_classes) if max_loss_factor > 0 else math.inf
+    for key in ("train_loss", "test_loss"):
+        value, epoch = row[key], row["epoch"]
+        if not math.isfinite(value):
+            return f"{key} is {value} after epoch {epoch}"
+        if value > limit:
+            return (
+                f"{key} {value:.4g} after epoch {epoch} is above {limit:.3g}, "
+                f"runtime.max_loss_factor={max_loss_factor:g} times log({num_classes}) "
+                "(the loss of a uniform guess): the run diverged"
+            )
+    return None
+
+
+def progress_enabled(mode: str, is_main: bool) -> bool:
+    """Progress bars: "on", "off", or "auto" (on a terminal); only the main rank draws them."""
+    if not is_main or mode == "off":
+        return False
+    return mode == "on" or sys.stderr.isatty()
+
+
+def stop_advice(files: RunDirectory | None, run_dir: Path) -> str:
+    """What is kept of a stopped run and the command that continues it."""
+    path = (files.path if files is not None else run_dir) / CHECKPOINT_NAME
+    if files is not None and files.replacing:
+        return (
+            f"the run it was to replace is unchanged in '{files.final}'. Lower optimizer.lr "
+            "(or raise kfac.damping / add warm-up) and run again with --overwrite"
+        )
+    if path.exists():
+        return (
+            f"the last good checkpoint is kept at '{path}'. Continue from it with a lower "
+            "learning rate: add --resume --allow-change optimizer.lr --set optimizer.lr=... "
+            "(or raise kfac.damping, or add a warm-up, the same way)"
+        )
+    return (
+        "no checkpoint was written yet. Lower optimizer.lr (or raise kfac.damping / add "
+        "warm-up) and run again"
+    )
