@@ -44,24 +44,29 @@ def test_linear_factors_equal_brute_force(micro):
         torch.testing.assert_close(kfac.layers[name].G, G, rtol=1e-10, atol=1e-14)
 
 
-@pytest.mark.parametrize("micro", [None, 8])
-@pytest.mark.parametrize("min_rows", [1, 3, 10_000])
-def test_stats_fraction_factors_equal_brute_force_over_the_sampled_rows(
-    micro, min_rows, monkeypatch
-):
-    # Each micro-batch contributes its first quarter; rows are held and reduced in groups of at
-    # least min_rows (1: every slice at once, 3: mid-batch flushes, 10_000: all at the step).
-    monkeypatch.setattr("bigbatch.optim.kfac.layers.MIN_ROWS_PER_PRODUCT", min_rows)
+@pytest.mark.parametrize(
+    "n, micro",
+    [
+        (32, None),  # 8 sampled rows: held until the step
+        (32, 8),  # slices of 2 from four micro-batches: all held until the step
+        (2000, 400),  # slices of 100: reduced mid-batch once 256 are held, the rest at the step
+    ],
+)
+def test_stats_fraction_factors_equal_brute_force_over_the_sampled_rows(n, micro):
+    # Each micro-batch contributes its first quarter of rows.
     model = linear_model()
-    x, y = torch.randn(32, 5, dtype=D), torch.randint(0, 3, (32,))
+    x, y = torch.randn(n, 5, dtype=D), torch.randint(0, 3, (n,))
     kfac = make_kfac(model, stats_fraction=0.25)
     step_once(model, kfac, x, y, micro)
-    rows = torch.arange(8) if micro is None else torch.tensor([0, 1, 8, 9, 16, 17, 24, 25])
+    size = micro or n
+    rows = torch.cat([torch.arange(s, s + size // 4) for s in range(0, n, size)])
     _, gs = per_example_grads(model, model[0], x[rows], y[rows], lambda g: g)
-    a_bar = torch.cat([x[rows], torch.ones(8, 1, dtype=D)], 1)
-    torch.testing.assert_close(kfac.layers["0"].A, a_bar.t() @ a_bar / 8, rtol=1e-10, atol=1e-14)
+    a_bar = torch.cat([x[rows], torch.ones(len(rows), 1, dtype=D)], 1)
     torch.testing.assert_close(
-        kfac.layers["0"].G, sum(torch.outer(g, g) for g in gs) / 8, rtol=1e-10, atol=1e-14
+        kfac.layers["0"].A, a_bar.t() @ a_bar / len(rows), rtol=1e-10, atol=1e-14
+    )
+    torch.testing.assert_close(
+        kfac.layers["0"].G, sum(torch.outer(g, g) for g in gs) / len(rows), rtol=1e-10, atol=1e-14
     )
 
 
