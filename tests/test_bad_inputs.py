@@ -84,6 +84,12 @@ def _with_checkpoint(ws: Workspace, state: object) -> str:
     return str(ws.run)
 
 
+def _foreign_weights(ws: Workspace) -> str:
+    state = torch.load(ws.run / "checkpoint.pt", weights_only=True)
+    state["model"] = {"conv1.weight": torch.zeros(3, 3)}
+    return _with_checkpoint(ws, state)
+
+
 def _other_model(ws: Workspace) -> str:
     other = ws.root / "runs" / "other"
     shutil.copytree(ws.run, other)
@@ -206,6 +212,20 @@ CASES: dict[str, tuple[Case, int, str]] = {
         lambda ws: [*ws.train(name="r"), "--resume"] if _with_checkpoint(ws, {"x": 1}) else [],
         2,
         "checkpoint",
+    ),
+    "resume from another model's weights": (
+        lambda ws: (
+            [
+                *ws.train(
+                    "data.train_limit=256", "data.test_limit=128", "train.batch_size=64", name="r"
+                ),
+                "--resume",
+            ]
+            if _foreign_weights(ws)
+            else []
+        ),
+        2,
+        "does not fit",
     ),
     "landscape on wrong structure": (
         lambda ws: ["landscape", _with_checkpoint(ws, [1, 2]), "--points", "3"],

@@ -188,12 +188,20 @@ class Trainer:
             path,
             allow_change,
         )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.kfac is not None:
-            self.kfac.load_state_dict(state["kfac"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.kfac is not None:
+                self.kfac.load_state_dict(state["kfac"])
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[-1].strip()
+            raise TrainingError(
+                f"checkpoint '{path}' does not fit this run's {self.cfg.model.name} ({detail}); "
+                "it was written by another run or edited. Use the run's own checkpoint, or start "
+                "over with --overwrite"
+            ) from None
         set_rng_state(state["rng"])
         # The checkpoint carries the metrics up to its epoch: rows logged after it are re-run.
         return (
