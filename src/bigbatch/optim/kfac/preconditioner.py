@@ -48,13 +48,15 @@ from bigbatch.optim.kfac.state import LayerState
 
 TIMING_PARTS = ("statistics", "eigendecomposition", "preconditioning", "communication")
 # scaled_overflow_steps: steps whose loss-scaled gradients overflowed (fp16); a GradScaler skips
-# them, K-FAC skips their statistics, and neither is a fault.
+# them, K-FAC skips their statistics, and neither is a fault. damping_below_resolution:
+# decompositions whose damping the factors' rounding swamps (their updates come out too large).
 HEALTH_COUNTERS = (
     "nonfinite_factors",
     "eigh_retries",
     "eigh_failures",
     "nonfinite_updates",
     "scaled_overflow_steps",
+    "damping_below_resolution",
 )
 
 
@@ -110,6 +112,7 @@ class KFACPreconditioner:
         self.health = dict.fromkeys(HEALTH_COUNTERS, 0)
         self._mc_outputs: list[tuple[LayerFactors, torch.Tensor]] = []
         self._warned_missing = False
+        self._warned_resolution = False
         self._scaled = self._overflow_seen = False
         self._handles = [
             state.factors.module.register_forward_hook(self._forward_hook(state.factors))
@@ -281,7 +284,20 @@ class KFACPreconditioner:
     def decompose(self, state: LayerState) -> None:
         """Recompute the layer's decomposition; a failure keeps the previous one (or none: the
         raw gradient) and is counted."""
-        retries, ok = state.decompose(self.inverse_method, self.damping, self.pi_damping)
+        options = (self.inverse_method, self.damping, self.pi_damping)
+        if state.damping_below_resolution(*options):
+            self.health["damping_below_resolution"] += 1
+            if not self._warned_resolution:
+                warnings.warn(
+                    f"kfac.damping={self.damping:g} is below the {state.A.dtype} resolution of "
+                    f"the factors of layer '{state.factors.name}': its updates along directions "
+                    "without data are rounding noise divided by the damping, far too large. Raise "
+                    "kfac.damping (1e-4 to 1e-2 of the factors' scale is usual) or use float64 "
+                    "factors; counted as kfac_damping_below_resolution",
+                    stacklevel=3,
+                )
+                self._warned_resolution = True
+        retries, ok = state.decompose(*options)
         self.health["eigh_retries"] += retries
         self.health["eigh_failures"] += not ok
 

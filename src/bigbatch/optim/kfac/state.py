@@ -10,6 +10,9 @@ import torch
 from bigbatch.optim.kfac.decompositions import pi_ratio, robust_eigh, robust_inverse
 from bigbatch.optim.kfac.layers import LayerFactors
 
+# Damping below this many units of a factor's precision (times its scale) is lost in rounding.
+RESOLUTION_ULPS = 100
+
 
 def _copy(t: torch.Tensor | None, device: torch.device | None = None) -> torch.Tensor | None:
     return None if t is None else t.detach().to(device or t.device, copy=True)
@@ -29,6 +32,21 @@ class LayerState:
         self.scale: torch.Tensor | None = None
 
     # -- damping and decompositions (conventions in preconditioner.py) -------------------------
+    def damping_below_resolution(self, method: str, damping: float, pi_damping: bool) -> bool:
+        """Whether the damping is lost in the factors' rounding: below RESOLUTION_ULPS units of
+        their dtype's precision times their scale, directions without data get updates of noise /
+        damping (the float32 statistics, not the decomposition, set that limit)."""
+        assert self.A is not None and self.G is not None
+        eps = RESOLUTION_ULPS * torch.finfo(self.A.dtype).eps
+        # The largest diagonal entry: within a factor of dim of the largest eigenvalue.
+        scale_a = float(self.A.diagonal().max())
+        scale_g = float(self.G.diagonal().max())
+        if method == "eigen" and not pi_damping:
+            return damping < eps * scale_a * scale_g
+        pi = pi_ratio(self.A, self.G) if pi_damping else 1.0
+        root = math.sqrt(damping)
+        return root * pi < eps * scale_a or root / pi < eps * scale_g
+
     def decompose(self, method: str, damping: float, pi_damping: bool) -> tuple[int, bool]:
         """(fallbacks used, success); on failure the previous decomposition stays."""
         assert self.A is not None and self.G is not None
