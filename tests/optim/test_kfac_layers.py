@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from kfac_oracles import D, linear_model, make_kfac, per_example_grads, step_once
 from torch import nn
 
-from bigbatch.optim.kfac.layers import Conv2dFactors
+from bigbatch.optim.kfac.layers import Conv2dFactors, make_layer_factors
 
 
 # -- Linear ----------------------------------------------------------------------------------------
@@ -223,3 +223,17 @@ def test_the_rule_between_the_two_computations():
     resnet_first = Conv2dFactors("r", nn.Conv2d(16, 16, 3, padding=1))
     assert not resnet_first.uses_row_products(torch.empty(8, 16, 34, 34))
     assert not conv1.uses_row_products(torch.empty(8, 3, 32, 32, device="meta"))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_conv_g_over_millions_of_rows_keeps_float32_precision(memory_format):
+    # 2048 examples x 28 x 28 locations = 1.6M rows in one batch: one float32 GEMM along them
+    # was 4e-7 off here; summed in blocks it stays near float32's own resolution.
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 6, 5)
+    factors = make_layer_factors("c", conv)
+    g64 = torch.randn(2048, 6, 28, 28, dtype=torch.float64) * 1e-3 + 1e-3
+    rows = g64.movedim(1, -1).reshape(-1, 6)
+    expected = rows.t() @ rows
+    got = factors.g_contribution(g64.float().contiguous(memory_format=memory_format))
+    assert float((got.double() - expected).norm() / expected.norm()) < 2e-7

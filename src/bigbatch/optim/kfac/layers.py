@@ -35,6 +35,8 @@ from torch import nn
 # slice. Whole micro-batches are reduced at once, so a sum over micro-batches adds the same terms
 # in the same way as the sum over data-parallel ranks.
 MIN_ROWS_PER_PRODUCT = 256
+# Rows per block of a Gram matrix's sum (see gram()).
+GRAM_BLOCK_ROWS = 1024
 
 
 def autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
@@ -142,18 +144,32 @@ class LayerFactors:
         return self.module.weight.grad is not None and (bias is None or bias.grad is not None)
 
 
+def gram(rows: torch.Tensor) -> torch.Tensor:
+    """sum_i r_i r_i^T, summed in blocks of rows (one batched product, then a pairwise sum): a
+    single GEMM over N*H*W rows accumulates float32 rounding along the whole length."""
+    n, d = rows.shape
+    block = max(GRAM_BLOCK_ROWS, d)  # the blocks' products take no more memory than the rows
+    m = n // block
+    if m < 2:
+        return rows.t() @ rows
+    head = rows[: m * block].reshape(m, block, d)
+    out = torch.bmm(head.transpose(1, 2), head).sum(0)
+    tail = rows[m * block :]
+    return out.addmm_(tail.t(), tail) if tail.shape[0] else out
+
+
 def _homogeneous_outer(rows: torch.Tensor, with_ones: bool) -> torch.Tensor:
     """sum_i [r_i; 1][r_i; 1]^T over the rows r_i of ``rows``, without materializing the ones
     column."""
-    gram = rows.t() @ rows
-    return _with_ones(gram, rows.sum(0), rows.shape[0]) if with_ones else gram
+    gram_matrix = gram(rows)
+    return _with_ones(gram_matrix, rows.sum(0), rows.shape[0]) if with_ones else gram_matrix
 
 
-def _with_ones(gram: torch.Tensor, sums: torch.Tensor, count: int) -> torch.Tensor:
+def _with_ones(products: torch.Tensor, sums: torch.Tensor, count: int) -> torch.Tensor:
     """[[sum a a^T, sum a], [sum a^T, count]]: a Gram matrix bordered by the ones coordinate."""
-    d = gram.shape[0]
-    out = gram.new_empty(d + 1, d + 1)
-    out[:d, :d] = gram
+    d = products.shape[0]
+    out = products.new_empty(d + 1, d + 1)
+    out[:d, :d] = products
     out[:d, d] = sums
     out[d, :d] = sums
     out[d, d] = count
@@ -171,8 +187,7 @@ class LinearFactors(LayerFactors):
         return _homogeneous_outer(x.reshape(-1, x.shape[-1]), self.has_bias)
 
     def g_contribution(self, grad_output: torch.Tensor) -> torch.Tensor:
-        g = grad_output.reshape(-1, grad_output.shape[-1])
-        return g.t() @ g
+        return gram(grad_output.reshape(-1, grad_output.shape[-1]))
 
 
 class Conv2dFactors(LayerFactors):
@@ -199,10 +214,10 @@ class Conv2dFactors(LayerFactors):
         x = self._padded(x)
         ho, wo = self._output_size(x)
         if self.uses_row_products(x):
-            gram = self.row_product_gram(x)
+            a = self.row_product_gram(x)
         else:
-            gram = _homogeneous_outer(self.patch_rows(x), self.has_bias)
-        return gram.div_(ho * wo)  # mean over locations, sum over examples
+            a = _homogeneous_outer(self.patch_rows(x), self.has_bias)
+        return a.div_(ho * wo)  # mean over locations, sum over examples
 
     def uses_row_products(self, x: torch.Tensor) -> bool:
         """The rule between A's two exact computations, for a padded input: on the CPU, whole-row
@@ -293,8 +308,7 @@ class Conv2dFactors(LayerFactors):
 
     def g_contribution(self, grad_output: torch.Tensor) -> torch.Tensor:
         # Sum over examples and locations: one row per (example, location).
-        g = grad_output.movedim(1, -1).reshape(-1, self.g_dim)
-        return g.t() @ g
+        return gram(grad_output.movedim(1, -1).reshape(-1, self.g_dim))
 
 
 def make_layer_factors(name: str, module: nn.Module) -> LayerFactors | None:

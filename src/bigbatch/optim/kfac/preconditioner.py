@@ -289,7 +289,7 @@ class KFACPreconditioner:
             self.health["damping_below_resolution"] += 1
             if not self._warned_resolution:
                 warnings.warn(
-                    f"kfac.damping={self.damping:g} is below the {state.A.dtype} resolution of "
+                    f"kfac.damping={self.damping:g} is below the {self.factor_dtype} resolution of "
                     f"the factors of layer '{state.factors.name}': its updates along directions "
                     "without data are rounding noise divided by the damping, far too large. Raise "
                     "kfac.damping (1e-4 to 1e-2 of the factors' scale is usual) or use float64 "
