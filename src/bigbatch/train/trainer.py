@@ -307,6 +307,8 @@ class Trainer:
             wall_time += time.perf_counter() - wall_start
             row["wall_time"] = wall_time
             row["max_rss_mib"] = peak_rss_mib()
+            if self.device.type == "cuda":
+                row["max_gpu_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
             if changes:
                 row["config_changes"], changes = changes, {}
             rows.append(row)
