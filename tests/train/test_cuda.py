@@ -95,3 +95,10 @@ def test_distributed_kfac_on_a_one_rank_nccl_group(upper_triangle):
         dist.destroy_process_group()
     for a, b in zip(got, _kfac_step("cuda"), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_a_dataset_that_fits_lives_on_the_gpu(tmp_path, synthetic):
+    trainer = Trainer(_cfg(tmp_path, "cuda", "augment.crop_flip=true"), synthetic)
+    assert trainer.train_loader.images.is_cuda and trainer.test_loader.labels.is_cuda
+    x, y = next(iter(trainer.train_loader))
+    assert x.is_cuda and y.is_cuda

@@ -6,8 +6,9 @@ together see exactly the single-process batch: every random draw (the permutatio
 crop offset and flip) is made for the whole global batch, then each rank takes its contiguous part.
 
 Everything stays uint8 until the last step (indexing and cropping move a quarter of the bytes),
-and the work is done on whichever device holds the images; the random draws are always made on
-the CPU so that a run gives the same batches on every device.
+and the work is done on whichever device holds the images; the random draws are made on the CPU,
+once per epoch, so that a run gives the same batches on every device and the host sends the
+device one set of indices per epoch.
 """
 
 from __future__ import annotations
@@ -149,23 +150,24 @@ class BatchLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = self.labels.shape[0]
         g = self._generator()
+        # The epoch's draws, for the global order, made at once on the CPU and moved to the
+        # images' device once: no copy from the host per batch.
         order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        if self.augment:
+            shifts = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=g)
+            flips = torch.rand(n, generator=g) < 0.5
+            shifts, flips = shifts.to(self.images.device), flips.to(self.images.device)
+        order = order.to(self.images.device)
         for b in range(len(self)):
-            batch = order[b * self.batch_size : (b + 1) * self.batch_size]
-            if self.augment:  # drawn for the whole global batch, whatever this rank's part
-                shifts = torch.randint(
-                    0, 2 * self.crop_padding + 1, (batch.shape[0], 2), generator=g
-                )
-                flips = torch.rand(batch.shape[0], generator=g) < 0.5
-            if self.world_size > 1:
-                part = torch.tensor_split(torch.arange(batch.shape[0]), self.world_size)[self.rank]
-                batch = batch[part]
-                if self.augment:
-                    shifts, flips = shifts[part], flips[part]
-            batch = batch.to(self.images.device)
+            start = b * self.batch_size
+            positions = torch.arange(start, min(start + self.batch_size, n))
+            if self.world_size > 1:  # this rank's contiguous part of the global batch
+                positions = torch.tensor_split(positions, self.world_size)[self.rank]
+            lo, hi = (int(positions[0]), int(positions[-1]) + 1) if len(positions) else (0, 0)
+            batch = order[lo:hi]
             x = self.images.index_select(0, batch)
             if self.augment:
-                x = crop_flip(x, self.crop_padding, shifts, flips)
+                x = crop_flip(x, self.crop_padding, shifts[lo:hi], flips[lo:hi])
             yield (
                 x.float().mul_(self.scale).add_(self.shift),
                 self.labels.index_select(0, batch.to(self.labels.device)),

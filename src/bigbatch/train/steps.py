@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -10,7 +11,8 @@ from torch import nn
 
 from bigbatch.augment.mixup import MixedTargets, mixed_correct, mixed_cross_entropy
 from bigbatch.config import Config
-from bigbatch.data.batches import BatchLoader
+from bigbatch.data import ImageDataset
+from bigbatch.data.batches import BatchLoader, channel_stats
 from bigbatch.models import has_batchnorm
 from bigbatch.train.distributed import ParallelContext
 
@@ -25,6 +27,64 @@ def micro_batch_size(cfg: Config, model: nn.Module, device: torch.device, local_
     if device.type == "cpu" and not has_batchnorm(model):
         return min(CPU_MICRO_BATCH, local_batch)
     return local_batch
+
+
+# A dataset moves to an accelerator when it takes at most this share of its free memory.
+DATASET_MEMORY_SHARE = 0.25
+
+
+def on_device_if_it_fits(ds: ImageDataset, device: torch.device) -> ImageDataset:
+    """The dataset (uint8, as loaded) on ``device`` when it fits there, so batches are indexed,
+    augmented and normalized where the model runs; else unchanged (batches are then copied)."""
+    if device.type == "cpu":
+        return ds
+    tensors = (ds.train_images, ds.train_labels, ds.test_images, ds.test_labels)
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+    if size > DATASET_MEMORY_SHARE * free:
+        return ds
+    moved = [t.to(device) for t in tensors]
+    return dataclasses.replace(
+        ds,
+        train_images=moved[0],
+        train_labels=moved[1],
+        test_images=moved[2],
+        test_labels=moved[3],
+    )
+
+
+def make_loaders(
+    cfg: Config, ds: ImageDataset, rank: int, world_size: int
+) -> tuple[BatchLoader, BatchLoader, BatchLoader | None]:
+    """This rank's training batches, and its shards of the test set and of the clean training
+    subset (None when that subset is off)."""
+    # Normalization statistics of the training set, computed where it lies.
+    mean, std = channel_stats(ds.train_images)
+    shard: dict[str, Any] = dict(rank=rank, world_size=world_size, mean=mean, std=std)
+    train = BatchLoader(
+        ds.train_images,
+        ds.train_labels,
+        cfg.train.batch_size,
+        shuffle=True,
+        seed=cfg.run.seed,
+        augment=cfg.augment.crop_flip,
+        crop_padding=cfg.augment.crop_padding,
+        drop_last=cfg.train.drop_last,
+        **shard,
+    )
+    eval_bs = max(min(cfg.runtime.eval_batch_size, ds.num_test), world_size)
+    test = BatchLoader(ds.test_images, ds.test_labels, eval_bs, shuffle=False, **shard)
+    n_eval = min(cfg.train.train_eval_examples, ds.num_train)
+    if n_eval < world_size:
+        return train, test, None
+    clean = BatchLoader(
+        ds.train_images[:n_eval],
+        ds.train_labels[:n_eval],
+        max(min(eval_bs, n_eval), world_size),
+        shuffle=False,
+        **shard,
+    )
+    return train, test, clean
 
 
 def use_channels_last(cfg: Config, device: torch.device) -> bool:

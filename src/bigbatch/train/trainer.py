@@ -16,7 +16,6 @@ from tqdm import tqdm
 from bigbatch.augment.mixup import BatchMixer
 from bigbatch.config import Config, config_from_dict, validate_against_data
 from bigbatch.data import ImageDataset
-from bigbatch.data.batches import BatchLoader, channel_stats
 from bigbatch.errors import BigbatchError, TrainingError
 from bigbatch.io import atomic_torch_save, atomic_write_json, write_jsonl
 from bigbatch.models import build_model
@@ -40,7 +39,14 @@ from bigbatch.train.state import (
     set_determinism,
     set_rng_state,
 )
-from bigbatch.train.steps import evaluate, forward_backward, micro_batch_size, use_channels_last
+from bigbatch.train.steps import (
+    evaluate,
+    forward_backward,
+    make_loaders,
+    micro_batch_size,
+    on_device_if_it_fits,
+    use_channels_last,
+)
 
 
 class Trainer:
@@ -101,40 +107,8 @@ class Trainer:
             base_batch_size=cfg.schedule.base_batch_size,
             linear_scaling=cfg.schedule.linear_scaling,
         )
-        mean, std = channel_stats(ds.train_images)
-        common: dict[str, Any] = dict(mean=mean, std=std)
-        self.train_loader = BatchLoader(
-            ds.train_images,
-            ds.train_labels,
-            cfg.train.batch_size,
-            shuffle=True,
-            seed=cfg.run.seed,
-            augment=cfg.augment.crop_flip,
-            crop_padding=cfg.augment.crop_padding,
-            rank=self.parallel.rank,
-            world_size=self.parallel.world_size,
-            drop_last=cfg.train.drop_last,
-            **common,
-        )
-        # Evaluation shards: each rank takes its part of every evaluation batch.
-        shard: dict[str, Any] = dict(
-            rank=self.parallel.rank, world_size=self.parallel.world_size, **common
-        )
-        eval_bs = max(min(cfg.runtime.eval_batch_size, ds.num_test), self.parallel.world_size)
-        self.test_loader = BatchLoader(
-            ds.test_images, ds.test_labels, eval_bs, shuffle=False, **shard
-        )
-        n_eval = min(cfg.train.train_eval_examples, ds.num_train)
-        self.train_eval_loader = (
-            BatchLoader(
-                ds.train_images[:n_eval],
-                ds.train_labels[:n_eval],
-                max(min(eval_bs, n_eval), self.parallel.world_size),
-                shuffle=False,
-                **shard,
-            )
-            if n_eval >= self.parallel.world_size
-            else None
+        self.train_loader, self.test_loader, self.train_eval_loader = make_loaders(
+            cfg, on_device_if_it_fits(ds, self.device), self.parallel.rank, self.parallel.world_size
         )
         self.mixer = BatchMixer(
             cfg.augment.mixup_alpha, cfg.augment.cutmix_alpha, seed=cfg.run.seed
