@@ -259,43 +259,25 @@ CASES: dict[str, tuple[Case, int, str]] = {
         "do not fit",
     ),
     # analysis options, validated before any computation
-    "sharpness --trace-samples 0": (
-        lambda ws: ["sharpness", str(ws.run), "--trace-samples", "0"],
-        2,
-        "--trace-samples",
-    ),
-    "sharpness --epsilon -1": (
-        lambda ws: ["sharpness", str(ws.run), "--epsilon", "-1"],
-        2,
-        "--epsilon",
-    ),
-    "sharpness --ascent-steps 0": (
-        lambda ws: ["sharpness", str(ws.run), "--ascent-steps", "0"],
-        2,
-        "--ascent-steps",
-    ),
-    "sharpness --lanczos-steps 0": (
-        lambda ws: ["sharpness", str(ws.run), "--lanczos-steps", "0"],
-        2,
-        "--lanczos-steps",
-    ),
-    "sharpness --top-k 0": (lambda ws: ["sharpness", str(ws.run), "--top-k", "0"], 2, "--top-k"),
-    "sharpness --examples -5": (
-        lambda ws: ["sharpness", str(ws.run), "--examples", "-5"],
-        2,
-        "--examples",
-    ),
-    "landscape --range nan 1": (
-        lambda ws: ["landscape", str(ws.run), "--range", "nan", "1"],
-        2,
-        "--range",
-    ),
-    "landscape --train-examples -1": (
-        lambda ws: ["landscape", str(ws.run), "--train-examples", "-1"],
-        2,
-        "--train-examples",
-    ),
-    "landscape --points 0": (lambda ws: ["landscape", str(ws.run), "--points", "0"], 2, "--points"),
+    # (each names its option: the message must too)
+    **{
+        f"{command} {' '.join(values)}": (
+            lambda ws, command=command, values=values: [command, str(ws.run), *values],
+            2,
+            values[0],
+        )
+        for command, values in [
+            ("sharpness", ("--trace-samples", "0")),
+            ("sharpness", ("--epsilon", "-1")),
+            ("sharpness", ("--ascent-steps", "0")),
+            ("sharpness", ("--lanczos-steps", "0")),
+            ("sharpness", ("--top-k", "0")),
+            ("sharpness", ("--examples", "-5")),
+            ("landscape", ("--range", "nan", "1")),
+            ("landscape", ("--train-examples", "-1")),
+            ("landscape", ("--points", "0")),
+        ]
+    },
     "sharpness --device cuda without CUDA": (
         lambda ws: (
             ["sharpness", str(ws.run), "--device", "cuda"]
