@@ -25,12 +25,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from bigbatch.config import load_config
     from bigbatch.train.distributed import init_parallel, shutdown_parallel
+    from bigbatch.train.state import fix_cublas_workspace
     from bigbatch.train.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
     if cfg.runtime.deterministic:
-        # Read by cuBLAS when CUDA initializes, which joining an nccl group does.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        fix_cublas_workspace()
     parallel = init_parallel(cfg.runtime.dist_timeout, cfg.runtime.device)
     try:
         trainer = Trainer(cfg, parallel=parallel)

@@ -94,9 +94,8 @@ class ParallelContext:
         """Refuse to start unless every rank passes the same ``digest``."""
 
     def agree(self, error: str | None) -> None:
-        """Raise rank 0's error (if any) on every rank, so that no rank waits for a failed one."""
-        if error:
-            raise TrainingError(error)
+        """Rank 0's error (if any) raised on every other rank, so that none waits for a failed
+        rank 0; rank 0 raises its own."""
 
 
 class DistributedContext(ParallelContext):
@@ -189,8 +188,8 @@ class DistributedContext(ParallelContext):
 
     def agree(self, error: str | None) -> None:
         shared = self.share(error.encode() if error is not None else b"")
-        if shared:
-            raise TrainingError(shared.decode() if self.rank == 0 else f"rank 0: {shared.decode()}")
+        if shared and self.rank != 0:
+            raise TrainingError(f"rank 0: {shared.decode()}")
 
 
 def launched_with_torchrun() -> bool:

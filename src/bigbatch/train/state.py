@@ -92,6 +92,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
+def fix_cublas_workspace() -> None:
+    """cuBLAS needs a fixed workspace for reproducible GEMMs; it reads this when CUDA initializes,
+    so call it before anything touches the GPU (joining an nccl group does)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
 def set_determinism(deterministic: bool, device: torch.device) -> None:
     """Deterministic kernels (or, off, cuDNN's autotuner); the CPU kernels bigbatch uses already
     are, so only CUDA changes."""
@@ -100,8 +106,7 @@ def set_determinism(deterministic: bool, device: torch.device) -> None:
     if device.type != "cuda":
         return
     if deterministic:
-        # cuBLAS needs a fixed workspace for reproducible GEMMs; read when CUDA initializes.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        fix_cublas_workspace()
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
     if not deterministic:
         warnings.warn(

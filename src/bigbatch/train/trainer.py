@@ -71,7 +71,6 @@ class Trainer:
             cfg, ds.num_train, ds.num_test, self.parallel.world_size, ds.image_size
         )
         self.run_dir = cfg.run_dir()
-        self.files: RunDirectory | None = None
 
         set_determinism(cfg.runtime.deterministic, self.device)
         seed_everything(cfg.run.seed)
@@ -210,7 +209,6 @@ class Trainer:
                 data = read_checkpoint(checkpoint) if resume and exists else None
             except BigbatchError as exc:
                 failure = exc
-        self.files = files
         try:
             self.parallel.agree(str(failure) if failure is not None else None)
             if failure is not None:
@@ -286,16 +284,15 @@ class Trainer:
             if changes:
                 row["config_changes"], changes = changes, {}
             rows.append(row)
-            out = files.path if files is not None else self.run_dir
             # Before the checkpoint: a diverged epoch is never saved as the last good one.
-            divergence = diverged(row, self.cfg.runtime.max_loss_factor, self.dataset.num_classes)
+            divergence = diverged(row, cfg.runtime.max_loss_factor, self.dataset.num_classes)
             if divergence:
-                raise TrainingError(f"{divergence}; {stop_advice(self.files, self.run_dir)}")
+                raise TrainingError(f"{divergence}; {stop_advice(files, self.run_dir)}")
             if files is not None:
                 if (epoch + 1) % cfg.runtime.checkpoint_every == 0 or epoch + 1 == cfg.run.epochs:
                     # Checkpoint before metrics: a crash in between re-runs this epoch on resume.
                     atomic_torch_save(
-                        out / CHECKPOINT_NAME,
+                        files.path / CHECKPOINT_NAME,
                         self._state(epoch + 1, step, train_time, wall_time, rows),
                     )
                     files.commit()

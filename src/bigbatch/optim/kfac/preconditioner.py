@@ -44,7 +44,7 @@ from torch import nn
 
 from bigbatch.config import KFACConfig
 from bigbatch.optim.kfac.layers import LayerFactors, autocast_off, make_layer_factors
-from bigbatch.optim.kfac.state import LayerState
+from bigbatch.optim.kfac.state import Damping, LayerState
 
 TIMING_PARTS = ("statistics", "eigendecomposition", "preconditioning", "communication")
 # scaled_overflow_steps: steps whose loss-scaled gradients overflowed (fp16); a GradScaler skips
@@ -281,11 +281,15 @@ class KFACPreconditioner:
             self.decompose(state)
         self.timings["eigendecomposition"] += time.perf_counter() - start
 
+    @property
+    def damping_rule(self) -> Damping:
+        """Read at each use, so that a changed ``damping`` takes effect at the next solve."""
+        return Damping(self.inverse_method, self.damping, self.pi_damping)
+
     def decompose(self, state: LayerState) -> None:
         """Recompute the layer's decomposition; a failure keeps the previous one (or none: the
         raw gradient) and is counted."""
-        options = (self.inverse_method, self.damping, self.pi_damping)
-        if state.damping_below_resolution(*options):
+        if state.damping_below_resolution(self.damping_rule):
             self.health["damping_below_resolution"] += 1
             if not self._warned_resolution:
                 warnings.warn(
@@ -297,12 +301,12 @@ class KFACPreconditioner:
                     stacklevel=3,
                 )
                 self._warned_resolution = True
-        retries, ok = state.decompose(*options)
+        retries, ok = state.decompose(self.damping_rule)
         self.health["eigh_retries"] += retries
         self.health["eigh_failures"] += not ok
 
     def set_scale(self, state: LayerState) -> None:
-        state.set_scale(self.inverse_method, self.damping, self.pi_damping)
+        state.set_scale(self.damping_rule)
 
     def solve(self, name: str, v: torch.Tensor) -> torch.Tensor:
         """(F + damping)^-1 v for layer ``name``'s current factors and a gradient-shaped matrix v
@@ -310,10 +314,7 @@ class KFACPreconditioner:
         state = self.layers[name]
         if state.decomposition is None:
             self.decompose(state)
-        return self._solve(state, v)
-
-    def _solve(self, state: LayerState, v: torch.Tensor) -> torch.Tensor:
-        return state.solve(v, self.inverse_method, self.damping, self.pi_damping)
+        return state.solve(v, self.damping_rule)
 
     def _precondition(self, lr: float | None) -> None:
         updates: list[tuple[LayerState, torch.Tensor]] = []
@@ -322,7 +323,7 @@ class KFACPreconditioner:
             if state.decomposition is None or not state.factors.has_grad():
                 continue
             v = state.factors.grad_matrix()
-            x = self._solve(state, v.to(self.factor_dtype)).to(v.dtype)
+            x = state.solve(v.to(self.factor_dtype), self.damping_rule).to(v.dtype)
             updates.append((state, x))
             # <F^-1 g, g>: KL-clipping's sum, and the finiteness check (for a finite g it is
             # non-finite iff x is).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,6 +13,16 @@ from bigbatch.optim.kfac.layers import LayerFactors
 
 # Damping below this many units of a factor's precision (times its scale) is lost in rounding.
 RESOLUTION_ULPS = 100
+
+
+@dataclass(frozen=True)
+class Damping:
+    """How a layer's Kronecker block is damped and solved (the conventions are preconditioner.py's):
+    ``method`` "eigen" or "inverse", ``value`` the damping, ``pi`` Martens & Grosse's split."""
+
+    method: str
+    value: float
+    pi: bool
 
 
 def _copy(t: torch.Tensor | None, device: torch.device | None = None) -> torch.Tensor | None:
@@ -32,7 +43,7 @@ class LayerState:
         self.scale: torch.Tensor | None = None
 
     # -- damping and decompositions (conventions in preconditioner.py) -------------------------
-    def damping_below_resolution(self, method: str, damping: float, pi_damping: bool) -> bool:
+    def damping_below_resolution(self, rule: Damping) -> bool:
         """Whether the damping is lost in the factors' rounding: below RESOLUTION_ULPS units of
         their dtype's precision times their scale, directions without data get updates of noise /
         damping (the float32 statistics, not the decomposition, set that limit)."""
@@ -41,25 +52,25 @@ class LayerState:
         # The largest diagonal entry: within a factor of dim of the largest eigenvalue.
         scale_a = float(self.A.diagonal().max())
         scale_g = float(self.G.diagonal().max())
-        if method == "eigen" and not pi_damping:
-            return damping < eps * scale_a * scale_g
-        pi = pi_ratio(self.A, self.G) if pi_damping else 1.0
-        root = math.sqrt(damping)
+        if rule.method == "eigen" and not rule.pi:
+            return rule.value < eps * scale_a * scale_g
+        pi = pi_ratio(self.A, self.G) if rule.pi else 1.0
+        root = math.sqrt(rule.value)
         return root * pi < eps * scale_a or root / pi < eps * scale_g
 
-    def decompose(self, method: str, damping: float, pi_damping: bool) -> tuple[int, bool]:
+    def decompose(self, rule: Damping) -> tuple[int, bool]:
         """(fallbacks used, success); on failure the previous decomposition stays."""
         assert self.A is not None and self.G is not None
-        if method == "eigen":
+        if rule.method == "eigen":
             (qa_da, retried_a), (qg_dg, retried_g) = robust_eigh(self.A), robust_eigh(self.G)
             if qa_da is None or qg_dg is None:
                 return retried_a + retried_g, False
             self.decomposition = (*qa_da, *qg_dg)
-            self.set_scale(method, damping, pi_damping)
+            self.set_scale(rule)
             return retried_a + retried_g, True
         # Martens & Grosse's split: A + pi sqrt(d) I and G + sqrt(d) / pi I.
-        pi = pi_ratio(self.A, self.G) if pi_damping else 1.0
-        root = math.sqrt(damping)
+        pi = pi_ratio(self.A, self.G) if rule.pi else 1.0
+        root = math.sqrt(rule.value)
         (a_inv, retried_a), (g_inv, retried_g) = (
             robust_inverse(self.A, root * pi),
             robust_inverse(self.G, root / pi),
@@ -69,28 +80,28 @@ class LayerState:
         self.decomposition = (a_inv, g_inv)
         return retried_a + retried_g, True
 
-    def set_scale(self, method: str, damping: float, pi_damping: bool) -> None:
+    def set_scale(self, rule: Damping) -> None:
         """Cache 1 / (damped eigenvalues) of an eigen decomposition (pi from the same factors)."""
-        if method != "eigen" or self.decomposition is None:
+        if rule.method != "eigen" or self.decomposition is None:
             self.scale = None
             return
         _, da, _, dg = self.decomposition
-        if pi_damping:
+        if rule.pi:
             pi = pi_ratio(self.A, self.G) if self.A is not None and self.G is not None else 1.0
-            root = math.sqrt(damping)
+            root = math.sqrt(rule.value)
             denominator = torch.outer(dg + root / pi, da + root * pi)
         else:
-            denominator = torch.outer(dg, da).add_(damping)
+            denominator = torch.outer(dg, da).add_(rule.value)
         self.scale = denominator.reciprocal_()
 
-    def solve(self, v: torch.Tensor, method: str, damping: float, pi_damping: bool) -> torch.Tensor:
+    def solve(self, v: torch.Tensor, rule: Damping) -> torch.Tensor:
         """(F + damping)^-1 v for the gradient matrix v [g_dim, a_dim]."""
         assert self.decomposition is not None
-        if method == "inverse":
+        if rule.method == "inverse":
             a_inv, g_inv = self.decomposition
             return g_inv @ v @ a_inv
         if self.scale is None:
-            self.set_scale(method, damping, pi_damping)
+            self.set_scale(rule)
         assert self.scale is not None
         qa, _, qg, _ = self.decomposition
         return qg @ (qg.t() @ v @ qa).mul_(self.scale) @ qa.t()
