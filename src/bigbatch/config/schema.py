@@ -23,6 +23,7 @@ OPTIMIZERS = ("sgd", "kfac")
 PRECISIONS = ("fp32", "bf16", "fp16")
 FISHER_TYPES = ("empirical", "mc")
 INVERSE_METHODS = ("eigen", "inverse")
+BATCHNORM_CURVATURES = ("unit", "none")
 SWITCH_MODES = ("auto", "on", "off")  # runtime.progress and runtime.channels_last
 MAX_RUN_NAME = 128
 
@@ -107,6 +108,12 @@ class KFACConfig:
     skip_layers: list[str] = field(default_factory=list)
     # Data-parallel runs all-reduce only each factor's upper triangle (about half the bytes).
     upper_triangle: bool = True
+    # BatchNorm's (gamma, beta): "unit" preconditions them with a 2x2 Fisher block per channel,
+    # "none" leaves them the raw gradient.
+    batchnorm: str = "unit"
+    # Share of the ranks that precondition each layer (KAISA): 1 = all of them (each holds every
+    # decomposition), 1/world = the layer's owner alone, which broadcasts the result.
+    grad_worker_fraction: float = 1.0
 
     def validate(self, section: str = "kfac") -> None:
         def key(name: str) -> str:
@@ -119,6 +126,12 @@ class KFACConfig:
         require(self.kl_clip >= 0, key("kl_clip"), "must be >= 0 (0 disables KL-clipping)")
         choice(self.fisher_type, key("fisher_type"), FISHER_TYPES)
         choice(self.inverse_method, key("inverse_method"), INVERSE_METHODS)
+        choice(self.batchnorm, key("batchnorm"), BATCHNORM_CURVATURES)
+        require(
+            0 < self.grad_worker_fraction <= 1,
+            key("grad_worker_fraction"),
+            f"must be in (0, 1], got {self.grad_worker_fraction}",
+        )
         require(0 < self.stats_fraction <= 1, key("stats_fraction"), "must be in (0, 1]")
         for pattern in self.skip_layers:
             try:
@@ -137,6 +150,20 @@ class KFACConfig:
                 "on unchanged factors; set inverse_interval to a multiple of factor_interval",
                 stacklevel=2,
             )
+
+    def grad_workers(self, world_size: int, section: str = "kfac") -> int:
+        """Ranks that precondition each layer: grad_worker_fraction * world_size, which must be a
+        whole number dividing world_size (the ranks split into groups of that size)."""
+        exact = self.grad_worker_fraction * world_size
+        workers = max(1, round(exact))
+        valid = [f"{d}/{world_size}" for d in range(1, world_size + 1) if world_size % d == 0]
+        require(
+            abs(exact - workers) < 1e-6 and world_size % workers == 0,
+            f"{section}.grad_worker_fraction" if section else "grad_worker_fraction",
+            f"is {self.grad_worker_fraction:g}, giving {exact:g} of {world_size} ranks per layer; "
+            f"choose one of {', '.join(valid)}",
+        )
+        return workers
 
 
 def default_cache_dir() -> str:

@@ -134,3 +134,5 @@ def validate_against_data(
         f"is {cfg.train.batch_size}, smaller than the {world_size} ranks sharing each batch",
     )
     require(num_test >= 1, "data.test_limit", "leaves an empty test set")
+    if cfg.optimizer.name == "kfac":
+        cfg.kfac.grad_workers(world_size)

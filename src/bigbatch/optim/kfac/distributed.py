@@ -1,23 +1,29 @@
-"""K-FAC over torch.distributed: factor sums all-reduced, eigendecompositions spread over ranks.
+"""K-FAC over torch.distributed: factors all-reduced, decompositions and preconditioning sharded.
 
 On a statistics step every rank holds factor SUMS over its own examples (layers.py); one all-reduce
-of a flat buffer turns them into sums over the global batch (optionally sending only each factor's
-upper triangle: about half the bytes). On an inverse step each layer's eigendecomposition is
-assigned to one rank, greedily balancing the cost d_A^3 + d_G^3, and its result is broadcast from
-that rank, so no rank decomposes every layer. With the empirical Fisher and stats_fraction = 1 the
-result equals single-process K-FAC on the same global batch (tests check this).
+of a flat buffer turns them into sums over the global batch (optionally sending only each square
+factor's upper triangle: about half the bytes). Each layer has an owner, chosen greedily to balance
+the decomposition cost, that decomposes it on inverse steps.
+
+Preconditioning is sharded as in KAISA (Pauloski et al., SC'21) by ``grad_worker_fraction``: the
+ranks split into groups of fraction * world consecutive ranks; a layer's decomposition is broadcast
+from its owner to the owner's group, whose members (the layer's gradient workers) each solve the
+layer; every other rank receives the solution from the gradient worker at its own position in the
+group. Fraction 1 (one group, COMM-OPT) is every rank holding every decomposition; 1/world (MEM-OPT)
+is the owner alone holding and solving a layer and broadcasting its solution to all; in between
+(HYBRID) trades memory against broadcasts. With the empirical Fisher and stats_fraction = 1 every
+fraction gives the result of single-process K-FAC on the same global batch (tests check this).
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from bigbatch.collectives import run_collective
-from bigbatch.optim.kfac.preconditioner import KFACPreconditioner, LayerState
+from bigbatch.optim.kfac.preconditioner import BatchStatistics, BlockState, KFACPreconditioner
 
 
 def assign_by_cost(costs: dict[str, float], world_size: int) -> dict[str, int]:
@@ -32,6 +38,10 @@ def assign_by_cost(costs: dict[str, float], world_size: int) -> dict[str, int]:
     return owner
 
 
+def _nbytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 class DistributedKFACPreconditioner(KFACPreconditioner):
     def __init__(self, *args: Any, timeout_s: float | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -39,114 +49,189 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         self.timeout_s = timeout_s  # the process group's, for the error message only
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        self.factor_bytes = 0  # sent per rank in factor all-reduces since the last reset_metrics()
-        costs = {
-            name: float(s.factors.a_dim) ** 3 + float(s.factors.g_dim) ** 3
-            for name, s in self.layers.items()
-        }
-        self.owner = assign_by_cost(costs, self.world_size)
+        self.owner = assign_by_cost(
+            {name: s.cost() for name, s in self.layers.items()}, self.world_size
+        )
+        self.workers = self.options.grad_workers(self.world_size, section="")
+        self.position = self.rank % self.workers  # this rank's place in its group
+        # Every rank must create every group, in the same order, even those it is not in.
+        groups = [list(range(s, s + self.workers)) for s in range(0, self.world_size, self.workers)]
+        receivers = [list(range(p, self.world_size, self.workers)) for p in range(self.workers)]
+        self._worker_groups = [self._group(ranks) for ranks in groups]
+        self._receiver_group = [self._group(ranks) for ranks in receivers][self.position]
+        # Layers some rank holds a decomposition of: those are preconditioned on every rank.
+        self.solvable: set[str] = set()
+        self.bytes_sent = {"factor": 0, "decomposition": 0, "gradient": 0}
 
+    def _group(self, ranks: list[int]) -> Any:
+        """A process group of ``ranks``: None for all of them (the default group), "alone" for
+        one rank (nothing to send)."""
+        if len(ranks) == self.world_size:
+            return None
+        return dist.new_group(ranks) if len(ranks) > 1 else "alone"
+
+    def group_of(self, name: str) -> int:
+        """The index of the group that holds layer ``name``'s decomposition and solves it."""
+        return self.owner[name] // self.workers
+
+    def is_worker(self, name: str) -> bool:
+        return self.group_of(name) == self.rank // self.workers
+
+    def _collective(self, what: str, op: Any, *args: Any, **kwargs: Any) -> None:
+        run_collective(what, self.rank, self.timeout_s, op, *args, **kwargs)
+
+    # -- bookkeeping -----------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
-        return {**super().metrics(), "kfac_factor_bytes": self.factor_bytes}
+        held = _nbytes(t for s in self.layers.values() for t in s.decomposition or ())
+        return {
+            **super().metrics(),
+            "kfac_factor_bytes": self.bytes_sent["factor"],
+            "kfac_decomposition_bytes": self.bytes_sent["decomposition"],
+            "kfac_gradient_bytes": self.bytes_sent["gradient"],
+            "kfac_held_decomposition_bytes": held,
+        }
 
     def reset_metrics(self) -> None:
         super().reset_metrics()
-        self.factor_bytes = 0
+        self.bytes_sent = dict.fromkeys(self.bytes_sent, 0)
 
+    def needs_decomposition(self, state: BlockState) -> bool:
+        return state.has_factors and state.factors.name not in self.solvable
+
+    # -- factors -------------------------------------------------------------------------------
     def _pack(self, m: torch.Tensor) -> torch.Tensor:
-        if not self.upper_triangle:
+        if not self.upper_triangle or m.dim() != 2 or m.shape[0] != m.shape[1]:
             return m.reshape(-1)
         i, j = torch.triu_indices(m.shape[0], m.shape[1], device=m.device)
         return m[i, j]
 
-    def _unpack(self, flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        if not self.upper_triangle:
-            return flat.view_as(like)
-        out = torch.empty_like(like)
-        i, j = torch.triu_indices(like.shape[0], like.shape[1], device=like.device)
+    def _unpack(self, flat: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        if not self.upper_triangle or len(shape) != 2 or shape[0] != shape[1]:
+            return flat.view(shape)
+        out = flat.new_empty(shape)
+        i, j = torch.triu_indices(shape[0], shape[1], device=flat.device)
         out[i, j] = flat
         out[j, i] = flat
         return out
 
-    def reduce_factors(self, batch: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
-        start = time.perf_counter()
-        # On the process group's device, as the all-reduce needs.
-        like: dict[str, Any] = {"dtype": self.factor_dtype, "device": self.device}
-        # Every rank sends the same layout; a layer without statistics here sends zeros and count 0.
-        shapes = {n: (s.factors.a_dim, s.factors.g_dim) for n, s in self.layers.items()}
-        parts = []
-        for name, (a_dim, g_dim) in shapes.items():
-            a, g, count = batch.get(
-                name,
-                (torch.zeros(a_dim, a_dim, **like), torch.zeros(g_dim, g_dim, **like), 0.0),
-            )
-            parts += [self._pack(a), self._pack(g), a.new_tensor([count])]
-        flat = torch.cat(parts)
-        run_collective("K-FAC factor all-reduce", self.rank, self.timeout_s, dist.all_reduce, flat)
-        self.factor_bytes += flat.numel() * flat.element_size()
-        offset = 0
-        for name, (a_dim, g_dim) in shapes.items():
-            like_a, like_g = torch.empty(a_dim, a_dim, **like), torch.empty(g_dim, g_dim, **like)
-            sizes = [self._pack(like_a).numel(), self._pack(like_g).numel(), 1]
-            a_flat, g_flat, count = flat[offset : offset + sum(sizes)].split(sizes)
-            offset += sum(sizes)
-            if float(count) > 0:
-                batch[name] = (
-                    self._unpack(a_flat, like_a),
-                    self._unpack(g_flat, like_g),
-                    float(count),
-                )
-        self.timings["communication"] += time.perf_counter() - start
+    def _packed_size(self, shape: tuple[int, ...]) -> int:
+        square = self.upper_triangle and len(shape) == 2 and shape[0] == shape[1]
+        return shape[0] * (shape[0] + 1) // 2 if square else int(torch.Size(shape).numel())
 
-    def compute_decompositions(self, states: list[LayerState]) -> None:
-        start = time.perf_counter()
-        mine = [s for s in states if self.owner[s.factors.name] == self.rank]
-        for state in mine:
-            self.decompose(state)
-        self.timings["eigendecomposition"] += time.perf_counter() - start
-        start = time.perf_counter()
-        # Which layers have a decomposition to share (an owner's eigh may have failed).
-        ready = torch.tensor(
-            [
-                float(s.decomposition is not None and self.owner[s.factors.name] == self.rank)
-                for s in states
-            ],
-            device=self.device,
-        )
-        run_collective(
-            "K-FAC decomposition check", self.rank, self.timeout_s, dist.all_reduce, ready
-        )
-        for state, ok in zip(states, ready.tolist()):
-            if not ok:
-                continue
-            src = self.owner[state.factors.name]
-            if self.rank != src:
-                state.decomposition = tuple(
-                    torch.empty_like(t) for t in self._decomposition_like(state)
-                )
-            assert state.decomposition is not None
-            for tensor in state.decomposition:
-                run_collective(
-                    "K-FAC eigenbasis broadcast",
-                    self.rank,
-                    self.timeout_s,
-                    dist.broadcast,
-                    tensor,
-                    src=src,
-                )
-            if self.rank != src:
-                # The owner set its own in decompose(); A and G agree on all ranks.
-                self.set_scale(state)
-        self.timings["communication"] += time.perf_counter() - start
+    def reduce_factors(self, batch: BatchStatistics) -> None:
+        with self.times.measure("communication", self.device):
+            # On the process group's device, as the all-reduce needs.
+            like: dict[str, Any] = {"dtype": self.factor_dtype, "device": self.device}
+            # Every rank sends the same layout; a layer without statistics here sends zeros and a
+            # count of 0.
+            parts = []
+            for name, state in self.layers.items():
+                sums, count = batch.get(name, ({}, 0.0))
+                for key, shape in state.statistic_shapes().items():
+                    t = sums.get(key)
+                    parts.append(
+                        self._pack(t)
+                        if t is not None
+                        else torch.zeros(self._packed_size(shape), **like)
+                    )
+                parts.append(torch.as_tensor([float(count)], **like))
+            flat = torch.cat(parts)
+            self._collective("K-FAC factor all-reduce", dist.all_reduce, flat)
+            self.bytes_sent["factor"] += _nbytes([flat])
+            offset = 0
+            for name, state in self.layers.items():
+                sums = {}
+                for key, shape in state.statistic_shapes().items():
+                    size = self._packed_size(shape)
+                    sums[key] = self._unpack(flat[offset : offset + size], shape)
+                    offset += size
+                # The count stays on the device: a layer no rank saw is left out there.
+                batch[name] = (sums, flat[offset])
+                offset += 1
 
-    def _decomposition_like(self, state: LayerState) -> tuple[torch.Tensor, ...]:
-        a, g = state.factors.a_dim, state.factors.g_dim
-        like: dict[str, Any] = {"dtype": self.factor_dtype, "device": self.device}
-        if self.inverse_method == "eigen":
-            return (
-                torch.empty(a, a, **like),
-                torch.empty(a, **like),
-                torch.empty(g, g, **like),
-                torch.empty(g, **like),
+    # -- decompositions ------------------------------------------------------------------------
+    def compute_decompositions(self, states: list[BlockState]) -> None:
+        with self.times.measure("eigendecomposition", self.device):
+            for state in states:
+                if self.owner[state.factors.name] == self.rank:
+                    self.decompose(state)
+        with self.times.measure("communication", self.device):
+            # Which layers have a decomposition to share (an owner's eigh may have failed).
+            ready = torch.tensor(
+                [
+                    float(s.decomposition is not None and self.owner[s.factors.name] == self.rank)
+                    for s in states
+                ],
+                device=self.device,
             )
-        return torch.empty(a, a, **like), torch.empty(g, g, **like)
+            self._collective("K-FAC decomposition check", dist.all_reduce, ready)
+            rule = self.damping_rule
+            for state, ok in zip(states, ready.tolist()):
+                name = state.factors.name
+                if not ok:
+                    continue
+                self.solvable.add(name)
+                group, src = self._worker_groups[self.group_of(name)], self.owner[name]
+                if not self.is_worker(name) or group == "alone":
+                    continue
+                if self.rank != src:
+                    like = {"dtype": self.factor_dtype, "device": self.device}
+                    state.decomposition = state.decomposition_like(rule, **like)
+                assert state.decomposition is not None
+                for tensor in state.decomposition:
+                    self._collective(
+                        "K-FAC decomposition broadcast", dist.broadcast, tensor, src, group
+                    )
+                if self.rank == src:
+                    self.bytes_sent["decomposition"] += _nbytes(state.decomposition)
+                else:
+                    state.received(rule)  # the owner derived its own in decompose()
+
+    # -- preconditioning -----------------------------------------------------------------------
+    def solutions(self) -> list[tuple[BlockState, torch.Tensor, torch.Tensor]]:
+        """Each rank solves the layers of its group and receives the others' solutions from the
+        rank at its own position in their group: one broadcast per other group."""
+        rule = self.damping_rule
+        work = [
+            (s, s.factors.grad_matrix())
+            for s in self.layers.values()
+            if s.factors.name in self.solvable and s.factors.has_grad()
+        ]
+        solved: dict[str, torch.Tensor] = {}
+        for state, v in work:
+            if self.is_worker(state.factors.name):
+                x = state.solve(v.to(self.factor_dtype), rule).to(v.dtype)
+                solved[state.factors.name] = x
+        if self.workers < self.world_size:
+            with self.times.measure("communication", self.device):
+                for group in range(self.world_size // self.workers):
+                    self._share_solutions(group, work, solved)
+        return [(s, v, solved[s.factors.name]) for s, v in work]
+
+    def _share_solutions(
+        self,
+        group: int,
+        work: list[tuple[BlockState, torch.Tensor]],
+        solved: dict[str, torch.Tensor],
+    ) -> None:
+        """Broadcast group ``group``'s solutions from its rank at this rank's position."""
+        layers = [(s, v) for s, v in work if self.group_of(s.factors.name) == group]
+        if not layers:
+            return
+        src = group * self.workers + self.position
+        if self.rank == src:
+            flat = torch.cat([solved[s.factors.name].reshape(-1) for s, _ in layers])
+            self.bytes_sent["gradient"] += _nbytes([flat])
+        else:
+            size = sum(v.numel() for _, v in layers)
+            flat = torch.empty(size, dtype=layers[0][1].dtype, device=self.device)
+        self._collective(
+            "K-FAC preconditioned-gradient broadcast",
+            dist.broadcast,
+            flat,
+            src,
+            self._receiver_group,
+        )
+        if self.rank != src:
+            for (state, v), x in zip(layers, flat.split([v.numel() for _, v in layers])):
+                solved[state.factors.name] = x.view_as(v)

@@ -76,13 +76,14 @@ class LayerFactors:
     def g_dim(self) -> int:
         return int(self.module.weight.shape[0])
 
-    def add_input(self, x: torch.Tensor, sampled: bool = False) -> None:
-        """Statistics of a micro-batch's inputs (``sampled``: of a slice of it, held for later)."""
-        self.count += x.shape[0]
-        self._hold("a", x.detach(), sampled)
+    def add_input(self, x: torch.Tensor, rows: int) -> None:
+        """Statistics of the first ``rows`` examples of a micro-batch's inputs (fewer than all:
+        a sampled slice, held for later)."""
+        self.count += rows
+        self._hold("a", x.detach()[:rows], rows < x.shape[0])
 
-    def add_output_grad(self, grad_output: torch.Tensor, sampled: bool = False) -> None:
-        self._hold("g", grad_output.detach(), sampled)
+    def add_output_grad(self, grad_output: torch.Tensor, rows: int) -> None:
+        self._hold("g", grad_output.detach()[:rows], rows < grad_output.shape[0])
 
     def _hold(self, side: str, rows: torch.Tensor, sampled: bool) -> None:
         pending = self._pending[side]
@@ -312,6 +313,7 @@ class Conv2dFactors(LayerFactors):
 
 
 def make_layer_factors(name: str, module: nn.Module) -> LayerFactors | None:
+    """Kronecker factors for a Linear or Conv2d layer; None for any other module."""
     if isinstance(module, nn.Linear):
         return LinearFactors(name, module)
     if isinstance(module, nn.Conv2d):

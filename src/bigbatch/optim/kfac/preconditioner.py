@@ -3,8 +3,10 @@
     loss.backward(); kfac.step(lr=lr); optimizer.step()
 
 ``step`` replaces the gradients of every registered Linear/Conv2d layer with (F + damping)^-1 grad,
-F = kron(G, A) per layer (see layers.py for the scale convention). Momentum, weight decay and the LR
-schedule stay the optimizer's: weight decay is added by SGD after preconditioning.
+F = kron(G, A) per layer (see layers.py for the scale convention), and with ``batchnorm="unit"``
+those of BatchNorm's (gamma, beta) with per-channel 2x2 Fisher blocks (batchnorm.py). Momentum,
+weight decay and the LR schedule stay the optimizer's: weight decay is added by SGD after
+preconditioning.
 
 Schedules: statistics are collected on steps where ``step_count % factor_interval == 0`` and folded
 into running averages F <- decay * F + (1 - decay) * F_batch (the weight ``decay`` is on the OLD
@@ -34,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import time
 import warnings
 from typing import Any
 
@@ -43,8 +44,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigbatch.config import KFACConfig
-from bigbatch.optim.kfac.layers import LayerFactors, autocast_off, make_layer_factors
+from bigbatch.optim.kfac.batchnorm import BatchNormFactors, BatchNormState
+from bigbatch.optim.kfac.bookkeeping import HealthCounters, PartTimes
+from bigbatch.optim.kfac.layers import autocast_off, make_layer_factors
 from bigbatch.optim.kfac.state import Damping, LayerState
+
+# Any layer's state: Kronecker factors (Linear, Conv2d) or 2x2 blocks (BatchNorm); same methods.
+BlockState = LayerState | BatchNormState
+# Per layer: its statistics' sums by name, and the examples that contributed them.
+BatchStatistics = dict[str, tuple[dict[str, torch.Tensor], float | torch.Tensor]]
+
+
+def _as_device_vector(values: list[float | torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Host numbers or device scalars as one vector on ``like``'s device (one copy for numbers)."""
+    if all(isinstance(v, float) for v in values):
+        return torch.tensor(values, dtype=like.dtype, device=like.device)
+    return torch.stack([torch.as_tensor(v, dtype=like.dtype, device=like.device) for v in values])
+
+
+def make_layer_state(name: str, module: nn.Module, batchnorm: str) -> BlockState | None:
+    """The block K-FAC keeps for ``module``, or None when it has no curvature for it."""
+    factors = make_layer_factors(name, module)
+    if factors is not None:
+        return LayerState(factors)
+    if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
+        if batchnorm == "unit" and module.affine:
+            return BatchNormState(BatchNormFactors(name, module))
+    return None
+
 
 TIMING_PARTS = ("statistics", "eigendecomposition", "preconditioning", "communication")
 # scaled_overflow_steps: steps whose loss-scaled gradients overflowed (fp16); a GradScaler skips
@@ -93,13 +120,13 @@ class KFACPreconditioner:
         self.mc_generator: torch.Generator | None = None  # made on the model's device, when used
 
         patterns = [re.compile(p) for p in options.skip_layers]
-        self.layers: dict[str, LayerState] = {}
+        self.layers: dict[str, BlockState] = {}
         for name, module in model.named_modules():
             if any(p.fullmatch(name) for p in patterns):
                 continue
-            factors = make_layer_factors(name, module)
-            if factors is not None:
-                self.layers[name] = LayerState(factors)
+            state = make_layer_state(name, module, options.batchnorm)
+            if state is not None:
+                self.layers[name] = state
         if not self.layers:
             warnings.warn(
                 "KFACPreconditioner found no Linear or Conv2d layer to precondition", stacklevel=2
@@ -108,12 +135,15 @@ class KFACPreconditioner:
         self.steps = 0
         # Examples through the model since the last step (all, not only sampled).
         self.examples_seen = 0
-        self.timings = dict.fromkeys(TIMING_PARTS, 0.0)
-        self.health = dict.fromkeys(HEALTH_COUNTERS, 0)
-        self._mc_outputs: list[tuple[LayerFactors, torch.Tensor]] = []
+        self.times = PartTimes(TIMING_PARTS)
+        self.counters = HealthCounters(HEALTH_COUNTERS)
+        self._mc_outputs: list[tuple[Any, torch.Tensor]] = []
         self._warned_missing = False
         self._warned_resolution = False
-        self._scaled = self._overflow_seen = False
+        self._scaled = False
+        self._overflow: torch.Tensor | None = (
+            None  # whether this step's scaled gradients overflowed
+        )
         self._handles = [
             state.factors.module.register_forward_hook(self._forward_hook(state.factors))
             for state in self.layers.values()
@@ -129,26 +159,24 @@ class KFACPreconditioner:
     def collecting(self) -> bool:
         return self.steps % self.factor_interval == 0
 
-    def _forward_hook(self, factors: LayerFactors):
+    def _forward_hook(self, factors: Any):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if not (module.training and torch.is_grad_enabled() and self.collecting):
                 return
-            start = time.perf_counter()
-            x = inputs[0]
-            k = self._sampled_rows(x.shape[0])
-            factors.add_input(x[:k], sampled=k < x.shape[0])
-            if self.fisher_type == "empirical":
-                output.register_hook(lambda grad: self._grad_hook(factors, grad, k))
-            else:
-                self._mc_outputs.append((factors, output))
-            self.timings["statistics"] += time.perf_counter() - start
+            with self.times.measure("statistics", output.device):
+                x = inputs[0]
+                k = self._sampled_rows(x.shape[0])
+                factors.add_input(x, k)
+                if self.fisher_type == "empirical":
+                    output.register_hook(lambda grad: self._grad_hook(factors, grad, k))
+                else:
+                    self._mc_outputs.append((factors, output))
 
         return hook
 
-    def _grad_hook(self, factors: LayerFactors, grad: torch.Tensor, k: int) -> None:
-        start = time.perf_counter()
-        factors.add_output_grad(grad[:k], sampled=k < grad.shape[0])
-        self.timings["statistics"] += time.perf_counter() - start
+    def _grad_hook(self, factors: Any, grad: torch.Tensor, k: int) -> None:
+        with self.times.measure("statistics", grad.device):
+            factors.add_output_grad(grad, k)
 
     def accumulate_mc_fisher(self, logits: torch.Tensor) -> None:
         """MC Fisher: backprop a loss with labels sampled from softmax(logits) to the layer outputs
@@ -156,20 +184,18 @@ class KFACPreconditioner:
         if self.fisher_type != "mc" or not self._mc_outputs:
             self._mc_outputs.clear()
             return
-        start = time.perf_counter()
-        with torch.no_grad():
-            probs = torch.softmax(logits.detach().float(), dim=1)
-            sampled = torch.multinomial(probs, 1, generator=self._generator(probs.device))
-            sampled = sampled.squeeze(1)
-        # A sum of per-example losses: each output gradient is already that example's own gradient.
-        loss = F.cross_entropy(logits, sampled, reduction="sum")
-        outputs = [o for _, o in self._mc_outputs]
-        grads = torch.autograd.grad(loss, outputs, retain_graph=True)
-        for (factors, out), grad in zip(self._mc_outputs, grads):
-            k = self._sampled_rows(out.shape[0])
-            factors.add_output_grad(grad[:k], sampled=k < out.shape[0])
-        self._mc_outputs.clear()
-        self.timings["statistics"] += time.perf_counter() - start
+        with self.times.measure("statistics", logits.device):
+            with torch.no_grad():
+                probs = torch.softmax(logits.detach().float(), dim=1)
+                sampled = torch.multinomial(probs, 1, generator=self._generator(probs.device))
+                sampled = sampled.squeeze(1)
+            # A sum of per-example losses: each output gradient is that example's own gradient.
+            loss = F.cross_entropy(logits, sampled, reduction="sum")
+            outputs = [o for _, o in self._mc_outputs]
+            grads = torch.autograd.grad(loss, outputs, retain_graph=True)
+            for (factors, out), grad in zip(self._mc_outputs, grads):
+                factors.add_output_grad(grad, self._sampled_rows(out.shape[0]))
+            self._mc_outputs.clear()
 
     def _generator(self, device: torch.device) -> torch.Generator:
         """The MC labels' generator, on the device the logits are on (no host round trip)."""
@@ -189,33 +215,32 @@ class KFACPreconditioner:
             self._step(lr, grad_scale)
 
     def _step(self, lr: float | None, grad_scale: float | torch.Tensor | None) -> None:
-        self._overflow_seen = False
         self._scaled = grad_scale is not None
+        self._overflow = None
+        device = self.device
         if self.collecting:
-            start = time.perf_counter()
-            batch = self._batch_factors(grad_scale)
-            self.timings["statistics"] += time.perf_counter() - start
+            with self.times.measure("statistics", device):
+                batch = self._batch_factors(grad_scale)
             self.reduce_factors(batch)
-            start = time.perf_counter()
-            self._update_running_factors(batch)
-            self.timings["statistics"] += time.perf_counter() - start
+            with self.times.measure("statistics", device):
+                self._update_running_factors(batch)
         if self.steps % self.inverse_interval == 0 or any(
-            s.decomposition is None and s.A is not None for s in self.layers.values()
+            self.needs_decomposition(s) for s in self.layers.values()
         ):
-            self.compute_decompositions([s for s in self.layers.values() if s.A is not None])
-        start = time.perf_counter()
-        self._precondition(lr)
-        self.timings["preconditioning"] += time.perf_counter() - start
+            self.compute_decompositions([s for s in self.layers.values() if s.has_factors])
+        with self.times.measure("preconditioning", device):
+            self._precondition(lr)
+        if self._overflow is not None:  # one overflow per step, however many layers show it
+            self.counters.add("scaled_overflow_steps", self._overflow)
         self.steps += 1
         self.examples_seen = 0
         for state in self.layers.values():
             state.factors.reset()
 
-    def _batch_factors(
-        self, grad_scale: float | torch.Tensor | None = None
-    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-        """Per layer: (A sum, G sum, contributing examples), G scaled to per-example gradients."""
-        out = {}
+    def _batch_factors(self, grad_scale: float | torch.Tensor | None = None) -> BatchStatistics:
+        """Per layer: (its statistics' sums, contributing examples), with the output-gradient
+        sums scaled to per-example gradients."""
+        out: BatchStatistics = {}
         missing = []
         # Empirical: hooks saw S g / N for a mean loss over N examples scaled by S (a GradScaler's,
         # else 1), so sum(g g^T) = (N / S)^2 * raw sum. The MC backward is never scaled.
@@ -225,16 +250,13 @@ class KFACPreconditioner:
             if grad_scale is not None:
                 scale = scale / grad_scale**2
         for name, state in self.layers.items():
-            f = state.factors
-            f.finish()
-            if f.a_sum is None or f.g_sum is None or f.count == 0:
+            state.factors.finish()
+            sums = state.batch_sums(scale) if state.factors.count else None
+            if sums is None:
                 missing.append(name)
                 continue
-            out[name] = (
-                f.a_sum.to(self.factor_dtype),
-                f.g_sum.to(self.factor_dtype) * scale,
-                float(f.count),
-            )
+            converted = {key: t.to(self.factor_dtype) for key, t in sums.items()}
+            out[name] = (converted, float(state.factors.count))
         if missing and not self._warned_missing:
             warnings.warn(
                 f"K-FAC layers recorded no statistics this step: {', '.join(missing)} (not used in "
@@ -246,51 +268,60 @@ class KFACPreconditioner:
             self._warned_missing = True
         return out
 
-    def reduce_factors(self, batch: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+    def reduce_factors(self, batch: BatchStatistics) -> None:
         """Hook for data parallelism: sum the factor sums and counts over ranks (no-op in one
         process)."""
 
-    def _update_running_factors(
-        self, batch: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
-    ) -> None:
+    def _update_running_factors(self, batch: BatchStatistics) -> None:
+        """Fold the batch into the running factors; a non-finite batch (or one with no examples,
+        which data parallelism can send) leaves them as they were. Decided on the device, so no
+        host read, except once for a layer's first statistics: whether it has factors at all."""
         if not batch:
             return
-        # A factor is non-finite iff its entry sum is (barring an overflow to inf, equally
-        # unusable): one synchronization for all layers instead of two per layer.
-        sums = torch.stack(
-            [t.sum() for a_sum, g_sum, _ in batch.values() for t in (a_sum, g_sum)]
-        ).tolist()
-        for k, (name, (a_sum, g_sum, count)) in enumerate(batch.items()):
-            if not (math.isfinite(sums[2 * k]) and math.isfinite(sums[2 * k + 1])):
-                self._count_nonfinite("nonfinite_factors", 1)
+        names = list(batch)
+        # A layer's statistics are non-finite iff their entry sum is (barring an overflow to inf,
+        # equally unusable).
+        totals = torch.stack(
+            [torch.stack([t.sum() for t in batch[n][0].values()]).sum() for n in names]
+        )
+        counts = _as_device_vector([c for _, c in batch.values()], totals)
+        finite = torch.isfinite(totals)
+        self._count_nonfinite("nonfinite_factors", (finite == 0).sum())
+        usable = finite & (counts > 0)
+        fresh = [k for k, n in enumerate(names) if not self.layers[n].has_factors]
+        first_usable = dict(zip(fresh, usable[fresh].tolist())) if fresh else {}
+        keep = torch.ones((), dtype=self.factor_dtype, device=totals.device)
+        for k, name in enumerate(names):
+            state, ok = self.layers[name], usable[k]
+            means = {
+                key: torch.where(ok, t / counts[k].clamp_min(1), 0.0)
+                for key, t in batch[name][0].items()
+            }
+            if not state.has_factors:
+                if first_usable[k]:
+                    state.update(means, 0.0)
                 continue
-            state = self.layers[name]
-            a, g = a_sum / count, g_sum / count
-            if state.A is None or state.G is None:
-                state.A, state.G = a, g
-            else:
-                state.A.mul_(self.factor_decay).add_(a, alpha=1 - self.factor_decay)
-                state.G.mul_(self.factor_decay).add_(g, alpha=1 - self.factor_decay)
+            # A decay of 1 and a zero batch keep the running factors bit for bit.
+            state.update(means, torch.where(ok, keep * self.factor_decay, keep))
 
     # -- decompositions ------------------------------------------------------------------------
-    def compute_decompositions(self, states: list[LayerState]) -> None:
+    def compute_decompositions(self, states: list[BlockState]) -> None:
         """Hook for data parallelism (assign layers to ranks, broadcast); here every layer
         locally."""
-        start = time.perf_counter()
-        for state in states:
-            self.decompose(state)
-        self.timings["eigendecomposition"] += time.perf_counter() - start
+        with self.times.measure("eigendecomposition", self.device):
+            for state in states:
+                self.decompose(state)
 
     @property
     def damping_rule(self) -> Damping:
         """Read at each use, so that a changed ``damping`` takes effect at the next solve."""
         return Damping(self.inverse_method, self.damping, self.pi_damping)
 
-    def decompose(self, state: LayerState) -> None:
+    def decompose(self, state: BlockState) -> None:
         """Recompute the layer's decomposition; a failure keeps the previous one (or none: the
         raw gradient) and is counted."""
         if state.damping_below_resolution(self.damping_rule):
-            self.health["damping_below_resolution"] += 1
+            self.counters.add("damping_below_resolution", 1)
             if not self._warned_resolution:
                 warnings.warn(
                     f"kfac.damping={self.damping:g} is below the {self.factor_dtype} resolution of "
@@ -302,56 +333,69 @@ class KFACPreconditioner:
                 )
                 self._warned_resolution = True
         retries, ok = state.decompose(self.damping_rule)
-        self.health["eigh_retries"] += retries
-        self.health["eigh_failures"] += not ok
-
-    def set_scale(self, state: LayerState) -> None:
-        state.set_scale(self.damping_rule)
+        self.counters.add("eigh_retries", retries)
+        self.counters.add("eigh_failures", int(not ok))
 
     def solve(self, name: str, v: torch.Tensor) -> torch.Tensor:
         """(F + damping)^-1 v for layer ``name``'s current factors and a gradient-shaped matrix v
-        [g_dim, a_dim] (weight rows, bias last)."""
+        ([g_dim, a_dim] with weight rows and the bias last; [channels, 2] for BatchNorm)."""
         state = self.layers[name]
         if state.decomposition is None:
             self.decompose(state)
         return state.solve(v, self.damping_rule)
 
-    def _precondition(self, lr: float | None) -> None:
-        updates: list[tuple[LayerState, torch.Tensor]] = []
-        products = []
+    def solutions(self) -> list[tuple[BlockState, torch.Tensor, torch.Tensor]]:
+        """(layer, raw gradient matrix, solution) for every layer this step preconditions; here
+        each layer with a decomposition solves its own (sharded data parallelism overrides)."""
+        rule = self.damping_rule
+        out = []
         for state in self.layers.values():
             if state.decomposition is None or not state.factors.has_grad():
                 continue
             v = state.factors.grad_matrix()
-            x = state.solve(v.to(self.factor_dtype), self.damping_rule).to(v.dtype)
-            updates.append((state, x))
-            # <F^-1 g, g>: KL-clipping's sum, and the finiteness check (for a finite g it is
-            # non-finite iff x is).
-            products.append(torch.dot(x.reshape(-1), v.reshape(-1)))
-        if not updates:
-            return
-        vg = torch.stack(products).tolist()  # one synchronization for all layers
-        finite = [(state, x) for (state, x), p in zip(updates, vg) if math.isfinite(p)]
-        # Those keep their raw gradient.
-        self._count_nonfinite("nonfinite_updates", len(updates) - len(finite))
-        nu = 1.0
-        if self.kl_clip > 0 and lr is not None:
-            vg_sum = sum(p for p in vg if math.isfinite(p)) * lr**2
-            if vg_sum > 0:
-                nu = min(1.0, math.sqrt(self.kl_clip / vg_sum))
-        for state, x in finite:
-            state.factors.set_grad_matrix(x.mul_(nu) if nu != 1.0 else x)
+            out.append((state, v, state.solve(v.to(self.factor_dtype), rule).to(v.dtype)))
+        return out
 
-    def _count_nonfinite(self, counter: str, n: int) -> None:
-        if not n:
+    def needs_decomposition(self, state: BlockState) -> bool:
+        """A layer with factors but no decomposition yet is decomposed at once."""
+        return state.decomposition is None and state.has_factors
+
+    def _precondition(self, lr: float | None) -> None:
+        solved = self.solutions()
+        if not solved:
             return
+        # <F^-1 g, g> per layer: KL-clipping's sum, and the finiteness check (for a finite g it is
+        # non-finite iff the solution is). Decided on the device: no host read.
+        products = torch.stack([torch.dot(x.reshape(-1), v.reshape(-1)) for _, v, x in solved])
+        finite = torch.isfinite(products)
+        self._count_nonfinite("nonfinite_updates", (finite == 0).sum())
+        nu = torch.ones((), dtype=products.dtype, device=products.device)
+        if self.kl_clip > 0 and lr is not None:
+            total = torch.where(finite, products, 0.0).sum() * lr**2
+            # Where the sum is not positive there is nothing to clip.
+            nu = torch.where(total > 0, (self.kl_clip / total).sqrt().clamp(max=1.0), nu)
+        for k, (state, v, x) in enumerate(solved):
+            # A non-finite solution leaves the layer its raw gradient.
+            state.factors.set_grad_matrix(torch.where(finite[k], x * nu.to(x.dtype), v))
+
+    def _count_nonfinite(self, counter: str, n: torch.Tensor) -> None:
         if not self._scaled:
-            self.health[counter] += n
-        elif not self._overflow_seen:  # one overflow per step, however many layers show it
-            self.health["scaled_overflow_steps"] += 1
-            self._overflow_seen = True
+            self.counters.add(counter, n)
+        else:  # an fp16 overflow, which the GradScaler skips: no fault
+            overflow = n > 0
+            self._overflow = overflow if self._overflow is None else self._overflow | overflow
 
     # -- bookkeeping -----------------------------------------------------------------------------
+    @property
+    def health(self) -> dict[str, int]:
+        """The run's health counters (reading them synchronizes with the device)."""
+        return self.counters.read()
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Seconds per part since the last reset_metrics()."""
+        return self.times.read()
+
     def metrics(self) -> dict[str, float]:
         """Seconds per part since the last reset_metrics(), and the health counters of the run."""
         out: dict[str, float] = {f"kfac_{k}_time": v for k, v in self.timings.items()}
@@ -360,7 +404,7 @@ class KFACPreconditioner:
 
     def reset_metrics(self) -> None:
         """Start a new measuring period (e.g. an epoch); health counters stay cumulative."""
-        self.timings = dict.fromkeys(TIMING_PARTS, 0.0)
+        self.times.reset()
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -392,7 +436,7 @@ class KFACPreconditioner:
                 f"K-FAC state has layers {sorted(unknown)} that this model does not register"
             )
         self.steps = state["steps"]
-        self.health.update(state["health"])
+        self.counters.load(state["health"])
         # The generator resumes exactly on the device type it was saved from; on another it is
         # reseeded from (seed, step) when first used.
         self.mc_generator = None

@@ -25,12 +25,17 @@ class Damping:
     pi: bool
 
 
-def _copy(t: torch.Tensor | None, device: torch.device | None = None) -> torch.Tensor | None:
+def copy_tensor(t: torch.Tensor | None, device: torch.device | None = None) -> torch.Tensor | None:
     return None if t is None else t.detach().to(device or t.device, copy=True)
 
 
 class LayerState:
-    """Running factors and their decompositions for one layer."""
+    """Running Kronecker factors of one Linear/Conv2d layer and their decomposition.
+
+    The preconditioner uses every layer's state through the same methods (batchnorm.py's
+    BatchNormState has them too): named statistics, their running update, a decomposition and a
+    solve, so that it and the distributed code handle every kind of block alike.
+    """
 
     def __init__(self, factors: LayerFactors):
         self.factors = factors
@@ -41,6 +46,36 @@ class LayerState:
         # eigen: 1 / (damped eigenvalues of kron(G, A)) as a [g_dim, a_dim] matrix, fixed until the
         # next decomposition so each step's preconditioning is four products and one multiply.
         self.scale: torch.Tensor | None = None
+
+    # -- statistics ------------------------------------------------------------------------------
+    @property
+    def has_factors(self) -> bool:
+        return self.A is not None
+
+    def statistic_shapes(self) -> dict[str, tuple[int, ...]]:
+        a, g = self.factors.a_dim, self.factors.g_dim
+        return {"A": (a, a), "G": (g, g)}
+
+    def batch_sums(self, output_scale: float | torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """This step's raw sums (G times ``output_scale``, which makes its rows per-example
+        gradients); None when the layer saw no input or no output gradient."""
+        f = self.factors
+        if f.a_sum is None or f.g_sum is None:
+            return None
+        return {"A": f.a_sum, "G": f.g_sum * output_scale}
+
+    def update(self, means: dict[str, torch.Tensor], decay: float | torch.Tensor) -> None:
+        """Fold a batch's factors into the running averages (the first batch initializes them);
+        ``decay`` is the old value's weight."""
+        if self.A is None or self.G is None:
+            self.A, self.G = means["A"], means["G"]
+        else:
+            self.A.mul_(decay).add_(means["A"] * (1 - decay))
+            self.G.mul_(decay).add_(means["G"] * (1 - decay))
+
+    def cost(self) -> float:
+        """Work of one decomposition, for assigning layers to ranks."""
+        return float(self.factors.a_dim) ** 3 + float(self.factors.g_dim) ** 3
 
     # -- damping and decompositions (conventions in preconditioner.py) -------------------------
     def damping_below_resolution(self, rule: Damping) -> bool:
@@ -94,6 +129,19 @@ class LayerState:
             denominator = torch.outer(dg, da).add_(rule.value)
         self.scale = denominator.reciprocal_()
 
+    def decomposition_like(self, rule: Damping, **like: Any) -> tuple[torch.Tensor, ...]:
+        """Empty tensors shaped as ``rule``'s decomposition (receive buffers of a broadcast)."""
+        a, g = self.factors.a_dim, self.factors.g_dim
+        if rule.method == "eigen":
+            shapes: tuple[tuple[int, ...], ...] = ((a, a), (a,), (g, g), (g,))
+        else:
+            shapes = ((a, a), (g, g))
+        return tuple(torch.empty(shape, **like) for shape in shapes)
+
+    def received(self, rule: Damping) -> None:
+        """After a decomposition came from another rank: derive what decompose() would have."""
+        self.set_scale(rule)
+
     def solve(self, v: torch.Tensor, rule: Damping) -> torch.Tensor:
         """(F + damping)^-1 v for the gradient matrix v [g_dim, a_dim]."""
         assert self.decomposition is not None
@@ -111,17 +159,21 @@ class LayerState:
         """Copies: later steps do not change a state that was saved or handed on."""
         decomposition = self.decomposition
         return {
-            "A": _copy(self.A),
-            "G": _copy(self.G),
-            "decomposition": None if decomposition is None else [_copy(t) for t in decomposition],
-            "scale": _copy(self.scale),
+            "A": copy_tensor(self.A),
+            "G": copy_tensor(self.G),
+            "decomposition": None
+            if decomposition is None
+            else [copy_tensor(t) for t in decomposition],
+            "scale": copy_tensor(self.scale),
         }
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         """Copies on ``device``, whatever device the state was saved on."""
-        self.A, self.G = _copy(state["A"], device), _copy(state["G"], device)
+        self.A, self.G = copy_tensor(state["A"], device), copy_tensor(state["G"], device)
         saved = state["decomposition"]
         self.decomposition = (
             None if saved is None else tuple(t.detach().to(device, copy=True) for t in saved)
         )
-        self.scale = _copy(state.get("scale"), device)  # absent in older checkpoints: recomputed
+        self.scale = copy_tensor(
+            state.get("scale"), device
+        )  # absent in older checkpoints: recomputed
