@@ -18,7 +18,7 @@ from bigbatch.config.checks import choice, require
 
 # One tuple per set of choices: the config, the CLI, the data loader and K-FAC all read these.
 DATA_FORMATS = ("auto", "cifar10", "image-folder", "idx", "fashion-mnist", "synthetic")
-MODELS = ("lenet5", "resnet20", "resnet32", "resnet44", "resnet56")
+MODELS = ("lenet5", "resnet8", "resnet20", "resnet32", "resnet44", "resnet56")
 OPTIMIZERS = ("sgd", "kfac")
 PRECISIONS = ("fp32", "bf16", "fp16")
 FISHER_TYPES = ("empirical", "mc")

@@ -15,7 +15,7 @@ def build_model(
         return LeNet5(in_channels, image_size, num_classes)
     if name.startswith("resnet") and name[len("resnet") :].isdigit():
         return CifarResNet(int(name[len("resnet") :]), in_channels, num_classes)
-    raise ValueError(f"unknown model '{name}'; choose lenet5 or resnet20/32/44/56")
+    raise ValueError(f"unknown model '{name}'; choose lenet5 or resnet8/20/32/44/56")
 
 
 def has_batchnorm(model: nn.Module) -> bool:
