@@ -114,6 +114,12 @@ class KFACConfig:
     # Share of the ranks that precondition each layer (KAISA): 1 = all of them (each holds every
     # decomposition), 1/world = the layer's owner alone, which broadcasts the result.
     grad_worker_fraction: float = 1.0
+    # Levenberg-Marquardt damping (Martens & Grosse 2015, sec 6.5): every adaptive_interval steps
+    # the damping moves by (19/20)^interval from the reduction ratio, within [min, max]_damping.
+    adaptive_damping: bool = False
+    adaptive_interval: int = 5
+    min_damping: float = 1e-8
+    max_damping: float = 1e3
 
     def validate(self, section: str = "kfac") -> None:
         def key(name: str) -> str:
@@ -127,6 +133,14 @@ class KFACConfig:
         choice(self.fisher_type, key("fisher_type"), FISHER_TYPES)
         choice(self.inverse_method, key("inverse_method"), INVERSE_METHODS)
         choice(self.batchnorm, key("batchnorm"), BATCHNORM_CURVATURES)
+        require(self.adaptive_interval >= 1, key("adaptive_interval"), "must be >= 1")
+        if self.adaptive_damping:
+            require(
+                0 < self.min_damping <= self.damping <= self.max_damping,
+                key("damping"),
+                f"is {self.damping:g}; with adaptive_damping it must lie within "
+                f"[min_damping, max_damping] = [{self.min_damping:g}, {self.max_damping:g}]",
+            )
         require(
             0 < self.grad_worker_fraction <= 1,
             key("grad_worker_fraction"),

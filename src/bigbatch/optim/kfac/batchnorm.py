@@ -156,8 +156,8 @@ class BatchNormState:
     def decomposition_like(self, rule: Damping, **like: Any) -> tuple[torch.Tensor, ...]:
         return (torch.empty(self.factors.channels, 3, **like),)
 
-    def received(self, rule: Damping) -> None:
-        """Nothing is derived from a broadcast decomposition."""
+    def refresh(self, rule: Damping) -> None:
+        """Nothing is derived from the decomposition: solve() reads the damping itself."""
 
     def solve(self, v: torch.Tensor, rule: Damping) -> torch.Tensor:
         assert self.decomposition is not None

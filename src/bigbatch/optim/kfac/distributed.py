@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 from bigbatch.collectives import run_collective
-from bigbatch.optim.kfac.preconditioner import BatchStatistics, BlockState, KFACPreconditioner
+from bigbatch.optim.kfac.preconditioner import KFACPreconditioner
+from bigbatch.optim.kfac.statistics import BatchStatistics, BlockState
 
 
 def assign_by_cost(costs: dict[str, float], world_size: int) -> dict[str, int]:
@@ -185,7 +186,7 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
                 if self.rank == src:
                     self.bytes_sent["decomposition"] += _nbytes(state.decomposition)
                 else:
-                    state.received(rule)  # the owner derived its own in decompose()
+                    state.refresh(rule)  # the owner derived its own in decompose()
 
     # -- preconditioning -----------------------------------------------------------------------
     def solutions(self) -> list[tuple[BlockState, torch.Tensor, torch.Tensor]]:

@@ -138,8 +138,9 @@ class LayerState:
             shapes = ((a, a), (g, g))
         return tuple(torch.empty(shape, **like) for shape in shapes)
 
-    def received(self, rule: Damping) -> None:
-        """After a decomposition came from another rank: derive what decompose() would have."""
+    def refresh(self, rule: Damping) -> None:
+        """Derive what depends on the damping from the decomposition (after a decomposition
+        came from another rank, or the damping changed)."""
         self.set_scale(rule)
 
     def solve(self, v: torch.Tensor, rule: Damping) -> torch.Tensor:
