@@ -106,6 +106,12 @@ def test_run_directory_contents(tmp_path, synthetic):
             "kfac.fisher_type=mc",
             "schedule.warmup_epochs=1",
         ),
+        (
+            "optimizer.name=kfac",
+            "kfac.adaptive_damping=true",
+            "kfac.adaptive_interval=2",
+            "augment.mixup_alpha=0.5",
+        ),
     ],
 )
 def test_resume_equals_uninterrupted(tmp_path, synthetic, extra):
@@ -118,6 +124,11 @@ def test_resume_equals_uninterrupted(tmp_path, synthetic, extra):
     assert _strip_times(rows) == _strip_times(full_rows)
     for a, b in zip(_params(resumed), _params(full)):
         assert torch.equal(a, b)
+    if "kfac.adaptive_damping=true" in extra:  # the damping moved, and the resume carried it
+        assert (
+            rows[0]["kfac_damping"] != 1e-2 and rows[1]["kfac_damping"] != rows[0]["kfac_damping"]
+        )
+        assert all(0 < r["kfac_reduction_ratio"] < 10 for r in rows)
 
 
 def test_existing_run_needs_resume_or_overwrite(tmp_path, synthetic):

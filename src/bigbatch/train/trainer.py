@@ -19,6 +19,7 @@ from bigbatch.data import ImageDataset
 from bigbatch.errors import BigbatchError, TrainingError
 from bigbatch.io import atomic_torch_save, atomic_write_json, write_jsonl
 from bigbatch.models import build_model
+from bigbatch.optim.kfac.adaptive import AdaptiveDamping
 from bigbatch.optim.schedules import LRSchedule
 from bigbatch.train.checkpoint import (
     CHECKPOINT_NAME,
@@ -40,6 +41,7 @@ from bigbatch.train.state import (
     set_rng_state,
 )
 from bigbatch.train.steps import (
+    adapt_kfac_damping,
     evaluate,
     forward_backward,
     make_loaders,
@@ -343,12 +345,26 @@ class Trainer:
                 self.parallel.reduce_step(self.model, x.shape[0], [local_loss, local_hits, count])
             )
             self.scaler.unscale_(self.optimizer)
+            adapting = self.kfac is not None and self.kfac.adaptation_due()
+            before = AdaptiveDamping.capture(self.model) if adapting else None
             if self.kfac is not None:
                 # Its G came from scaled gradients; an overflowed step's statistics are skipped.
                 scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
                 self.kfac.step(lr=lr, grad_scale=scale)
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            if before is not None:
+                adapt_kfac_damping(
+                    self.kfac,
+                    self.model,
+                    x,
+                    targets,
+                    before,
+                    cfg,
+                    self.micro_batch,
+                    self.parallel,
+                    self.memory_format,
+                )
             step += 1
             totals += batch.to(torch.float64)
             bar.update()

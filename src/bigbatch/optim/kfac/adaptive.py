@@ -15,12 +15,15 @@ kept within [min_damping, max_damping]. An update the model predicts to raise th
 non-finite rho, raises lambda; a zero update (a skipped fp16 step) leaves it.
 
 Cost per adaptation: one forward with a tangent (the JVP) and one plain forward on the batch, both
-without updating BatchNorm's running statistics; one host read.
+without autograd (no K-FAC hook sees them) and without updating BatchNorm's running statistics; a
+few host reads.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import math
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -31,12 +34,27 @@ from torch.func import functional_call, jvp
 LossOfRows = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 
+@contextlib.contextmanager
+def _batch_statistics_only(model: nn.Module) -> Iterator[None]:
+    """BatchNorm normalizes with the batch's statistics, as in training, but updates no running
+    statistics (these forwards only judge a step)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    tracked = [m.track_running_stats for m in norms]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m, flag in zip(norms, tracked):
+            m.track_running_stats = flag
+
+
 class AdaptiveDamping:
     def __init__(self, interval: int, min_damping: float, max_damping: float):
         self.interval = interval
         self.omega = (19 / 20) ** interval
         self.min_damping, self.max_damping = min_damping, max_damping
-        self.ratios: list[float] = []  # rho of each adaptation since the last reset
+        self.ratios: list[float] = []  # each finite rho since the last reset
 
     def due(self, step: int) -> bool:
         return step % self.interval == 0
@@ -75,7 +93,7 @@ class AdaptiveDamping:
         fixed.update({n: b.clone() for n, b in model.named_buffers()})
         loss_old = loss_new = curvature = 0.0
         n = x.shape[0]
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(x.device.type, enabled=False), _batch_statistics_only(model):
             for start in range(0, n, micro):
                 size = min(micro, n - start)
                 rows = x.narrow(0, start, size)
@@ -84,14 +102,16 @@ class AdaptiveDamping:
                 def logits_at(theta: dict[str, torch.Tensor], rows: torch.Tensor = rows) -> Any:
                     return functional_call(model, {**fixed, **theta}, (rows,))
 
-                primal_and_tangent = jvp(logits_at, (old,), (delta,))
-                z, u = primal_and_tangent[0], primal_and_tangent[1]
-                z = z.detach().requires_grad_(True)
-                loss = loss_of_rows(z, start, size)
-                (grad_z,) = torch.autograd.grad(loss, z, create_graph=True)
-                (hu,) = torch.autograd.grad(grad_z, z, u)
+                # Without autograd, so no hook (K-FAC's statistics) sees these forwards.
                 with torch.no_grad():
+                    primal_and_tangent = jvp(logits_at, (old,), (delta,))
                     new = loss_of_rows(logits_at(dict(params_now)), start, size)
+                z, u = primal_and_tangent[0], primal_and_tangent[1]
+                with torch.enable_grad():  # the loss's Hessian-vector product in logit space
+                    z = z.detach().requires_grad_(True)
+                    loss = loss_of_rows(z, start, size)
+                    (grad_z,) = torch.autograd.grad(loss, z, create_graph=True)
+                    (hu,) = torch.autograd.grad(grad_z, z, u)
                 loss_old += float(loss.detach()) * weight
                 loss_new += float(new) * weight
                 curvature += float((u * hu).sum()) * weight
@@ -112,7 +132,8 @@ class AdaptiveDamping:
         """The damping after an adaptation that measured ``rho``."""
         if rho is None:
             return damping
-        self.ratios.append(rho)
+        if math.isfinite(rho):
+            self.ratios.append(rho)
         if not rho > 0.25:  # a poor or undefined (nan) prediction
             damping = damping / self.omega
         elif rho > 0.75:
