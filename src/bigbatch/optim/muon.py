@@ -84,6 +84,9 @@ class CombinedOptimizer(torch.optim.Optimizer):
         self.parts = list(parts)
         self.defaults: dict[str, Any] = {}
         self.state: Any = {}
+        self._collect_groups()
+
+    def _collect_groups(self) -> None:
         self.param_groups = [g for part in self.parts for g in part.param_groups]
 
     @torch.no_grad()
@@ -109,6 +112,7 @@ class CombinedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"state of {len(parts)} optimizers given to {len(self.parts)}")
         for part, state in zip(self.parts, parts):
             part.load_state_dict(state)
+        self._collect_groups()  # load_state_dict gives each part new group dicts
 
     def __repr__(self) -> str:
         return f"CombinedOptimizer({', '.join(type(p).__name__ for p in self.parts)})"
