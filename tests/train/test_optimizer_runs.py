@@ -31,6 +31,13 @@ RUNS = {
         "schedule.decay_epochs=[2]",
     ],
     "sam-sgd": ["optimizer.lr=0.1", "optimizer.sam_rho=0.05", "augment.mixup_alpha=0.5"],
+    # Loss-scaled gradients: the ascent direction g / |g| is the same, the scaler's state resumes.
+    "sam-lamb-fp16": [
+        "optimizer.name=lamb",
+        "optimizer.lr=0.01",
+        "optimizer.sam_rho=0.05",
+        'train.precision="fp16"',
+    ],
 }
 # SAM with LARS around a ResNet whose BatchNorm is ghost BatchNorm, in micro-batches of 2 ghosts
 # (as small as it goes: a ResNet step is slow on a CPU).
