@@ -99,3 +99,11 @@ def test_trains_and_resumes_exactly(tmp_path, small, name):
 
 def test_sam_lars_ghost_batchnorm_resnet_trains_and_resumes_exactly(tmp_path, tiny):
     _trains_and_resumes_exactly(tmp_path, tiny, GHOST_RESNET)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["muon-adamw", "sam-lamb-fp16", "ghost-resnet"])
+def test_trains_and_resumes_exactly_on_the_gpu(tmp_path, small, tiny, name):
+    sets = GHOST_RESNET if name == "ghost-resnet" else RUNS[name]
+    dataset = tiny if name == "ghost-resnet" else small
+    _trains_and_resumes_exactly(tmp_path, dataset, [*sets, 'runtime.device="cuda"'])
