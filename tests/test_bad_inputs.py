@@ -127,6 +127,37 @@ CASES: dict[str, tuple[Case, int, str]] = {
         2,
         "skip_layers",
     ),
+    "SAM around K-FAC": (
+        lambda ws: ws.train('optimizer.name="kfac"', "optimizer.sam_rho=0.05"),
+        2,
+        "cannot wrap optimizer.name='kfac'",
+    ),
+    "negative sam_rho": (lambda ws: ws.train("optimizer.sam_rho=-0.1"), 2, "optimizer.sam_rho"),
+    "unknown optimizer": (lambda ws: ws.train('optimizer.name="larz"'), 2, "did you mean 'lars'"),
+    "zero lars_trust": (lambda ws: ws.train("optimizer.lars_trust=0"), 2, "optimizer.lars_trust"),
+    "beta2 of 1": (lambda ws: ws.train("optimizer.beta2=1.0"), 2, "optimizer.beta2"),
+    "unknown muon_rest": (
+        lambda ws: ws.train('optimizer.muon_rest="adam"'),
+        2,
+        "choose one of: sgd, adamw",
+    ),
+    "too many Newton-Schulz steps": (
+        lambda ws: ws.train("optimizer.muon_ns_steps=100"),
+        2,
+        "optimizer.muon_ns_steps",
+    ),
+    "ghost batch norm on lenet5": (
+        lambda ws: ws.train("model.ghost_batch_size=16"),
+        2,
+        "lenet5 has no BatchNorm",
+    ),
+    "micro-batch cuts a ghost batch": (
+        lambda ws: ws.train(
+            'model.name="resnet20"', "model.ghost_batch_size=8", "runtime.micro_batch_size=12"
+        ),
+        2,
+        "not a multiple of model.ghost_batch_size",
+    ),
     "infinite dist_timeout": (
         lambda ws: ws.train("runtime.dist_timeout=inf"),
         2,

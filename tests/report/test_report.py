@@ -120,3 +120,15 @@ def test_report_seed_mean_and_spread(tmp_path):
     assert math.isnan(agg[0]["epochs_to_target"])
     text = write_report(results, tmp_path / "r", title="T", target=0.9).read_text()
     assert "65.00 ± 7.07" in text
+
+
+def test_lars_and_sam_are_named_in_the_report():
+    from bigbatch.report.results import RunResult
+
+    cfg = Config()
+    cfg.optimizer.name, cfg.optimizer.sam_rho = "lars", 0.05
+    run = RunResult("a", "a", cfg.to_dict(), [], {})
+    assert run.optimizer == "LARS" and run.smoothing == "SAM rho=0.05" and run.smoothed
+    older = cfg.to_dict()
+    del older["optimizer"]["sam_rho"]  # a run from before SAM existed
+    assert RunResult("b", "b", older, [], {}).smoothing == "none"

@@ -126,6 +126,11 @@ def test_short_sgd_run_on_two_ranks_equals_one_process(tmp_path):
     _compare(tmp_path, ["augment.crop_flip=true"], epochs=2)
 
 
+def test_sam_on_two_ranks_equals_one_process(tmp_path):
+    # SAM's ascent uses the all-reduced gradient (train/sam.py): the global batch's SAM step.
+    _compare(tmp_path, ["data.train_limit=128", "optimizer.sam_rho=0.1"], epochs=1)
+
+
 def test_killed_rank_ends_the_other_with_a_clear_error(tmp_path):
     extra = [
         "run.epochs=50",

@@ -100,7 +100,13 @@ def load_trained_run(
             cache_dir=cfg.runtime.cache_dir or None,
         )
         _DATASETS[key] = dataset
-    model = build_model(cfg.model.name, dataset.channels, dataset.image_size, dataset.num_classes)
+    model = build_model(
+        cfg.model.name,
+        dataset.channels,
+        dataset.image_size,
+        dataset.num_classes,
+        cfg.model.ghost_batch_size,
+    )
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, TypeError, KeyError) as exc:

@@ -19,7 +19,9 @@ from bigbatch.config.checks import choice, require
 # One tuple per set of choices: the config, the CLI, the data loader and K-FAC all read these.
 DATA_FORMATS = ("auto", "cifar10", "image-folder", "idx", "fashion-mnist", "synthetic")
 MODELS = ("lenet5", "resnet8", "resnet20", "resnet32", "resnet44", "resnet56")
-OPTIMIZERS = ("sgd", "kfac")
+OPTIMIZERS = ("sgd", "kfac", "lars", "lamb", "muon")
+MUON_REST_OPTIMIZERS = ("sgd", "adamw")
+MUON_LR_ADJUSTMENTS = ("original", "match_rms_adamw")
 PRECISIONS = ("fp32", "bf16", "fp16")
 FISHER_TYPES = ("empirical", "mc")
 INVERSE_METHODS = ("eigen", "inverse")
@@ -48,6 +50,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "lenet5"
+    # Ghost batch normalization (Hoffer et al. 2017): BatchNorm normalizes each slice of this many
+    # examples with the slice's own statistics; 0 normalizes the whole (local) batch.
+    ghost_batch_size: int = 0
 
 
 @dataclass
@@ -77,6 +82,24 @@ class OptimizerConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     nesterov: bool = False
+    # LARS (You et al. 2017): each layer's lr times lars_trust * |w| / (|g| + weight_decay * |w|).
+    lars_trust: float = 1e-3
+    # LARS and LAMB leave 1-D parameters (biases, BatchNorm) out of the trust ratio and weight
+    # decay, as You et al. do.
+    exclude_1d: bool = True
+    # Adam moments of LAMB (You et al. 2020) and of Muon's AdamW companion.
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-6
+    # Muon (torch.optim.Muon) takes conv and hidden Linear weights (optimizer.lr, momentum,
+    # nesterov, weight_decay); muon_rest (sgd | adamw) at muon_rest_lr takes the biases,
+    # BatchNorm parameters and the classifier head, as Muon's authors prescribe.
+    muon_ns_steps: int = 5
+    muon_adjust_lr: str = "original"
+    muon_rest: str = "sgd"
+    muon_rest_lr: float = 0.01
+    # SAM (Foret et al. 2021) neighbourhood radius around any optimizer but kfac; 0 disables.
+    sam_rho: float = 0.0
 
 
 @dataclass

@@ -6,6 +6,7 @@ import dataclasses
 import math
 
 from bigbatch.config.checks import choice, require
+from bigbatch.config.optimizer_checks import check_ghost_batch_norm, check_optimizer_options
 from bigbatch.config.schema import (
     DATA_FORMATS,
     MAX_RUN_NAME,
@@ -81,6 +82,8 @@ def validate(cfg: Config) -> None:
         "optimizer.nesterov",
         "needs optimizer.momentum > 0",
     )
+    check_optimizer_options(cfg)
+    check_ghost_batch_norm(cfg)
     s = cfg.schedule
     require(0 < s.decay_factor <= 1, "schedule.decay_factor", "must be in (0, 1]")
     require(all(e >= 1 for e in s.decay_epochs), "schedule.decay_epochs", "must hold epochs >= 1")

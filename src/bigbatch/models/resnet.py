@@ -7,14 +7,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bigbatch.models.ghost_bn import GhostBatchNorm2d
+
+
+def batch_norm(channels: int, ghost_batch_size: int = 0) -> nn.BatchNorm2d:
+    """Plain BatchNorm, or ghost BatchNorm over slices of ``ghost_batch_size`` (0: off)."""
+    if ghost_batch_size:
+        return GhostBatchNorm2d(channels, ghost_batch_size)
+    return nn.BatchNorm2d(channels)
+
 
 class BasicBlock(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int):
+    def __init__(self, in_planes: int, planes: int, stride: int, ghost_batch_size: int = 0):
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = batch_norm(planes, ghost_batch_size)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = batch_norm(planes, ghost_batch_size)
         self.stride = stride
         self.extra_channels = planes - in_planes
 
@@ -33,19 +42,25 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    def __init__(self, depth: int = 20, in_channels: int = 3, num_classes: int = 10):
+    def __init__(
+        self,
+        depth: int = 20,
+        in_channels: int = 3,
+        num_classes: int = 10,
+        ghost_batch_size: int = 0,
+    ):
         super().__init__()
         if (depth - 2) % 6 != 0:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56), got {depth}")
         blocks_per_stage = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
+        self.bn1 = batch_norm(16, ghost_batch_size)
         layers: list[nn.Module] = []
         in_planes = 16
         for stage, planes in enumerate((16, 32, 64)):
             for block in range(blocks_per_stage):
                 stride = 2 if stage > 0 and block == 0 else 1
-                layers.append(BasicBlock(in_planes, planes, stride))
+                layers.append(BasicBlock(in_planes, planes, stride, ghost_batch_size))
                 in_planes = planes
         self.layers = nn.Sequential(*layers)
         self.fc = nn.Linear(64, num_classes)

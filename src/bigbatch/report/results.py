@@ -23,9 +23,8 @@ class RunResult:
 
     @property
     def optimizer(self) -> str:
-        return {"sgd": "SGD", "kfac": "K-FAC"}.get(
-            self.config["optimizer"]["name"], self.config["optimizer"]["name"]
-        )
+        names = {"sgd": "SGD", "kfac": "K-FAC", "lars": "LARS", "lamb": "LAMB", "muon": "Muon"}
+        return names.get(self.config["optimizer"]["name"], self.config["optimizer"]["name"])
 
     @property
     def batch_size(self) -> int:
@@ -41,6 +40,9 @@ class RunResult:
             parts.append(f"CutMix a={a['cutmix_alpha']:g}")
         if a["label_smoothing"] > 0:
             parts.append(f"LS {a['label_smoothing']:g}")
+        rho = self.config["optimizer"].get("sam_rho", 0.0)  # absent from older runs' configs
+        if rho > 0:
+            parts.append(f"SAM rho={rho:g}")
         return ", ".join(parts) or "none"
 
     @property

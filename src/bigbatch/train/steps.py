@@ -13,7 +13,7 @@ from bigbatch.augment.mixup import MixedTargets, mixed_correct, mixed_cross_entr
 from bigbatch.config import Config
 from bigbatch.data import ImageDataset
 from bigbatch.data.batches import BatchLoader, channel_stats
-from bigbatch.models import has_batchnorm
+from bigbatch.models import micro_batch_unit
 from bigbatch.train.distributed import ParallelContext
 
 # Micro-batch size whose activations the CPU allocator reuses from step to step (BENCHMARKS.md).
@@ -23,9 +23,10 @@ CPU_MICRO_BATCH = 256
 def micro_batch_size(cfg: Config, model: nn.Module, device: torch.device, local_batch: int) -> int:
     if cfg.runtime.micro_batch_size:
         return min(cfg.runtime.micro_batch_size, local_batch)
-    # BatchNorm statistics depend on the batch, so splitting would change the maths: not then.
-    if device.type == "cpu" and not has_batchnorm(model):
-        return min(CPU_MICRO_BATCH, local_batch)
+    # BatchNorm statistics depend on the batch: split only into whole ghost batches (or not at all).
+    unit = micro_batch_unit(model)
+    if device.type == "cpu" and unit:
+        return min(max(unit, CPU_MICRO_BATCH - CPU_MICRO_BATCH % unit), local_batch)
     return local_batch
 
 

@@ -6,6 +6,7 @@ each forward when the MC Fisher is on, and ``step`` between backward and the SGD
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Any
@@ -20,6 +21,7 @@ from bigbatch.errors import BigbatchError, TrainingError
 from bigbatch.io import atomic_torch_save, atomic_write_json, write_jsonl
 from bigbatch.models import build_model
 from bigbatch.optim.kfac.adaptive import AdaptiveDamping
+from bigbatch.optim.optimizers import build_optimizer, group_lr
 from bigbatch.optim.schedules import LRSchedule
 from bigbatch.train.checkpoint import (
     CHECKPOINT_NAME,
@@ -30,6 +32,7 @@ from bigbatch.train.checkpoint import (
 from bigbatch.train.distributed import ParallelContext, resolve_device
 from bigbatch.train.health import diverged, progress_enabled, stop_advice
 from bigbatch.train.rundir import RunDirectory
+from bigbatch.train.sam import SAM
 from bigbatch.train.state import (
     check_compatible,
     experiment_fingerprint,
@@ -76,21 +79,16 @@ class Trainer:
 
         set_determinism(cfg.runtime.deterministic, self.device)
         seed_everything(cfg.run.seed)
-        self.model = build_model(cfg.model.name, ds.channels, ds.image_size, ds.num_classes).to(
-            self.device
-        )
+        self.model = build_model(
+            cfg.model.name, ds.channels, ds.image_size, ds.num_classes, cfg.model.ghost_batch_size
+        ).to(self.device)
         self.memory_format = (
             torch.channels_last if use_channels_last(cfg, self.device) else torch.contiguous_format
         )
         self.model = self.model.to(memory_format=self.memory_format)  # type: ignore[call-overload]
         self.parallel.broadcast_parameters(self.model)
-        self.optimizer = torch.optim.SGD(
-            self.model.parameters(),
-            lr=cfg.optimizer.lr,
-            momentum=cfg.optimizer.momentum,
-            weight_decay=cfg.optimizer.weight_decay,
-            nesterov=cfg.optimizer.nesterov,
-        )
+        self.optimizer = build_optimizer(cfg.optimizer, self.model)
+        self.sam = SAM(self.model, cfg.optimizer.sam_rho) if cfg.optimizer.sam_rho > 0 else None
         # fp16 needs loss scaling; disabled, the scaler's calls are the plain ones.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
         self.kfac = self._build_kfac() if cfg.optimizer.name == "kfac" else None
@@ -324,11 +322,12 @@ class Trainer:
         for i, (x, y) in enumerate(self.train_loader):
             lr = self.schedule.lr_at(epoch, i / steps_per_epoch)
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = group_lr(group, lr)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             x, targets = self.mixer(x, y)
             self.optimizer.zero_grad(set_to_none=True)
-            local_loss, local_hits = forward_backward(
+            backward = functools.partial(
+                forward_backward,
                 self.model,
                 x,
                 targets,
@@ -339,11 +338,15 @@ class Trainer:
                 cfg.train.precision,
                 self.scaler,
             )
+            local_loss, local_hits = backward()
             # One collective averages gradients and sums the step's metrics over ranks.
             count = torch.full((), float(x.shape[0]), dtype=torch.float64, device=self.device)
             batch = torch.stack(
                 self.parallel.reduce_step(self.model, x.shape[0], [local_loss, local_hits, count])
             )
+            if self.sam is not None:  # the gradient at SAM's ascent point replaces this one
+                reduce = functools.partial(self.parallel.reduce_step, self.model, x.shape[0], [])
+                self.sam.replace_gradient(backward, reduce, skip_overflow=self.scaler.is_enabled())
             self.scaler.unscale_(self.optimizer)
             adapting = self.kfac is not None and self.kfac.adaptation_due()
             before = AdaptiveDamping.capture(self.model) if adapting else None
