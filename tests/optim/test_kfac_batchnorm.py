@@ -38,8 +38,12 @@ def _brute_force_blocks(model, x, y):
     bn = model[1]
     pre = model[0](x).detach()
     dims = [0, *range(2, pre.dim())]
-    mean, var = pre.mean(dims, keepdim=True), pre.var(dims, keepdim=True, unbiased=False)
-    xhat = (pre - mean) / torch.sqrt(var + bn.eps)
+    ghost = getattr(bn, "ghost_batch_size", 0) or len(x)  # ghost BN: each slice on its own
+    slices = []
+    for piece in pre.split(ghost):
+        mean, var = piece.mean(dims, keepdim=True), piece.var(dims, keepdim=True, unbiased=False)
+        slices.append((piece - mean) / torch.sqrt(var + bn.eps))
+    xhat = torch.cat(slices)
     shape = [1, -1] + [1] * (pre.dim() - 2)
     out = bn.weight.view(shape) * xhat + bn.bias.view(shape)
     logits = nn.Sequential(*list(model)[2:])(out)
@@ -66,6 +70,20 @@ def test_each_block_equals_the_per_example_fisher(batchnorm1d, fisher_type):
     state = kfac.layers["1"]
     torch.testing.assert_close(state.blocks(), expected, rtol=1e-10, atol=1e-14)
     assert expected[:, 0, 1].abs().max() > 1e-4  # the off-diagonal terms are not trivially 0
+
+
+def test_ghost_batchnorm_blocks_use_each_slices_normalization():
+    from bigbatch.models.ghost_bn import GhostBatchNorm2d
+
+    model = _bn_model()
+    ghost = GhostBatchNorm2d(3, ghost_batch_size=4).to(D)
+    ghost.load_state_dict(model[1].state_dict())
+    model[1] = ghost
+    x, y = _batch(False)
+    kfac = make_kfac(model)
+    expected = _brute_force_blocks(model, x, y)
+    step_once(model, kfac, x, y)
+    torch.testing.assert_close(kfac.layers["1"].blocks(), expected, rtol=1e-10, atol=1e-14)
 
 
 def test_sampled_statistics_normalize_with_the_whole_micro_batch():

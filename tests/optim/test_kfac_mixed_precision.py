@@ -54,3 +54,29 @@ def test_the_loss_scale_is_removed_from_g():
         torch.testing.assert_close(scaled.layers[name].G, exact.layers[name].G, rtol=1e-4, atol=0)
         ratio = unremoved.layers[name].G.norm() / exact.layers[name].G.norm()
         assert ratio == pytest.approx(64.0**2, rel=1e-4)
+
+
+def test_kfac_arithmetic_runs_at_full_float32_precision(monkeypatch):
+    # TF32 (precision "high") would keep 10 mantissa bits in K-FAC's products on GPUs: its own
+    # region sets "highest" and gives the user's setting back.
+    from bigbatch.optim.kfac.state import LayerState
+
+    seen = []
+    solve = LayerState.solve
+
+    def spying_solve(self, v, rule):
+        seen.append(torch.get_float32_matmul_precision())
+        return solve(self, v, rule)
+
+    monkeypatch.setattr(LayerState, "solve", spying_solve)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+        kfac = KFACPreconditioner(model, factor_interval=1, inverse_interval=1)
+        torch.nn.functional.cross_entropy(model(torch.randn(8, 4)), torch.arange(8) % 3).backward()
+        kfac.step(lr=0.1)
+        assert seen == ["highest"]
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(previous)

@@ -42,3 +42,23 @@ def test_micro_batched_gradients_float32_close():
     forward_backward(model, x, t, micro=128)
     for a, b in zip(_grads(model), full):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_channels_last_auto_follows_the_device_and_precision():
+    from torch import nn
+
+    from bigbatch.config import load_config
+    from bigbatch.train.steps import use_channels_last
+
+    conv, mlp = nn.Sequential(nn.Conv2d(3, 4, 3)), nn.Sequential(nn.Linear(3, 4))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+
+    def cfg(*sets):
+        return load_config(None, list(sets))
+
+    assert use_channels_last(cfg(), cpu, conv)
+    assert use_channels_last(cfg("train.precision=bf16"), cuda, conv)
+    assert not use_channels_last(cfg(), cuda, conv)  # "auto" keeps NCHW for fp32 on a GPU
+    assert not use_channels_last(cfg("train.precision=bf16"), cuda, mlp)
+    assert not use_channels_last(cfg("runtime.channels_last=off"), cpu, conv)
+    assert use_channels_last(cfg("runtime.channels_last=on"), cuda, mlp)

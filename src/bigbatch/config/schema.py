@@ -223,7 +223,8 @@ class RuntimeConfig:
     cache_dir: str = field(default_factory=default_cache_dir)
     # Fetch CIFAR-10 into data.path (or the cache) when no local copy exists.
     download: bool = False
-    # NHWC activations; "auto": on for the CPU, whose convolutions run faster on them.
+    # NHWC activations; "auto": on for the CPU, whose convolutions run faster on them, and for
+    # convolutional models under CUDA mixed precision (tensor-core kernels take NHWC).
     channels_last: str = "auto"
     # 0 picks automatically: 256-example micro-batches on CPU for models without BatchNorm, whose
     # buffers the allocator reuses; the gradient is the whole batch's either way.

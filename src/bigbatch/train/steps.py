@@ -88,10 +88,17 @@ def make_loaders(
     return train, test, clean
 
 
-def use_channels_last(cfg: Config, device: torch.device) -> bool:
-    # CPU convolutions run faster on NHWC tensors (BENCHMARKS.md).
+def use_channels_last(cfg: Config, device: torch.device, model: nn.Module | None = None) -> bool:
+    """NHWC activations ("auto"): on the CPU, whose convolutions run faster on them
+    (BENCHMARKS.md), and for convolutional models under CUDA mixed precision, where the tensor
+    cores' convolution kernels take NHWC."""
     mode = cfg.runtime.channels_last
-    return mode == "on" or (mode == "auto" and device.type == "cpu")
+    if mode != "auto":
+        return mode == "on"
+    if device.type == "cpu":
+        return True
+    convolutional = model is not None and any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return device.type == "cuda" and cfg.train.precision != "fp32" and convolutional
 
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -83,7 +83,9 @@ class Trainer:
             cfg.model.name, ds.channels, ds.image_size, ds.num_classes, cfg.model.ghost_batch_size
         ).to(self.device)
         self.memory_format = (
-            torch.channels_last if use_channels_last(cfg, self.device) else torch.contiguous_format
+            torch.channels_last
+            if use_channels_last(cfg, self.device, self.model)
+            else torch.contiguous_format
         )
         self.model = self.model.to(memory_format=self.memory_format)  # type: ignore[call-overload]
         self.parallel.broadcast_parameters(self.model)

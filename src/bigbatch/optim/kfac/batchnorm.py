@@ -62,7 +62,9 @@ class BatchNormFactors:
         """A micro-batch's input; ``rows``: how many of its first examples give statistics (the
         normalization uses all of them, as the forward did)."""
         self.count += rows
-        self._held.append(normalized_input(self.module, x.detach())[:rows])
+        x = x.detach()
+        x = x.to(torch.promote_types(x.dtype, torch.float32))  # mixed precision: bf16/fp16 rows
+        self._held.append(normalized_input(self.module, x)[:rows])
 
     def add_output_grad(self, grad_output: torch.Tensor, rows: int) -> None:
         xhat = self._held.pop(0)

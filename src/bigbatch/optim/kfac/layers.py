@@ -24,6 +24,7 @@ seen by a hook is g / N: the hooks accumulate raw sums and the preconditioner mu
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -44,6 +45,22 @@ def autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def full_precision(device_type: str) -> Iterator[None]:
+    """K-FAC's own arithmetic: autocast off and float32 products in full precision (no TF32,
+    which keeps 10 mantissa bits: too few for factors and their solves), the user's matmul
+    precision restored after."""
+    previous = torch.get_float32_matmul_precision()
+    if previous != "highest":
+        torch.set_float32_matmul_precision("highest")
+    try:
+        with autocast_off(device_type):
+            yield
+    finally:
+        if previous != "highest":
+            torch.set_float32_matmul_precision(previous)
 
 
 class LayerFactors:
@@ -100,7 +117,7 @@ class LayerFactors:
         # Under mixed precision the rows are bf16/fp16: the statistics are summed in float32 at
         # least (an fp16 Gram overflows), with autocast off so the products stay in that dtype.
         rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
-        with autocast_off(rows.device.type):
+        with full_precision(rows.device.type):
             self._add(side, rows)
 
     def _add(self, side: str, rows: torch.Tensor) -> None:

@@ -42,7 +42,7 @@ from torch import nn
 
 from bigbatch.config import KFACConfig
 from bigbatch.optim.kfac.adaptive import AdaptiveDamping, LossOfRows
-from bigbatch.optim.kfac.layers import autocast_off
+from bigbatch.optim.kfac.layers import full_precision
 from bigbatch.optim.kfac.state import Damping
 from bigbatch.optim.kfac.statistics import BlockState, FactorStatistics
 
@@ -82,7 +82,7 @@ class KFACPreconditioner(FactorStatistics):
     def step(self, lr: float | None = None, grad_scale: float | torch.Tensor | None = None) -> None:
         """Precondition the gradients (already unscaled); ``grad_scale``: the loss scale of a
         GradScaler, which the output gradients the statistics saw still carry."""
-        with autocast_off(self.device.type):
+        with full_precision(self.device.type):
             self._step(lr, grad_scale)
 
     def _step(self, lr: float | None, grad_scale: float | torch.Tensor | None) -> None:
