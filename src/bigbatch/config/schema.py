@@ -73,6 +73,8 @@ class TrainConfig:
     drop_last: bool = False
     # Autocast precision of forward passes: fp32 (off), bf16, or fp16 (with a gradient scaler).
     precision: str = "fp32"
+    # torch.compile the model for training steps (K-FAC's statistics steps run it eagerly).
+    compile: bool = False
 
 
 @dataclass
@@ -237,6 +239,9 @@ class RuntimeConfig:
     # Deterministic cuDNN/cuBLAS kernels, so a resumed GPU run equals an uninterrupted one bit for
     # bit; false allows faster, autotuned kernels (runs then differ in the last bits).
     deterministic: bool = True
+    # torch.compile's backend for train.compile ("inductor" generates kernels; "aot_eager" only
+    # captures graphs, for checking that a model compiles).
+    compile_backend: str = "inductor"
 
 
 @dataclass

@@ -13,6 +13,7 @@ from bigbatch.augment.mixup import MixedTargets, mixed_correct, mixed_cross_entr
 from bigbatch.config import Config
 from bigbatch.data import ImageDataset
 from bigbatch.data.batches import BatchLoader, channel_stats
+from bigbatch.errors import ConfigError
 from bigbatch.models import micro_batch_unit
 from bigbatch.train.distributed import ParallelContext
 
@@ -99,6 +100,19 @@ def use_channels_last(cfg: Config, device: torch.device, model: nn.Module | None
         return True
     convolutional = model is not None and any(isinstance(m, nn.Conv2d) for m in model.modules())
     return device.type == "cuda" and cfg.train.precision != "fp32" and convolutional
+
+
+def compile_model(model: nn.Module, backend: str) -> Any:
+    """torch.compile(model) with a backend named in the config (checked here, where torch's list
+    of backends is at hand)."""
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ConfigError(
+            f"config key 'runtime.compile_backend' is {backend!r}; choose one of {', '.join(known)}"
+        )
+    return torch.compile(model, backend=backend)
 
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

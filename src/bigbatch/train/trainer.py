@@ -45,6 +45,7 @@ from bigbatch.train.state import (
 )
 from bigbatch.train.steps import (
     adapt_kfac_damping,
+    compile_model,
     evaluate,
     forward_backward,
     make_loaders,
@@ -98,6 +99,9 @@ class Trainer:
         self.mc_fisher = (
             self.kfac if self.kfac is not None and cfg.kfac.fisher_type == "mc" else None
         )
+        self.compiled: Any = None
+        if cfg.train.compile:
+            self.compiled = compile_model(self.model, cfg.runtime.compile_backend)
         self.schedule = LRSchedule(
             base_lr=cfg.optimizer.lr,
             decay_epochs=tuple(cfg.schedule.decay_epochs),
@@ -116,6 +120,12 @@ class Trainer:
         )
         local_batch = math.ceil(cfg.train.batch_size / self.parallel.world_size)
         self.micro_batch = micro_batch_size(cfg, self.model, self.device, local_batch)
+
+    def _training_model(self) -> Any:
+        """The compiled model, except on K-FAC's statistics steps, whose hooks are Python."""
+        if self.compiled is None or (self.kfac is not None and self.kfac.collecting):
+            return self.model
+        return self.compiled
 
     def _build_kfac(self) -> Any:
         from bigbatch.optim.kfac import KFACPreconditioner
@@ -330,7 +340,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             backward = functools.partial(
                 forward_backward,
-                self.model,
+                self._training_model(),
                 x,
                 targets,
                 self.micro_batch,

@@ -104,6 +104,7 @@ class KFACPreconditioner(FactorStatistics):
         if self._overflow is not None:  # one overflow per step, however many layers show it
             self.counters.add("scaled_overflow_steps", self._overflow)
         self.steps += 1
+        self.sync_hooks()
         self.examples_seen = 0
         for state in self.layers.values():
             state.factors.reset()
@@ -267,6 +268,7 @@ class KFACPreconditioner(FactorStatistics):
                 f"K-FAC state has layers {sorted(unknown)} that this model does not register"
             )
         self.steps = state["steps"]
+        self.sync_hooks()
         self.counters.load(state["health"])
         # The generator resumes exactly on the device type it was saved from; on another it is
         # reseeded from (seed, step) when first used.

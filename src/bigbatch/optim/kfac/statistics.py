@@ -90,14 +90,27 @@ class FactorStatistics:
         self._mc_outputs: list[tuple[Any, torch.Tensor]] = []
         self._warned_missing = False
         self._scaled = False
-        self._overflow: torch.Tensor | None = (
-            None  # whether this step's scaled gradients overflowed
-        )
+        # Whether this step's scaled gradients overflowed.
+        self._overflow: torch.Tensor | None = None
+        self._model: nn.Module | None = model  # None once remove() is called
+        self._handles: list[Any] = []
+        self.sync_hooks()
+
+    def sync_hooks(self) -> None:
+        """Hooks only on the steps that collect statistics: the forwards of the other steps run
+        without any (so a compiled model's graph holds no Python of K-FAC's on them)."""
+        if self._model is None or bool(self._handles) == self.collecting:
+            return
+        if self._handles:
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
+            return
         self._handles = [
             state.factors.module.register_forward_hook(self._forward_hook(state.factors))
             for state in self.layers.values()
         ]
-        self._handles.append(model.register_forward_pre_hook(self._count_examples))
+        self._handles.append(self._model.register_forward_pre_hook(self._count_examples))
 
     def _count_examples(self, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         if model.training and torch.is_grad_enabled() and self.collecting:
@@ -231,9 +244,11 @@ class FactorStatistics:
             self._overflow = overflow if self._overflow is None else self._overflow | overflow
 
     def remove(self) -> None:
+        """Detach K-FAC from the model for good."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._model = None
 
     @property
     def device(self) -> torch.device:
