@@ -39,6 +39,7 @@ from bigbatch.train.state import (
     set_determinism,
     set_rng_state,
 )
+from bigbatch.train.stopping import reached_target
 from bigbatch.train.steps import (
     evaluate,
     forward_backward,
@@ -238,7 +239,10 @@ class Trainer:
             write_jsonl(files.path / "metrics.jsonl", rows)
         show = progress_enabled(cfg.runtime.progress, main)
 
+        target = cfg.run.stop_at_test_acc
         for epoch in range(start_epoch, cfg.run.epochs):
+            if reached_target(rows, target):
+                break  # stopped early at its target (this run, or the one resumed)
             wall_start = time.perf_counter()
             comm_start, bytes_start = (
                 self.parallel.communication_time,
@@ -289,7 +293,8 @@ class Trainer:
             if divergence:
                 raise TrainingError(f"{divergence}; {stop_advice(files, self.run_dir)}")
             if files is not None:
-                if (epoch + 1) % cfg.runtime.checkpoint_every == 0 or epoch + 1 == cfg.run.epochs:
+                last = epoch + 1 == cfg.run.epochs or reached_target(rows, target)
+                if (epoch + 1) % cfg.runtime.checkpoint_every == 0 or last:
                     # Checkpoint before metrics: a crash in between re-runs this epoch on resume.
                     atomic_torch_save(
                         files.path / CHECKPOINT_NAME,
