@@ -145,7 +145,7 @@ def load_study(
                 cfg = run_config(
                     base,
                     [*point_overrides, *overrides],
-                    {"name": run_name, "seed": seed},
+                    {"run": {"name": run_name, "seed": seed}},
                     study.output_dir,
                     f"run '{run_name}' of study '{path}'",
                 )
@@ -156,16 +156,16 @@ def load_study(
 def run_config(
     base: dict[str, Any],
     overrides: list[str],
-    run_keys: dict[str, Any],
+    fixed: dict[str, Any],
     output_dir: Path,
     context: str,
 ) -> Config:
-    """One run's validated config: ``base`` <- ``overrides`` (``section.key=value``) <- the
-    ``[run]`` keys given, the run directory under ``output_dir/runs``; errors name ``context``."""
+    """One run's validated config: ``base`` <- ``overrides`` (``section.key=value``) <- ``fixed``
+    (sections of keys that make the run what it is: its name, seed...), the run directory under
+    ``output_dir/runs``; errors name ``context``."""
     merged = merge_overrides(base, overrides)
-    merged = deep_merge(
-        merged, {"run": run_keys, "runtime": {"output_dir": str(output_dir / "runs")}}
-    )
+    merged = deep_merge(merged, fixed)
+    merged = deep_merge(merged, {"runtime": {"output_dir": str(output_dir / "runs")}})
     try:
         cfg = config_from_dict(merged)
         validate(cfg)

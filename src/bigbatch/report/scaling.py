@@ -140,8 +140,11 @@ def fit_critical_batch(
     return CriticalBatchFit(float(a), a_se, float(slope / a), crit_se, len(s), distinct)
 
 
-def perfect_scaling(batch_sizes: Sequence[float], base_batch: float, base_steps: float) -> list:
-    """Steps under perfect scaling from (base_batch, base_steps): S(B) = base_steps base_batch / B."""
+def perfect_scaling(
+    batch_sizes: Sequence[float], base_batch: float, base_steps: float
+) -> list[float]:
+    """Steps under perfect scaling from (base_batch, base_steps): S(B) = base_steps base_batch / B
+    (steps halve when the batch doubles)."""
     return [base_steps * base_batch / batch for batch in batch_sizes]
 
 

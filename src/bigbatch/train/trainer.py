@@ -39,7 +39,6 @@ from bigbatch.train.state import (
     set_determinism,
     set_rng_state,
 )
-from bigbatch.train.stopping import reached_target
 from bigbatch.train.steps import (
     evaluate,
     forward_backward,
@@ -48,6 +47,7 @@ from bigbatch.train.steps import (
     on_device_if_it_fits,
     use_channels_last,
 )
+from bigbatch.train.stopping import reached_target
 
 
 class Trainer:
