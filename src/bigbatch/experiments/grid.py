@@ -21,7 +21,7 @@ import math
 import multiprocessing
 import re
 import signal
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -289,7 +289,7 @@ def run_study(study: Study, jobs: int = 1) -> list[StudyRun]:
     return study.runs
 
 
-def train_runs(runs: list[StudyRun], jobs: int = 1) -> None:
+def train_runs(runs: Sequence[StudyRun], jobs: int = 1) -> None:
     """Train every run: finished runs are skipped, interrupted ones resumed.
 
     With ``jobs`` > 1, runs train in that many worker processes with the CPU threads split among
