@@ -46,7 +46,7 @@ SWEEP_KEYS = {
     "output_dir": "where runs/ and report/ go",
     "target_accuracy": "test accuracy every run stops at, e.g. 0.6",
     "batch_sizes": "e.g. [128, 512, 2048, 8192]",
-    "max_epochs": "the budget of a run, e.g. 30 or {'128' = 20, '8192' = 60}",
+    "max_epochs": 'the budget of a run, e.g. 30 or {"128" = 20, "8192" = 60}',
     "base_batch_size": "the batch size the optimizers' lr are given at, e.g. 128",
     "lr_scaling": "linear, sqrt or none",
     "lr_factors": "the tuning grid around the scaled lr, e.g. [0.5, 1, 2, 4]",
@@ -221,7 +221,7 @@ def _epochs(value: Any, batch_sizes: list[int], path: Path) -> dict[int, int]:
             path,
             "max_epochs",
             f"needs one integer >= 1 for each batch size and no "
-            f"other (missing {missing}, unknown {extra}), e.g. {{'128' = 20}}",
+            f"other (missing {missing}, unknown {extra}), e.g. max_epochs = {{ '128' = 20 }}",
         )
     raise _fail(
         path, "max_epochs", f"is {value!r}; give epochs >= 1, e.g. 30 or a table per batch size"
