@@ -6,14 +6,12 @@ time from finished or partial runs: ``bigbatch report --study CONFIG``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 
-from bigbatch.io import atomic_write_text
 from bigbatch.report.figures import X_AXES, Figure, figure_runs, plot_comparison
 from bigbatch.report.results import RunResult, aggregate, degradation, load_run, summarize
-from bigbatch.report.tables import csv_text, fmt, markdown_table
+from bigbatch.report.tables import finish_report, flatness_table, fmt, markdown_table
 
 __all__ = [
     "Figure",
@@ -160,36 +158,16 @@ def write_report(
         md.append("")
     if any("hessian_top_eigenvalue" in s for s in summaries):
         md += ["## Flatness", ""]
-        md.append(
-            markdown_table(
-                ["run", "top Hessian eigenvalue", "Hessian trace", "epsilon-sharpness"],
-                [
-                    [
-                        s["run"],
-                        fmt(s.get("hessian_top_eigenvalue", math.nan)),
-                        fmt(s.get("hessian_trace", math.nan)),
-                        fmt(s.get("epsilon_sharpness", math.nan)),
-                    ]
-                    for s in summaries
-                ],
-            )
-        )
-        md.append("")
+        md += [flatness_table(summaries, "run"), ""]
     md += ["## Plots", ""]
     for group_title, x_axis, name in plots:
         md += [f"### {group_title}, against {X_AXES[x_axis][1]}", "", f"![{name}]({name})", ""]
-    md += [
-        "## Files",
-        "",
-        "- `summary.csv`: every number above, one row per run and seed",
-        "- `aggregate.csv`: one row per run label (means and std over seeds)",
-        "- `degradation.csv`",
-        "",
-    ]
-
-    atomic_write_text(out_dir / "summary.csv", csv_text(summaries))
-    atomic_write_text(out_dir / "aggregate.csv", csv_text(agg))
-    atomic_write_text(out_dir / "degradation.csv", csv_text(deg))
-    report = out_dir / "report.md"
-    atomic_write_text(report, "\n".join(md))
-    return report
+    return finish_report(
+        out_dir,
+        md,
+        [
+            ("summary.csv", "every number above, one row per run and seed", summaries),
+            ("aggregate.csv", "one row per run label (means and std over seeds)", agg),
+            ("degradation.csv", "the large-batch degradation table", deg),
+        ],
+    )

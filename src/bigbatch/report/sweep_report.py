@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bigbatch.io import atomic_write_text
 from bigbatch.report.sweep_figures import plot_panels, plot_to_target, plot_tuned_lr
 from bigbatch.report.sweep_numbers import (
     NOISE_SCALE_EPOCHS,
@@ -17,7 +16,7 @@ from bigbatch.report.sweep_numbers import (
     group_summaries,
     tuning_rows,
 )
-from bigbatch.report.tables import csv_text, fmt, markdown_table
+from bigbatch.report.tables import finish_report, flatness_table, fmt, markdown_table
 
 
 @dataclass
@@ -156,21 +155,7 @@ def write_sweep_report(
     if any("hessian_trace" in r for r in rows):
         md += ["## Flatness of each cell's solution", ""]
         md += ["The chosen lr's run on the first seed (`sharpness.json` in its run directory).", ""]
-        md.append(
-            markdown_table(
-                ["cell", "top Hessian eigenvalue", "Hessian trace", "epsilon-sharpness"],
-                [
-                    [
-                        r["cell"],
-                        fmt(r.get("hessian_top_eigenvalue", math.nan)),
-                        fmt(r.get("hessian_trace", math.nan)),
-                        fmt(r.get("epsilon_sharpness", math.nan)),
-                    ]
-                    for r in rows
-                ],
-            )
-        )
-        md.append("")
+        md += [flatness_table(rows, "cell"), ""]
 
     md += ["## Learning-rate search", ""]
     md.append(
@@ -212,17 +197,12 @@ def write_sweep_report(
     md += ["## Plots", ""]
     for caption, name in plots:
         md += [f"### {caption}", "", f"![{name}]({name})", ""]
-    md += [
-        "## Files",
-        "",
-        "- `cells.csv`: one row per cell (means and 95% half-widths over seeds)",
-        "- `critical_batch.csv`: the fit per optimizer and smoothing",
-        "- `tuning.csv`: every tuning run",
-        "",
-    ]
-    atomic_write_text(out_dir / "cells.csv", csv_text(rows))
-    atomic_write_text(out_dir / "critical_batch.csv", csv_text(groups))
-    atomic_write_text(out_dir / "tuning.csv", csv_text(tuning))
-    report = out_dir / "report.md"
-    atomic_write_text(report, "\n".join(md))
-    return report
+    return finish_report(
+        out_dir,
+        md,
+        [
+            ("cells.csv", "one row per cell (means and 95% half-widths over seeds)", rows),
+            ("critical_batch.csv", "the fit per optimizer and smoothing", groups),
+            ("tuning.csv", "every tuning run", tuning),
+        ],
+    )
