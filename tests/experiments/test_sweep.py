@@ -11,7 +11,7 @@ import pytest
 from bigbatch.cli import main as cli_main
 from bigbatch.errors import ConfigError
 from bigbatch.experiments.grid import run_status
-from bigbatch.experiments.sweep import Cell, load_sweep
+from bigbatch.experiments.sweep import Cell, load_sweep, run_sweep
 from bigbatch.experiments.sweep_results import write_report
 from bigbatch.io import read_jsonl, write_jsonl
 
@@ -213,7 +213,7 @@ def test_report_omits_the_noise_scale_when_no_run_logs_it(tmp_path):
 
 
 BAD = {
-    "unknown key": ('target_acuracy = 0.5\n', "did you mean 'target_accuracy'"),
+    "unknown key": ("target_acuracy = 0.5\n", "did you mean 'target_accuracy'"),
     "no target": ("", "target_accuracy in .* is missing"),
     "target above 1": ("target_accuracy = 60\n", "target_accuracy"),
     "budget table misses a batch": (
@@ -233,7 +233,7 @@ def test_bad_sweep_files_name_the_key(tmp_path, case):
     keys = "".join(
         f"{k} = {v}\n" for k, v in defaults.items() if not line.startswith(k) and k not in line
     )
-    body = f"[sweep]\n{keys}{line}[optimizers.sgd]\noptimizer = {{ name = \"sgd\", lr = 0.1 }}\n"
+    body = f'[sweep]\n{keys}{line}[optimizers.sgd]\noptimizer = {{ name = "sgd", lr = 0.1 }}\n'
     (tmp_path / "bad.toml").write_text(body)
     with pytest.raises(ConfigError, match=message):
         load_sweep(tmp_path / "bad.toml")
@@ -294,3 +294,34 @@ optimizer = {{ name = "sgd", lr = 0.02 }}
     capsys.readouterr()
     assert cli_main(["sweep", str(tmp_path / "e2e.toml")]) == 0  # everything is skipped
     assert "queued" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_diverged_run_is_a_result_not_a_failure(tmp_path, capsys):
+    body = f"""[sweep]
+output_dir = "{tmp_path / "out"}"
+target_accuracy = 0.99
+batch_sizes = [64]
+max_epochs = 2
+lr_factors = [1, 100000]
+[base.data]
+format = "synthetic"
+train_limit = 128
+test_limit = 64
+[base.train]
+train_eval_examples = 0
+[base.runtime]
+progress = "off"
+[optimizers.sgd]
+optimizer = {{ name = "sgd", lr = 0.02 }}
+"""
+    (tmp_path / "d.toml").write_text(body)
+    sweep = load_sweep(tmp_path / "d.toml")
+    (choice,) = run_sweep(sweep)
+    wild = sweep.run(choice.cell, 100000.0, 0).run_dir
+    assert "after epoch 1" in (wild / "diverged.txt").read_text()  # the trainer's message
+    assert choice.factor == 1.0 and not choice.reached
+    capsys.readouterr()
+    run_sweep(sweep)  # the diverged run is not tried again
+    assert "1 runs diverged earlier" in capsys.readouterr().out
+    assert "1 runs diverged" in write_report(sweep).read_text()

@@ -21,7 +21,7 @@ import math
 import multiprocessing
 import re
 import signal
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from bigbatch.config import (
     read_toml,
     validate,
 )
-from bigbatch.errors import BigbatchError, ConfigError, TrainingError
+from bigbatch.errors import BigbatchError, ConfigError, DivergedError, TrainingError
 from bigbatch.io import read_jsonl
 from bigbatch.report.report import Figure
 from bigbatch.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
@@ -258,8 +258,8 @@ def _share_gpus(queue: Any) -> None:
     _free_gpus = queue
 
 
-def _worker(job: tuple[str, StudyRun, int]) -> tuple[str, str, bool]:
-    """(tag, summary or error message, ok) of one run in a worker process."""
+def _worker(job: tuple[str, StudyRun, int]) -> tuple[str, str, bool, bool]:
+    """(tag, summary or error message, ok, diverged) of one run in a worker process."""
     tag, run, threads = job
     gpu = None
     if _free_gpus is not None and run.config.runtime.device in ("auto", "cuda"):
@@ -267,9 +267,9 @@ def _worker(job: tuple[str, StudyRun, int]) -> tuple[str, str, bool]:
         gpu = _free_gpus.get()
         run.config.runtime.device = f"cuda:{gpu}"
     try:
-        return tag, _train_one(run, threads), True
+        return tag, _train_one(run, threads), True, False
     except BigbatchError as exc:
-        return tag, str(exc), False
+        return tag, str(exc), False, isinstance(exc, DivergedError)
     finally:
         if gpu is not None:
             _free_gpus.put(gpu)
@@ -289,13 +289,17 @@ def run_study(study: Study, jobs: int = 1) -> list[StudyRun]:
     return study.runs
 
 
-def train_runs(runs: Sequence[StudyRun], jobs: int = 1) -> None:
+def train_runs(
+    runs: Sequence[StudyRun], jobs: int = 1, divergence_is_result: bool = False
+) -> dict[str, str]:
     """Train every run: finished runs are skipped, interrupted ones resumed.
 
     With ``jobs`` > 1, runs train in that many worker processes with the CPU threads split among
     them: small models use two cores better as two single-threaded runs than as one run on two.
-    A failed run does not stop the others; the study fails at the end, naming it. SIGTERM or
-    SIGINT ends the workers too (each run resumes from its last checkpoint).
+    A failed run does not stop the others; the study fails at the end, naming it. With
+    ``divergence_is_result``, a diverged run is no failure (in a sweep, an lr too high): its
+    message is returned by run name. SIGTERM or SIGINT ends the workers too (each run resumes
+    from its last checkpoint).
     """
     pending = []
     for i, run in enumerate(runs, 1):
@@ -306,40 +310,48 @@ def train_runs(runs: Sequence[StudyRun], jobs: int = 1) -> None:
         else:
             print(f"{tag}: {'resuming' if status == 'partial' else 'queued'}", flush=True)
             pending.append((tag, run))
+    names = {tag: run.config.run.name for tag, run in pending}
     failed: list[str] = []
-    done = 0  # runs ended so far, for the progress count
-    if jobs <= 1:
-        for tag, run in pending:
-            tag, message, ok = _worker((tag, run, 0))
-            failed += [] if ok else [tag]
-            done += 1
-            print(_outcome(tag, message, ok, done, len(pending)), flush=True)
-    else:
-        threads = max(1, torch.get_num_threads() // jobs)
-        pending.sort(key=lambda item: -_estimated_cost(item[1]))
-        previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
-        try:
-            # maxtasksperchild=1: every run starts in a fresh process, as a lone `train` would.
-            context = multiprocessing.get_context("spawn")
-            gpus = torch.cuda.device_count()
-            queue = None
-            if gpus > 1:
-                queue = context.Queue()
-                for k in range(gpus * math.ceil(jobs / gpus)):
-                    queue.put(k % gpus)  # jobs beyond the GPU count share them evenly
-            with context.Pool(
-                jobs, initializer=_share_gpus, initargs=(queue,), maxtasksperchild=1
-            ) as pool:
-                jobs_list = [(tag, run, threads) for tag, run in pending]
-                for tag, message, ok in pool.imap_unordered(_worker, jobs_list):
-                    failed += [] if ok else [tag]
-                    done += 1
-                    print(_outcome(tag, message, ok, done, len(pending)), flush=True)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+    diverged: dict[str, str] = {}
+    for done, (tag, message, ok, divergence) in enumerate(_results(pending, jobs), 1):
+        if divergence and divergence_is_result:
+            diverged[names[tag]] = message
+        elif not ok:
+            failed.append(tag)
+        print(_outcome(tag, message, ok, done, len(pending)), flush=True)
     if failed:
         raise TrainingError(
             f"{len(failed)} of {len(pending)} runs failed ({', '.join(failed)}; messages above); "
             "the others are done. Fix the cause and run the study again: finished runs are "
             "skipped"
         )
+    return diverged
+
+
+def _results(
+    pending: list[tuple[str, StudyRun]], jobs: int
+) -> Iterator[tuple[str, str, bool, bool]]:
+    """Each run's outcome as it ends: in this process, or in ``jobs`` spawned workers."""
+    if jobs <= 1:
+        for tag, run in pending:
+            yield _worker((tag, run, 0))
+        return
+    threads = max(1, torch.get_num_threads() // jobs)
+    pending = sorted(pending, key=lambda item: -_estimated_cost(item[1]))
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        # maxtasksperchild=1: every run starts in a fresh process, as a lone `train` would.
+        context = multiprocessing.get_context("spawn")
+        gpus = torch.cuda.device_count()
+        queue = None
+        if gpus > 1:
+            queue = context.Queue()
+            for k in range(gpus * math.ceil(jobs / gpus)):
+                queue.put(k % gpus)  # jobs beyond the GPU count share them evenly
+        with context.Pool(
+            jobs, initializer=_share_gpus, initargs=(queue,), maxtasksperchild=1
+        ) as pool:
+            jobs_list = [(tag, run, threads) for tag, run in pending]
+            yield from pool.imap_unordered(_worker, jobs_list)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -37,7 +37,8 @@ from bigbatch.config import deep_merge, read_toml
 from bigbatch.config.checks import suggest
 from bigbatch.errors import ConfigError
 from bigbatch.experiments.grid import StudyRun, run_config, train_runs
-from bigbatch.experiments.tuning import Choice, choose_lr
+from bigbatch.experiments.tuning import DIVERGED_FILE, Choice, choose_lr
+from bigbatch.io import atomic_write_text
 from bigbatch.train.checkpoint import CHECKPOINT_NAME
 
 LR_SCALING = {"linear": 1.0, "sqrt": 0.5, "none": 0.0}
@@ -170,18 +171,34 @@ def run_sweep(sweep: Sweep, jobs: int = 1) -> list[Choice]:
     resumed, so an interrupted sweep continues where it stopped."""
     tuning = sweep.tuning_runs()
     print(f"phase 1: {len(tuning)} tuning runs", flush=True)
-    train_runs(tuning, jobs)
+    _train_phase(tuning, jobs)
     choices = sweep.choices()
     for c in choices:
         print(f"  {c.cell.name}: {c.summary()}", flush=True)
     finals = sweep.final_runs(choices)
     print(f"phase 2: {len(finals)} runs of the chosen learning rates", flush=True)
-    train_runs(finals, jobs)
+    _train_phase(finals, jobs)
     if sweep.flatness is not None:
         from bigbatch.experiments.flatness import analyse_chosen_runs
 
         analyse_chosen_runs(sweep, choices)
     return choices
+
+
+def _train_phase(runs: list[SweepRun], jobs: int) -> None:
+    """Train the runs; one that diverges is marked (DIVERGED_FILE) and not retried."""
+    todo = [r for r in runs if not (r.run_dir / DIVERGED_FILE).exists()]
+    if len(todo) < len(runs):
+        print(
+            f"{len(runs) - len(todo)} runs diverged earlier and are not retried (delete the "
+            f"{DIVERGED_FILE} in a run directory to retry it)",
+            flush=True,
+        )
+    by_name = {r.config.run.name: r for r in todo}
+    for name, message in train_runs(todo, jobs, divergence_is_result=True).items():
+        run_dir = by_name[name].run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / DIVERGED_FILE, message + "\n")
 
 
 # -- loading and validation ----------------------------------------------------------------------

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from bigbatch.errors import BigbatchError
 from bigbatch.experiments.sweep import LR_SCALING, Sweep, SweepRun, chosen_run
-from bigbatch.experiments.tuning import Choice
+from bigbatch.experiments.tuning import DIVERGED_FILE, Choice
 from bigbatch.report.results import RunResult, load_run
 from bigbatch.report.sweep_numbers import CellRuns
 from bigbatch.report.sweep_report import Budget, write_sweep_report
@@ -51,12 +51,19 @@ def collect_cells(sweep: Sweep, choices: list[Choice]) -> list[CellRuns]:
 
 def sweep_budget(sweep: Sweep, choices: list[Choice]) -> Budget:
     tuning = {r.config.run.name for r in sweep.tuning_runs()}
-    finals = {r.config.run.name for r in sweep.final_runs([c for c in choices if c.has_data])}
+    finals = {r.config.run.name for r in sweep.final_runs(choices)}
     power = LR_SCALING[sweep.lr_scaling]
     notes = []
     waiting = sum(not c.has_data for c in choices)
     if waiting:
         notes.append(f"{waiting} cells have no tuning results yet: their reruns are not counted.")
+    every = {r.config.run.name: r for r in [*sweep.tuning_runs(), *sweep.final_runs(choices)]}
+    diverged = sorted(n for n, r in every.items() if (r.run_dir / DIVERGED_FILE).exists())
+    if diverged:
+        notes.append(
+            f"{len(diverged)} runs diverged (counted as not reaching the target): "
+            f"{', '.join(diverged)}."
+        )
     if not sweep.rerun_unreached:
         notes.append("Cells whose every lr missed the target are not rerun (rerun_unreached).")
     return Budget(

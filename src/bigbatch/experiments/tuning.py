@@ -4,6 +4,7 @@ The rule, in order: the lr that reached the target on the most tuning seeds; amo
 fewest mean steps to the target; then the higher mean test accuracy at the end of the run (the
 epoch it stopped at); then the smaller lr (the safer side). When no lr reached the target, the one
 with the highest mean best test accuracy is chosen and the cell is marked as short of the target.
+A run that diverged counts as not reaching it (with its accuracy before it diverged, 0 if none).
 A choice at either end of the grid is flagged: the best lr may lie beyond it.
 """
 
@@ -20,6 +21,9 @@ from bigbatch.report.scaling import steps_to_target
 
 if TYPE_CHECKING:
     from bigbatch.experiments.sweep import Cell, SweepRun
+
+# Written into a run directory whose run diverged: its lr is too high, a result, not retried.
+DIVERGED_FILE = "diverged.txt"
 
 
 @dataclass
@@ -74,6 +78,8 @@ def _candidate(factor: float, runs: list[SweepRun], target: float) -> Candidate 
             rows = read_jsonl(run.run_dir / "metrics.jsonl")
         except BigbatchError:
             rows = []  # a damaged file counts as no result until its run is resumed
+        if not rows and (run.run_dir / DIVERGED_FILE).exists():
+            rows = [{"epoch": 0, "step": 0, "test_acc": 0.0}]  # diverged in its first epoch
         if rows:
             rows_per_seed.append(rows)
     if not rows_per_seed:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from bigbatch.augment.mixup import BatchMixer
 from bigbatch.config import Config, config_from_dict, validate_against_data
 from bigbatch.data import ImageDataset
-from bigbatch.errors import BigbatchError, TrainingError
+from bigbatch.errors import BigbatchError, DivergedError, TrainingError
 from bigbatch.io import atomic_torch_save, atomic_write_json, write_jsonl
 from bigbatch.models import build_model
 from bigbatch.optim.schedules import LRSchedule
@@ -291,7 +291,7 @@ class Trainer:
             # Before the checkpoint: a diverged epoch is never saved as the last good one.
             divergence = diverged(row, cfg.runtime.max_loss_factor, self.dataset.num_classes)
             if divergence:
-                raise TrainingError(f"{divergence}; {stop_advice(files, self.run_dir)}")
+                raise DivergedError(f"{divergence}; {stop_advice(files, self.run_dir)}")
             if files is not None:
                 last = epoch + 1 == cfg.run.epochs or reached_target(rows, target)
                 if (epoch + 1) % cfg.runtime.checkpoint_every == 0 or last:
