@@ -149,6 +149,7 @@ def test_no_metrics_yet_means_no_choice(tmp_path):
     sweep = _one_cell_sweep(tmp_path)
     (choice,) = sweep.choices()
     assert not choice.has_data and sweep.final_runs([choice]) == []
+    assert _one_cell_sweep(tmp_path, "true").final_runs([choice]) == []  # nothing to rerun yet
     with pytest.raises(Exception, match="no run of sweep"):
         write_report(sweep)
 

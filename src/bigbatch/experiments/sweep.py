@@ -152,7 +152,7 @@ class Sweep:
         return [
             self.run(c.cell, c.factor, seed)
             for c in choices
-            if c.reached or self.rerun_unreached
+            if c.has_data and (c.reached or self.rerun_unreached)
             for seed in self.final_seeds
         ]
 
