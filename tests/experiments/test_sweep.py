@@ -210,7 +210,22 @@ def test_report_omits_the_noise_scale_when_no_run_logs_it(tmp_path):
     sweep = _one_cell_sweep(tmp_path)
     for run in sweep.tuning_runs():
         _fake(run, [(0.3, 100), (0.7, 200)])
-    assert "B_simple" not in write_report(sweep).read_text()
+    text = write_report(sweep).read_text()
+    assert "B_simple" not in text and "Flatness" not in text
+
+
+def test_report_shows_the_chosen_runs_flatness(tmp_path):
+    sweep = _one_cell_sweep(tmp_path)
+    for run in sweep.tuning_runs():
+        _fake(run, [(0.3, 100), (0.7 if run.factor == 2.0 else 0.5, 200)])
+    (choice,) = sweep.choices()
+    chosen = sweep.run(choice.cell, choice.factor, 0).run_dir
+    (chosen / "checkpoint.pt").write_bytes(b"")  # chosen_run looks for a checkpoint only
+    sharp = {"top_eigenvalues": [12.5], "trace": 345.0, "epsilon_sharpness": 6.75}
+    (chosen / "sharpness.json").write_text(json.dumps(sharp))
+    report = write_report(sweep)
+    assert "| sgd-b128 | 12.5 | 345 | 6.75 |" in report.read_text()
+    assert (report.parent / "flatness.png").exists()
 
 
 BAD = {
@@ -270,6 +285,10 @@ target_accuracy = 0.55
 batch_sizes = [32, 64]
 max_epochs = 3
 lr_factors = [1, 4]
+flatness = true
+flatness_examples = 64
+flatness_lanczos_steps = 2
+flatness_trace_samples = 2
 [base.data]
 format = "synthetic"
 train_limit = 192
@@ -292,9 +311,16 @@ optimizer = {{ name = "sgd", lr = 0.02 }}
         assert run_status(run) == "done"
     report = tmp_path / "out" / "report" / "report.md"
     assert "## Critical batch size" in report.read_text()
+    for choice in sweep.choices():  # the flatness of each cell's chosen run, seed 0
+        result = json.loads(
+            (sweep.run(choice.cell, choice.factor, 0).run_dir / "sharpness.json").read_text()
+        )
+        assert result["settings"]["examples"] == 64 and result["settings"]["lanczos_steps"] == 2
+    assert "## Flatness of each cell's solution" in report.read_text()
     capsys.readouterr()
     assert cli_main(["sweep", str(tmp_path / "e2e.toml")]) == 0  # everything is skipped
-    assert "queued" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "queued" not in out and "flatness:" not in out
 
 
 @pytest.mark.slow
