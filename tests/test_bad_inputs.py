@@ -347,6 +347,35 @@ CASES: dict[str, tuple[Case, int, str]] = {
         2,
         "studdy",
     ),
+    "sweep key misspelt": (
+        lambda ws: ["sweep", ws.file("sw.toml", "[sweep]\ntarget_acuracy = 0.6\n")],
+        2,
+        "did you mean 'target_accuracy'",
+    ),
+    "sweep without optimizers": (
+        lambda ws: [
+            "sweep",
+            ws.file(
+                "sw.toml",
+                "[sweep]\ntarget_accuracy = 0.6\nbatch_sizes = [32]\nmax_epochs = 1\n"
+                "lr_factors = [1]\n",
+            ),
+        ],
+        2,
+        "[optimizers.NAME]",
+    ),
+    "sweep budget not a number": (
+        lambda ws: [
+            "sweep",
+            ws.file(
+                "sw.toml",
+                '[sweep]\ntarget_accuracy = 0.6\nbatch_sizes = [32]\nmax_epochs = "long"\n'
+                'lr_factors = [1]\n[optimizers.sgd]\noptimizer = { name = "sgd", lr = 0.1 }\n',
+            ),
+        ],
+        2,
+        "max_epochs",
+    ),
 }
 
 

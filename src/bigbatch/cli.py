@@ -1,4 +1,4 @@
-"""The ``bigbatch`` command: train | reproduce | landscape | sharpness | report."""
+"""The ``bigbatch`` command: train | reproduce | sweep | landscape | sharpness | report."""
 
 from __future__ import annotations
 
@@ -19,6 +19,23 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="SECTION.KEY=VALUE",
         help="override one config value, e.g. --set optimizer.lr=0.01 (repeatable)",
+    )
+
+
+def _add_grid_args(p: argparse.ArgumentParser) -> None:
+    """The options `reproduce` and `sweep` share."""
+    p.add_argument(
+        "--report-only", action="store_true", help="only rebuild the report from existing runs"
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs trained at once, each on its share of the CPU threads",
+    )
+    p.add_argument(
+        "--output-dir",
+        help="put the runs and report here instead of the file's output_dir",
     )
 
 
@@ -108,6 +125,23 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         " ".join(["bigbatch reproduce", args.config, *(f"--set {o}" for o in args.overrides)]),
     )
     print(f"report: {report}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from bigbatch.experiments.sweep import load_sweep, run_sweep
+    from bigbatch.experiments.sweep_results import write_report
+
+    if not args.config:
+        raise BigbatchError(
+            "sweep needs a sweep file, e.g. bigbatch sweep configs/sweep-lenet5.toml"
+        )
+    sweep = load_sweep(args.config, args.overrides, output_dir=args.output_dir)
+    print(f"sweep {sweep.name}: {len(sweep.cells())} cells under {sweep.output_dir}/", flush=True)
+    if not args.report_only:
+        run_sweep(sweep, jobs=args.jobs)
+    command = " ".join(["bigbatch sweep", args.config, *(f"--set {o}" for o in args.overrides)])
+    print(f"report: {write_report(sweep, command)}")
     return 0
 
 
@@ -214,20 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seeds", type=int, nargs="+", help="run these seeds instead of the study's [study] seeds"
     )
-    p.add_argument(
-        "--report-only", action="store_true", help="only rebuild the report from existing runs"
-    )
-    p.add_argument(
-        "--jobs",
-        type=int,
-        default=1,
-        help="runs trained at once, each on its share of the CPU threads",
-    )
-    p.add_argument(
-        "--output-dir",
-        help="put the study's runs and report here instead of its [study] output_dir",
-    )
+    _add_grid_args(p)
     p.set_defaults(func=cmd_reproduce)
+    p = sub.add_parser(
+        "sweep",
+        help="batch sizes x optimizers, each cell's lr tuned, the best rerun on more seeds; then "
+        "the scaling report",
+    )
+    _add_config_args(p)
+    _add_grid_args(p)
+    p.set_defaults(func=cmd_sweep)
     p = sub.add_parser(
         "landscape", help="1-D/2-D loss landscape around trained runs, or interpolation between two"
     )

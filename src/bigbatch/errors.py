@@ -15,6 +15,11 @@ class TrainingError(BigbatchError):
     """A run that cannot continue (non-finite loss, incompatible checkpoint)."""
 
 
+class DivergedError(TrainingError):
+    """A run's loss became non-finite or too large: a result of its settings (a sweep's too-high
+    learning rate), not a fault of the machine."""
+
+
 class CollectiveError(TrainingError):
     """A torch.distributed collective failed: another rank died or hung; the process group is
     broken."""

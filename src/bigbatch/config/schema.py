@@ -35,6 +35,8 @@ class RunConfig:
     name: str = "run"
     seed: int = 0
     epochs: int = 10
+    # End training after the first epoch whose test accuracy reaches this (0: train all epochs).
+    stop_at_test_acc: float = 0.0
 
 
 @dataclass

@@ -52,6 +52,11 @@ def validate(cfg: Config) -> None:
     _check_finite(cfg)
     _check_run_name(cfg.run.name)
     require(cfg.run.epochs >= 1, "run.epochs", f"must be >= 1, got {cfg.run.epochs}")
+    require(
+        0 <= cfg.run.stop_at_test_acc <= 1,
+        "run.stop_at_test_acc",
+        "must be a test accuracy in (0, 1], e.g. 0.6, or 0 to train every epoch",
+    )
     choice(cfg.data.format, "data.format", DATA_FORMATS)
     require(
         cfg.data.train_limit >= 0, "data.train_limit", "must be >= 0 (0: the whole training set)"

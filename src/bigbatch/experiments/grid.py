@@ -21,7 +21,7 @@ import math
 import multiprocessing
 import re
 import signal
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,10 +36,11 @@ from bigbatch.config import (
     read_toml,
     validate,
 )
-from bigbatch.errors import BigbatchError, ConfigError, TrainingError
+from bigbatch.errors import BigbatchError, ConfigError, DivergedError, TrainingError
 from bigbatch.io import read_jsonl
 from bigbatch.report.report import Figure
 from bigbatch.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from bigbatch.train.stopping import training_finished
 
 STUDY_KEYS = {
     "name",
@@ -133,7 +134,7 @@ def load_study(
             point_label = label + "".join(
                 f"-{key.split('.')[-1]}{_slug(v)}" for (key, _), v in zip(axes, point)
             )
-            point_overrides = [f"{key}={_toml_value(v)}" for (key, _), v in zip(axes, point)]
+            point_overrides = [f"{key}={toml_value(v)}" for (key, _), v in zip(axes, point)]
             for seed in study.seeds:
                 run_name = point_label if len(study.seeds) == 1 else f"{point_label}-s{seed}"
                 if run_name in seen:
@@ -141,21 +142,36 @@ def load_study(
                         f"study '{path}' has two runs named '{run_name}'; names must be unique"
                     )
                 seen.add(run_name)
-                merged = merge_overrides(base, [*point_overrides, *overrides])
-                merged = deep_merge(
-                    merged,
-                    {
-                        "run": {"name": run_name, "seed": seed},
-                        "runtime": {"output_dir": str(study.output_dir / "runs")},
-                    },
+                cfg = run_config(
+                    base,
+                    [*point_overrides, *overrides],
+                    {"run": {"name": run_name, "seed": seed}},
+                    study.output_dir,
+                    f"run '{run_name}' of study '{path}'",
                 )
-                try:
-                    cfg = config_from_dict(merged)
-                    validate(cfg)
-                except ConfigError as exc:
-                    raise ConfigError(f"run '{run_name}' of study '{path}': {exc}") from None
                 study.runs.append(StudyRun(point_label, seed, cfg))
     return study
+
+
+def run_config(
+    base: dict[str, Any],
+    overrides: list[str],
+    fixed: dict[str, Any],
+    output_dir: Path,
+    context: str,
+) -> Config:
+    """One run's validated config: ``base`` <- ``overrides`` (``section.key=value``) <- ``fixed``
+    (sections of keys that make the run what it is: its name, seed...), the run directory under
+    ``output_dir/runs``; errors name ``context``."""
+    merged = merge_overrides(base, overrides)
+    merged = deep_merge(merged, fixed)
+    merged = deep_merge(merged, {"runtime": {"output_dir": str(output_dir / "runs")}})
+    try:
+        cfg = config_from_dict(merged)
+        validate(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{context}: {exc}") from None
+    return cfg
 
 
 def _target_accuracy(value: Any, path: str | Path) -> float:
@@ -182,7 +198,7 @@ def _figures(raw: Any, path: str | Path) -> list[Figure]:
     return figures
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
@@ -191,7 +207,8 @@ def _toml_value(value: Any) -> str:
 
 
 def run_status(run: StudyRun) -> str:
-    """'done', 'partial' (a checkpoint before the last epoch) or 'new'."""
+    """'done' (every epoch, or stopped at its target), 'partial' (a checkpoint before that) or
+    'new'."""
     path = run.run_dir / CHECKPOINT_NAME
     if not path.exists():
         return "new"
@@ -199,10 +216,10 @@ def run_status(run: StudyRun) -> str:
         rows = read_jsonl(run.run_dir / "metrics.jsonl")
     except BigbatchError:
         return "partial"  # a damaged metrics file: the resume rewrites it from the checkpoint
+    c = run.config.run
     if (
-        rows
-        and rows[-1]["epoch"] >= run.config.run.epochs
-        and load_checkpoint(path)["epoch"] >= run.config.run.epochs
+        training_finished(rows, c.epochs, c.stop_at_test_acc)
+        and load_checkpoint(path)["epoch"] >= rows[-1]["epoch"]
     ):
         return "done"
     return "partial"
@@ -241,8 +258,8 @@ def _share_gpus(queue: Any) -> None:
     _free_gpus = queue
 
 
-def _worker(job: tuple[str, StudyRun, int]) -> tuple[str, str, bool]:
-    """(tag, summary or error message, ok) of one run in a worker process."""
+def _worker(job: tuple[str, StudyRun, int]) -> tuple[str, str, bool, bool]:
+    """(tag, summary or error message, ok, diverged) of one run in a worker process."""
     tag, run, threads = job
     gpu = None
     if _free_gpus is not None and run.config.runtime.device in ("auto", "cuda"):
@@ -250,12 +267,16 @@ def _worker(job: tuple[str, StudyRun, int]) -> tuple[str, str, bool]:
         gpu = _free_gpus.get()
         run.config.runtime.device = f"cuda:{gpu}"
     try:
-        return tag, _train_one(run, threads), True
+        return tag, _train_one(run, threads), True, False
     except BigbatchError as exc:
-        return tag, str(exc), False
+        return tag, str(exc), False, isinstance(exc, DivergedError)
     finally:
         if gpu is not None:
             _free_gpus.put(gpu)
+
+
+def _outcome(tag: str, message: str, ok: bool, done: int, total: int) -> str:
+    return f"{tag}: {message if ok else 'FAILED: ' + message} ({done}/{total} runs ended)"
 
 
 def _stop_on_sigterm(signum: int, frame: Any) -> None:
@@ -263,54 +284,74 @@ def _stop_on_sigterm(signum: int, frame: Any) -> None:
 
 
 def run_study(study: Study, jobs: int = 1) -> list[StudyRun]:
-    """Run every run of the study: finished runs are skipped, interrupted ones resumed.
+    """Run every run of the study (see ``train_runs``)."""
+    train_runs(study.runs, jobs)
+    return study.runs
+
+
+def train_runs(
+    runs: Sequence[StudyRun], jobs: int = 1, divergence_is_result: bool = False
+) -> dict[str, str]:
+    """Train every run: finished runs are skipped, interrupted ones resumed.
 
     With ``jobs`` > 1, runs train in that many worker processes with the CPU threads split among
     them: small models use two cores better as two single-threaded runs than as one run on two.
-    A failed run does not stop the others; the study fails at the end, naming it. SIGTERM or
-    SIGINT ends the workers too (each run resumes from its last checkpoint).
+    A failed run does not stop the others; the study fails at the end, naming it. With
+    ``divergence_is_result``, a diverged run is no failure (in a sweep, an lr too high): its
+    message is returned by run name. SIGTERM or SIGINT ends the workers too (each run resumes
+    from its last checkpoint).
     """
     pending = []
-    for i, run in enumerate(study.runs, 1):
+    for i, run in enumerate(runs, 1):
         status = run_status(run)
-        tag = f"[{i}/{len(study.runs)}] {run.config.run.name}"
+        tag = f"[{i}/{len(runs)}] {run.config.run.name}"
         if status == "done":
             print(f"{tag}: finished earlier, skipped", flush=True)
         else:
             print(f"{tag}: {'resuming' if status == 'partial' else 'queued'}", flush=True)
             pending.append((tag, run))
-    failed = []
-    if jobs <= 1:
-        for tag, run in pending:
-            tag, message, ok = _worker((tag, run, 0))
-            print(f"{tag}: {message if ok else 'FAILED: ' + message}", flush=True)
-            failed += [] if ok else [tag]
-    else:
-        threads = max(1, torch.get_num_threads() // jobs)
-        pending.sort(key=lambda item: -_estimated_cost(item[1]))
-        previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
-        try:
-            # maxtasksperchild=1: every run starts in a fresh process, as a lone `train` would.
-            context = multiprocessing.get_context("spawn")
-            gpus = torch.cuda.device_count()
-            queue = None
-            if gpus > 1:
-                queue = context.Queue()
-                for k in range(gpus * math.ceil(jobs / gpus)):
-                    queue.put(k % gpus)  # jobs beyond the GPU count share them evenly
-            with context.Pool(
-                jobs, initializer=_share_gpus, initargs=(queue,), maxtasksperchild=1
-            ) as pool:
-                jobs_list = [(tag, run, threads) for tag, run in pending]
-                for tag, message, ok in pool.imap_unordered(_worker, jobs_list):
-                    print(f"{tag}: {message if ok else 'FAILED: ' + message}", flush=True)
-                    failed += [] if ok else [tag]
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+    names = {tag: run.config.run.name for tag, run in pending}
+    failed: list[str] = []
+    diverged: dict[str, str] = {}
+    for done, (tag, message, ok, divergence) in enumerate(_results(pending, jobs), 1):
+        if divergence and divergence_is_result:
+            diverged[names[tag]] = message
+        elif not ok:
+            failed.append(tag)
+        print(_outcome(tag, message, ok, done, len(pending)), flush=True)
     if failed:
         raise TrainingError(
             f"{len(failed)} of {len(pending)} runs failed ({', '.join(failed)}; messages above); "
             "the others are done. Fix the cause and run the study again: finished runs are "
             "skipped"
         )
-    return study.runs
+    return diverged
+
+
+def _results(
+    pending: list[tuple[str, StudyRun]], jobs: int
+) -> Iterator[tuple[str, str, bool, bool]]:
+    """Each run's outcome as it ends: in this process, or in ``jobs`` spawned workers."""
+    if jobs <= 1:
+        for tag, run in pending:
+            yield _worker((tag, run, 0))
+        return
+    threads = max(1, torch.get_num_threads() // jobs)
+    pending = sorted(pending, key=lambda item: -_estimated_cost(item[1]))
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        # maxtasksperchild=1: every run starts in a fresh process, as a lone `train` would.
+        context = multiprocessing.get_context("spawn")
+        gpus = torch.cuda.device_count()
+        queue = None
+        if gpus > 1:
+            queue = context.Queue()
+            for k in range(gpus * math.ceil(jobs / gpus)):
+                queue.put(k % gpus)  # jobs beyond the GPU count share them evenly
+        with context.Pool(
+            jobs, initializer=_share_gpus, initargs=(queue,), maxtasksperchild=1
+        ) as pool:
+            jobs_list = [(tag, run, threads) for tag, run in pending]
+            yield from pool.imap_unordered(_worker, jobs_list)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

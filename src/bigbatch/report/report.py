@@ -6,16 +6,12 @@ time from finished or partial runs: ``bigbatch report --study CONFIG``.
 
 from __future__ import annotations
 
-import csv
-import io
-import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from bigbatch.io import atomic_write_text
 from bigbatch.report.figures import X_AXES, Figure, figure_runs, plot_comparison
 from bigbatch.report.results import RunResult, aggregate, degradation, load_run, summarize
+from bigbatch.report.tables import finish_report, flatness_table, fmt, markdown_table
 
 __all__ = [
     "Figure",
@@ -26,38 +22,6 @@ __all__ = [
     "summarize",
     "write_report",
 ]
-
-
-def _fmt(value: Any, pct: bool = False, std: float | None = None) -> str:
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "-"
-        text = (
-            f"{100 * value:.2f}"
-            if pct
-            else (f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}")
-        )
-        if std is not None and not math.isnan(std):
-            text += f" ± {100 * std:.2f}" if pct else f" ± {std:.2g}"
-        return text
-    return str(value)
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _csv(rows: list[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    writer = csv.DictWriter(buf, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
 
 
 def write_report(
@@ -96,7 +60,7 @@ def write_report(
     md += ["## Runs", ""]
     seeds_note = " (mean ± std over seeds)" if multi_seed else ""
     md.append(
-        _table(
+        markdown_table(
             [
                 "run",
                 "optimizer",
@@ -120,11 +84,11 @@ def write_report(
                     f"{a['lr']:g}",
                     str(a["epochs"]),
                     str(a["updates"]),
-                    _fmt(a["final_test_acc"], True, a["final_test_acc_std"]),
-                    _fmt(a["best_test_acc"], True, a["best_test_acc_std"]),
-                    _fmt(a["final_train_acc"], True),
-                    _fmt(a["generalization_gap"], True, a["generalization_gap_std"]),
-                    _fmt(a["train_time_s"]),
+                    fmt(a["final_test_acc"], True, a["final_test_acc_std"]),
+                    fmt(a["best_test_acc"], True, a["best_test_acc_std"]),
+                    fmt(a["final_train_acc"], True),
+                    fmt(a["generalization_gap"], True, a["generalization_gap_std"]),
+                    fmt(a["train_time_s"]),
                 ]
                 for a in agg
             ],
@@ -139,14 +103,14 @@ def write_report(
     ]
     md += [f"## Time to {100 * target:g}% test accuracy", ""]
     md.append(
-        _table(
+        markdown_table(
             ["run", "epochs", "updates", "train time s"],
             [
                 [
                     a["label"],
-                    _fmt(a["epochs_to_target"]),
-                    _fmt(a["updates_to_target"]),
-                    _fmt(a["time_to_target_s"]),
+                    fmt(a["epochs_to_target"]),
+                    fmt(a["updates_to_target"]),
+                    fmt(a["time_to_target_s"]),
                 ]
                 for a in agg
             ],
@@ -163,7 +127,7 @@ def write_report(
             "",
         ]
         md.append(
-            _table(
+            markdown_table(
                 [
                     "optimizer",
                     "smoothing",
@@ -181,11 +145,11 @@ def write_report(
                         d["smoothing"],
                         str(d["small_batch"]),
                         str(d["large_batch"]),
-                        _fmt(d["small_batch_test_acc"], True),
-                        _fmt(d["large_batch_test_acc"], True),
-                        _fmt(d["degradation"], True),
-                        _fmt(d["best_degradation"], True),
-                        _fmt(d["reduction_by_smoothing"], True),
+                        fmt(d["small_batch_test_acc"], True),
+                        fmt(d["large_batch_test_acc"], True),
+                        fmt(d["degradation"], True),
+                        fmt(d["best_degradation"], True),
+                        fmt(d["reduction_by_smoothing"], True),
                     ]
                     for d in deg
                 ],
@@ -194,36 +158,16 @@ def write_report(
         md.append("")
     if any("hessian_top_eigenvalue" in s for s in summaries):
         md += ["## Flatness", ""]
-        md.append(
-            _table(
-                ["run", "top Hessian eigenvalue", "Hessian trace", "epsilon-sharpness"],
-                [
-                    [
-                        s["run"],
-                        _fmt(s.get("hessian_top_eigenvalue", math.nan)),
-                        _fmt(s.get("hessian_trace", math.nan)),
-                        _fmt(s.get("epsilon_sharpness", math.nan)),
-                    ]
-                    for s in summaries
-                ],
-            )
-        )
-        md.append("")
+        md += [flatness_table(summaries, "run"), ""]
     md += ["## Plots", ""]
     for group_title, x_axis, name in plots:
         md += [f"### {group_title}, against {X_AXES[x_axis][1]}", "", f"![{name}]({name})", ""]
-    md += [
-        "## Files",
-        "",
-        "- `summary.csv`: every number above, one row per run and seed",
-        "- `aggregate.csv`: one row per run label (means and std over seeds)",
-        "- `degradation.csv`",
-        "",
-    ]
-
-    atomic_write_text(out_dir / "summary.csv", _csv(summaries))
-    atomic_write_text(out_dir / "aggregate.csv", _csv(agg))
-    atomic_write_text(out_dir / "degradation.csv", _csv(deg))
-    report = out_dir / "report.md"
-    atomic_write_text(report, "\n".join(md))
-    return report
+    return finish_report(
+        out_dir,
+        md,
+        [
+            ("summary.csv", "every number above, one row per run and seed", summaries),
+            ("aggregate.csv", "one row per run label (means and std over seeds)", agg),
+            ("degradation.csv", "the large-batch degradation table", deg),
+        ],
+    )

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from bigbatch.augment.mixup import BatchMixer
 from bigbatch.config import Config, config_from_dict, validate_against_data
 from bigbatch.data import ImageDataset
-from bigbatch.errors import BigbatchError, TrainingError
+from bigbatch.errors import BigbatchError, DivergedError, TrainingError
 from bigbatch.io import atomic_torch_save, atomic_write_json, write_jsonl
 from bigbatch.models import build_model
 from bigbatch.optim.kfac.adaptive import AdaptiveDamping
@@ -53,6 +53,7 @@ from bigbatch.train.steps import (
     on_device_if_it_fits,
     use_channels_last,
 )
+from bigbatch.train.stopping import reached_target
 
 
 class Trainer:
@@ -250,7 +251,10 @@ class Trainer:
             write_jsonl(files.path / "metrics.jsonl", rows)
         show = progress_enabled(cfg.runtime.progress, main)
 
+        target = cfg.run.stop_at_test_acc
         for epoch in range(start_epoch, cfg.run.epochs):
+            if reached_target(rows, target):
+                break  # stopped early at its target (this run, or the one resumed)
             wall_start = time.perf_counter()
             comm_start, bytes_start = (
                 self.parallel.communication_time,
@@ -299,9 +303,10 @@ class Trainer:
             # Before the checkpoint: a diverged epoch is never saved as the last good one.
             divergence = diverged(row, cfg.runtime.max_loss_factor, self.dataset.num_classes)
             if divergence:
-                raise TrainingError(f"{divergence}; {stop_advice(files, self.run_dir)}")
+                raise DivergedError(f"{divergence}; {stop_advice(files, self.run_dir)}")
             if files is not None:
-                if (epoch + 1) % cfg.runtime.checkpoint_every == 0 or epoch + 1 == cfg.run.epochs:
+                last = epoch + 1 == cfg.run.epochs or reached_target(rows, target)
+                if (epoch + 1) % cfg.runtime.checkpoint_every == 0 or last:
                     # Checkpoint before metrics: a crash in between re-runs this epoch on resume.
                     atomic_torch_save(
                         files.path / CHECKPOINT_NAME,

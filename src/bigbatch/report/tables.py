@@ -1,0 +1,66 @@
+"""Markdown tables, CSV text and number formatting shared by the reports, and their last step:
+the CSV files and report.md written."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+from bigbatch.io import atomic_write_text
+
+
+def fmt(value: Any, pct: bool = False, std: float | None = None) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        text = (
+            f"{100 * value:.2f}"
+            if pct
+            else (f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}")
+        )
+        if std is not None and not math.isnan(std):
+            text += f" ± {100 * std:.2f}" if pct else f" ± {std:.2g}"
+        return text
+    return str(value)
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def csv_text(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def flatness_table(rows: list[dict[str, Any]], name_key: str) -> str:
+    """Top Hessian eigenvalue, trace and epsilon-sharpness, one line per row (``-`` if absent)."""
+    keys = ("hessian_top_eigenvalue", "hessian_trace", "epsilon_sharpness")
+    return markdown_table(
+        [name_key, "top Hessian eigenvalue", "Hessian trace", "epsilon-sharpness"],
+        [[str(r[name_key]), *(fmt(r.get(k, math.nan)) for k in keys)] for r in rows],
+    )
+
+
+def finish_report(
+    out_dir: Path, md: list[str], tables: list[tuple[str, str, list[dict[str, Any]]]]
+) -> Path:
+    """Write each (file name, what it holds, rows) as CSV, list them under "Files", write
+    report.md; returns its path."""
+    md = [*md, "## Files", "", *(f"- `{name}`: {what}" for name, what, _ in tables), ""]
+    for name, _, rows in tables:
+        atomic_write_text(out_dir / name, csv_text(rows))
+    report = out_dir / "report.md"
+    atomic_write_text(report, "\n".join(md))
+    return report
