@@ -7,7 +7,8 @@ one GPU; then a Markdown table for BENCHMARKS.md.
 Checks: the cuda-marked tests; one K-FAC step in float64 on the GPU against the CPU; the Trainer's
 epoch against a hand-written loop with the data on the device (LeNet-5 and ResNet-20, SGD and
 K-FAC, batch 128 and 2048); host synchronizations per training step; a bf16 K-FAC epoch against
-fp32; peak GPU memory. The dry run executes every line of it on the CPU so it cannot rot; its
+fp32; train.compile's epoch and graph breaks; peak GPU memory. The dry run executes every line of
+it on the CPU so it cannot rot; its
 timings are not GPU results and its CUDA-only checks say SKIP.
 """
 
@@ -103,7 +104,9 @@ def hand_epoch(model, images, labels, batch, kfac, device, mean, std) -> tuple[f
     return time.perf_counter() - start, steps
 
 
-def trainer_for(args, out: Path, model: str, optimizer: str, batch: int, precision="fp32"):
+def trainer_for(
+    args, out: Path, model: str, optimizer: str, batch: int, precision="fp32", extra=()
+):
     sets = [
         "data.format=synthetic",
         f"data.train_limit={args.train_examples}",
@@ -115,7 +118,8 @@ def trainer_for(args, out: Path, model: str, optimizer: str, batch: int, precisi
         f'runtime.device="{args.device}"',
         'runtime.progress="off"',
         f'runtime.output_dir="{out}"',
-        f'run.name="{model}-{optimizer}-{batch}-{precision}"',
+        f'run.name="{model}-{optimizer}-{batch}-{precision}{len(extra)}"',
+        *extra,
     ]
     return Trainer(load_config(None, sets))
 
@@ -213,6 +217,31 @@ def amp_epoch(args, out: Path) -> tuple[str, str, str]:
     return report("bf16 K-FAC epoch", status, detail)
 
 
+def compiled_epoch(args, out: Path) -> tuple[str, str, str]:
+    """train.compile with K-FAC: graph breaks and the epoch against eager (bf16)."""
+    from torch._dynamo.utils import counters
+
+    batch = args.batches[-1]
+    # The dry run only traces (inductor compiles for minutes on a CPU), and a smaller model.
+    backend, model = ("aot_eager", "lenet5") if args.dry_run else ("inductor", "resnet20")
+    eager = trainer_for(args, out, model, "kfac", batch, "bf16")
+    eager_time, _ = trainer_epoch(eager)
+    torch._dynamo.reset()
+    counters.clear()
+    extra = ("train.compile=true", f'runtime.compile_backend="{backend}"')
+    compiled = trainer_for(args, out, model, "kfac", batch, "bf16", extra)
+    compiled_time, _ = trainer_epoch(compiled)
+    breaks = sum(counters["graph_break"].values())
+    graphs = counters["stats"]["unique_graphs"]
+    status = "FAIL" if breaks else ("DRY" if args.dry_run else "PASS")
+    detail = (
+        f"{model} K-FAC bf16 batch {batch}, {backend}: {graphs} graph(s), {breaks} breaks; "
+        f"epoch {compiled_time:.2f}s vs eager {eager_time:.2f}s "
+        f"({eager_time / compiled_time:.2f}x)"
+    )
+    return report("compiled epoch", status, detail)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (CI)")
@@ -235,6 +264,7 @@ def main() -> None:
         results = [cuda_tests(args.dry_run), device_equality(torch.device(args.device))]
         rows, checks = epoch_times(args, out)
         results += [*checks, host_syncs(args, out), amp_epoch(args, out)]
+        results.append(compiled_epoch(args, out))
     columns = [
         "model",
         "optimizer",

@@ -27,6 +27,7 @@ def test_gpu_check_dry_run_prints_every_check(tmp_path):
     ]
     names = [line.split(": ")[0].split(" ", 1)[1] for line in lines]
     assert "cuda tests" in names and "host syncs per step" in names and "bf16 K-FAC epoch" in names
+    assert "compiled epoch" in names
     assert sum(n.startswith("epoch ") for n in names) == 4
     assert not any(line.startswith("FAIL") for line in lines), done.stdout
     assert "| Trainer / hand |" in markdown.read_text()
