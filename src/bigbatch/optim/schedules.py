@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,20 @@ class LRSchedule:
     batch_size: int = 128
     base_batch_size: int = 128
     linear_scaling: bool = False
+
+    @classmethod
+    def from_config(cls, schedule: Any, lr: float, batch_size: int) -> LRSchedule:
+        """The schedule of a config's [schedule] section for base rate ``lr``."""
+        return cls(
+            base_lr=lr,
+            decay_epochs=tuple(schedule.decay_epochs),
+            decay_factor=schedule.decay_factor,
+            warmup_epochs=schedule.warmup_epochs,
+            warmup_start_factor=schedule.warmup_start_factor,
+            batch_size=batch_size,
+            base_batch_size=schedule.base_batch_size,
+            linear_scaling=schedule.linear_scaling,
+        )
 
     @property
     def peak_lr(self) -> float:

@@ -166,31 +166,28 @@ def forward_backward(
 
 
 def adapt_kfac_damping(
-    kfac: Any,
-    model: nn.Module,
+    trainer: Any,
     x: torch.Tensor,
     targets: MixedTargets,
     before: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    cfg: Config,
-    micro: int,
-    parallel: ParallelContext,
-    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> None:
-    """K-FAC's Levenberg-Marquardt step on the batch just trained on (optim/kfac/adaptive.py),
-    judged with the training loss itself (mixing and label smoothing included)."""
+    """K-FAC's Levenberg-Marquardt step on the batch ``trainer`` just trained on
+    (optim/kfac/adaptive.py), judged with the training loss itself (mixing and label smoothing
+    included)."""
+    cfg = trainer.cfg
 
     def loss_of_rows(logits: torch.Tensor, start: int, size: int) -> torch.Tensor:
         part = targets.narrow(start, size)
         return mixed_cross_entropy(_at_least_float32(logits), part, cfg.augment.label_smoothing)
 
-    kfac.adapt_damping(
-        model,
-        x.contiguous(memory_format=memory_format),
+    trainer.kfac.adapt_damping(
+        trainer.model,
+        x.contiguous(memory_format=trainer.memory_format),
         loss_of_rows,
         before,
         cfg.optimizer.weight_decay,
-        micro,
-        parallel.all_sum,
+        trainer.micro_batch,
+        trainer.parallel.all_sum,
     )
 
 

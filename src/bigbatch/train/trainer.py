@@ -103,16 +103,7 @@ class Trainer:
         self.compiled: Any = None
         if cfg.train.compile:
             self.compiled = compile_model(self.model, cfg.runtime.compile_backend)
-        self.schedule = LRSchedule(
-            base_lr=cfg.optimizer.lr,
-            decay_epochs=tuple(cfg.schedule.decay_epochs),
-            decay_factor=cfg.schedule.decay_factor,
-            warmup_epochs=cfg.schedule.warmup_epochs,
-            warmup_start_factor=cfg.schedule.warmup_start_factor,
-            batch_size=cfg.train.batch_size,
-            base_batch_size=cfg.schedule.base_batch_size,
-            linear_scaling=cfg.schedule.linear_scaling,
-        )
+        self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optimizer.lr, cfg.train.batch_size)
         self.train_loader, self.test_loader, self.train_eval_loader = make_loaders(
             cfg, on_device_if_it_fits(ds, self.device), self.parallel.rank, self.parallel.world_size
         )
@@ -121,6 +112,10 @@ class Trainer:
         )
         local_batch = math.ceil(cfg.train.batch_size / self.parallel.world_size)
         self.micro_batch = micro_batch_size(cfg, self.model, self.device, local_batch)
+
+    def _evaluate(self, loader: Any) -> dict[str, float]:
+        model, precision = self.model, self.cfg.train.precision
+        return evaluate(model, loader, self.device, self.memory_format, self.parallel, precision)
 
     def _training_model(self) -> Any:
         """The compiled model, except on K-FAC's statistics steps, whose hooks are Python."""
@@ -267,24 +262,10 @@ class Trainer:
             train_time += row["epoch_time"]
             row["train_time"] = train_time
             self.parallel.average_buffers(self.model)  # before evaluating and checkpointing
-            test = evaluate(
-                self.model,
-                self.test_loader,
-                self.device,
-                self.memory_format,
-                self.parallel,
-                cfg.train.precision,
-            )
+            test = self._evaluate(self.test_loader)
             row.update(test_loss=test["loss"], test_acc=test["acc"])
             if self.train_eval_loader is not None:
-                clean = evaluate(
-                    self.model,
-                    self.train_eval_loader,
-                    self.device,
-                    self.memory_format,
-                    self.parallel,
-                    cfg.train.precision,
-                )
+                clean = self._evaluate(self.train_eval_loader)
                 row.update(train_eval_loss=clean["loss"], train_eval_acc=clean["acc"])
             if self.parallel.world_size > 1:
                 row["world_size"] = self.parallel.world_size
@@ -374,17 +355,7 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             if before is not None:
-                adapt_kfac_damping(
-                    self.kfac,
-                    self.model,
-                    x,
-                    targets,
-                    before,
-                    cfg,
-                    self.micro_batch,
-                    self.parallel,
-                    self.memory_format,
-                )
+                adapt_kfac_damping(self, x, targets, before)
             step += 1
             totals += batch.to(torch.float64)
             bar.update()
