@@ -67,6 +67,8 @@ class TrainConfig:
     drop_last: bool = False
     # Autocast precision of forward passes: fp32 (off), bf16, or fp16 (with a gradient scaler).
     precision: str = "fp32"
+    # The gradient noise scale (train/noise_scale.py) on steps 0, k, 2k, ... of each epoch; 0: off.
+    noise_scale_every: int = 4
 
 
 @dataclass

@@ -28,6 +28,7 @@ from bigbatch.train.checkpoint import (
 )
 from bigbatch.train.distributed import ParallelContext, resolve_device
 from bigbatch.train.health import diverged, progress_enabled, stop_advice
+from bigbatch.train.noise_scale import NoiseScaleProbe, split_keeps_the_maths
 from bigbatch.train.rundir import RunDirectory
 from bigbatch.train.state import (
     check_compatible,
@@ -114,6 +115,10 @@ class Trainer:
         )
         local_batch = math.ceil(cfg.train.batch_size / self.parallel.world_size)
         self.micro_batch = micro_batch_size(cfg, self.model, self.device, local_batch)
+        can_split = split_keeps_the_maths(cfg, self.model)
+        self.noise = NoiseScaleProbe(
+            cfg.train.noise_scale_every, self.model, self.parallel.world_size, can_split, self.device
+        )
 
     def _build_kfac(self) -> Any:
         from bigbatch.optim.kfac import KFACPreconditioner
@@ -326,22 +331,25 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             x, targets = self.mixer(x, y)
             self.optimizer.zero_grad(set_to_none=True)
+            micro, after_backward = self.noise.begin_step(i, x.shape[0], self.micro_batch)
             local_loss, local_hits = forward_backward(
                 self.model,
                 x,
                 targets,
-                self.micro_batch,
+                micro,
                 cfg.augment.label_smoothing,
                 self.mc_fisher,
                 self.memory_format,
                 cfg.train.precision,
                 self.scaler,
+                after_backward,
             )
             # One collective averages gradients and sums the step's metrics over ranks.
             count = torch.full((), float(x.shape[0]), dtype=torch.float64, device=self.device)
-            batch = torch.stack(
-                self.parallel.reduce_step(self.model, x.shape[0], [local_loss, local_hits, count])
-            )
+            extras = [local_loss, local_hits, count, *self.noise.local_terms(x.shape[0])]
+            reduced = self.parallel.reduce_step(self.model, x.shape[0], extras)
+            batch = torch.stack(reduced[:3])
+            self.noise.end_step(reduced[3:], batch[2], self.scaler)
             self.scaler.unscale_(self.optimizer)
             if self.kfac is not None:
                 # Its G came from scaled gradients; an overflowed step's statistics are skipped.
@@ -365,6 +373,7 @@ class Trainer:
             "train_acc": hits / seen,
             "epoch_time": elapsed,
             "images_per_sec": seen / elapsed,
+            **self.noise.epoch_metrics(),
         }
 
 
