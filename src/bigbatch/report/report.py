@@ -15,6 +15,7 @@ from typing import Any
 
 from bigbatch.io import atomic_write_text
 from bigbatch.report.figures import X_AXES, Figure, figure_runs, plot_comparison
+from bigbatch.report.plots import plot_noise_scale
 from bigbatch.report.results import RunResult, aggregate, degradation, load_run, summarize
 
 __all__ = [
@@ -87,6 +88,9 @@ def write_report(
             plot_comparison(members, x_axis, figure.title, out_dir / name, target, large_batch_from)
             plots.append((figure.title, x_axis, name))
             progress(name)
+    noise_plot = plot_noise_scale({r.name: r.rows for r in runs}, out_dir / "noise_scale.png")
+    if noise_plot:
+        progress("noise_scale.png")
 
     md = [f"# {title}", ""]
     if command:
@@ -212,6 +216,8 @@ def write_report(
     md += ["## Plots", ""]
     for group_title, x_axis, name in plots:
         md += [f"### {group_title}, against {X_AXES[x_axis][1]}", "", f"![{name}]({name})", ""]
+    if noise_plot:
+        md += ["### Gradient noise scale (B_simple), per epoch", "", "![noise](noise_scale.png)", ""]
     md += [
         "## Files",
         "",
