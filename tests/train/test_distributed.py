@@ -129,7 +129,7 @@ def test_short_sgd_run_on_two_ranks_equals_one_process(tmp_path):
 def test_noise_scale_from_two_ranks_equals_one_process_on_the_same_halves(tmp_path):
     # Each rank's local gradient (before the all-reduce) against the single process's micro-batch
     # of the same half, every step; the last batch (24) is split 12/12 in both.
-    _compare(tmp_path, ["train.noise_scale_every=1", "optimizer.lr=0.02"], epochs=2)
+    _compare(tmp_path, ["train.noise_scale_split_every=1", "optimizer.lr=0.02"], epochs=2)
     a, b = (read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("single", "two"))
     for ra, rb in zip(a, b):
         assert ra["noise_scale_steps"] == rb["noise_scale_steps"] == 10

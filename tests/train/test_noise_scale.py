@@ -133,7 +133,7 @@ def _cfg(tmp_path, *overrides):
             "train.batch_size=64",
             "runtime.progress=off",
             "train.train_eval_examples=0",
-            "train.noise_scale_every=1",
+            "train.noise_scale_split_every=1",
             *overrides,
         ],
     )
@@ -189,21 +189,23 @@ def test_trainer_metrics_equal_the_papers_estimates_from_recomputed_gradients(
 def test_measuring_leaves_training_unchanged(tmp_path, synthetic, micro):
     data = _subset(synthetic, 576)  # 9 steps of 64: no short batch
     runs = {}
-    for every in (0, 1, 3):
+    for every in (None, 1, 3):
         cfg = _cfg(
             tmp_path / str(every),
             "run.epochs=2",
             "optimizer.lr=0.05",
-            f"train.noise_scale_every={every}",
+            f"train.noise_scale={every is not None}".lower(),
+            f"train.noise_scale_split_every={every or 0}",
             f"runtime.micro_batch_size={micro}",
         )
         trainer = Trainer(cfg, data)
         rows = trainer.fit()
         runs[every] = (rows, [p.detach().clone() for p in trainer.model.parameters()])
-    off_rows, off_params = runs[0]
+    off_rows, off_params = runs[None]
     assert [r["noise_scale_steps"] for r in off_rows] == [0, 0]
     assert off_rows[0]["grad_noise_scale"] is None
-    assert [r["noise_scale_steps"] for r in runs[3][0]] == [3, 3]  # steps 0, 3, 6 of 9
+    # Split: steps 0, 3, 6 of 9; in micro-batches already: every step.
+    assert [r["noise_scale_steps"] for r in runs[3][0]] == ([9, 9] if micro else [3, 3])
     for every in (1, 3):
         rows, params = runs[every]
         assert all(r["grad_trace_sigma"] > 0 for r in rows)
@@ -214,7 +216,9 @@ def test_measuring_leaves_training_unchanged(tmp_path, synthetic, micro):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_batchnorm_model_in_one_piece_is_not_split(tmp_path, synthetic):
-    cfg = _cfg(tmp_path, "model.name=resnet20", "data.train_limit=64")
-    row = Trainer(cfg, _subset(synthetic, 64)).fit()[0]
+@pytest.mark.parametrize(
+    "overrides", [["model.name=resnet20"], ["train.noise_scale_split_every=0"]]
+)
+def test_a_batch_in_one_piece_is_not_split_for_batchnorm_or_when_told(tmp_path, synthetic, overrides):
+    row = Trainer(_cfg(tmp_path, *overrides), _subset(synthetic, 128)).fit()[0]
     assert row["noise_scale_steps"] == 0 and row["grad_noise_scale"] is None

@@ -67,8 +67,11 @@ class TrainConfig:
     drop_last: bool = False
     # Autocast precision of forward passes: fp32 (off), bf16, or fp16 (with a gradient scaler).
     precision: str = "fp32"
-    # The gradient noise scale (train/noise_scale.py) on steps 0, k, 2k, ... of each epoch; 0: off.
-    noise_scale_every: int = 4
+    # The gradient noise scale B_simple per epoch (train/noise_scale.py), from the parts a step's
+    # gradient is in (ranks, micro-batches); a gradient in one piece is split in two to measure it
+    # on steps 0, k, 2k, ... of each epoch, k = noise_scale_split_every (0: never).
+    noise_scale: bool = True
+    noise_scale_split_every: int = 16
 
 
 @dataclass

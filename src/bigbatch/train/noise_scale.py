@@ -25,12 +25,14 @@ needs checkpointing and a resumed run equals an uninterrupted one) and report th
 means. Examples are drawn without replacement from N, which scales the estimated tr(Sigma) by
 N / (N - 1): negligible.
 
-Where the gradient is in one piece (one process, one micro-batch), a measured step splits the batch
-into two micro-batches: the same gradient to float rounding (forward_backward weights each
-micro-batch's loss by its share). Not where splitting changes the maths: BatchNorm models (batch
-statistics over half the batch) and K-FAC statistics drawn per forward pass (MC Fisher labels, a
-stats_fraction subsample); such steps go unmeasured, and with no measured step an epoch's metrics
-are null. Mixup and CutMix pair examples within a batch, so their parts are not independent: the
+Which steps (``train.noise_scale`` on): every step whose gradient is already in parts, at the cost
+of two gradient norms (and, with micro-batches, a copy of the gradient per micro-batch). Where it is
+in one piece (one process, one micro-batch), steps 0, k, 2k, ... of each epoch
+(k = ``train.noise_scale_split_every``; 0: none) split the batch into two micro-batches: the same
+gradient to float rounding (forward_backward weights each micro-batch's loss by its share), at the
+cost of a second, half-size forward and backward. Not where splitting changes the maths: BatchNorm
+models (batch statistics over half the batch) and K-FAC statistics drawn per forward pass (MC
+Fisher labels, a stats_fraction subsample). An epoch without a measured step has null metrics. Mixup and CutMix pair examples within a batch, so their parts are not independent: the
 estimate is then approximate.
 
 Every value stays a device tensor until ``epoch_metrics`` reads the epoch's sums once (no host sync
@@ -142,17 +144,23 @@ def split_keeps_the_maths(cfg: Config, model: nn.Module) -> bool:
 
 
 class NoiseScaleProbe:
-    """The trainer's side: which steps are measured, and their parts' gradients.
-
-    Each epoch measures its steps 0, every, 2 every, ... (``every`` = 0: none). Per measured step:
-    ``begin_step`` gives the micro-batch size and forward_backward's callback, ``local_terms``
-    the extras reduce_step sums over ranks, ``end_step`` the reduced gradient's share.
+    """The trainer's side: which steps are measured (see the module notes), and their parts'
+    gradients. Per step: ``begin_step`` gives the micro-batch size and forward_backward's callback,
+    ``local_terms`` the extras reduce_step sums over ranks, ``end_step`` adds the measured step.
+    ``split_every`` None: off; 0: only steps already in parts.
     """
 
     def __init__(
-        self, every: int, model: nn.Module, world_size: int, can_split: bool, device: torch.device
+        self,
+        split_every: int | None,
+        model: nn.Module,
+        world_size: int,
+        can_split: bool,
+        device: torch.device,
     ) -> None:
-        self.every, self.world_size, self.can_split = every, world_size, can_split
+        self.enabled, self.world_size = split_every is not None, world_size
+        self.split_every = split_every or 0
+        self.can_split = can_split and self.split_every > 0
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.estimator = NoiseScaleEstimator(device)
         self.measuring = False
@@ -162,12 +170,12 @@ class NoiseScaleProbe:
         self, index: int, batch: int, micro: int
     ) -> tuple[int, Callable[[int], None] | None]:
         """The micro-batch size for step ``index`` of the epoch and the callback to pass on."""
-        self.measuring = self.every > 0 and index % self.every == 0
         self.micro_batches = None
+        self.measuring = self.enabled
         if not self.measuring or self.world_size > 1:
             return micro, None  # ranks are the parts: no callback
         if micro >= batch:
-            if not self.can_split or batch < 2:
+            if not (self.can_split and batch >= 2 and index % self.split_every == 0):
                 self.measuring = False
                 return micro, None
             micro = math.ceil(batch / 2)

@@ -115,9 +115,10 @@ class Trainer:
         )
         local_batch = math.ceil(cfg.train.batch_size / self.parallel.world_size)
         self.micro_batch = micro_batch_size(cfg, self.model, self.device, local_batch)
+        split_every = cfg.train.noise_scale_split_every if cfg.train.noise_scale else None
         can_split = split_keeps_the_maths(cfg, self.model)
         self.noise = NoiseScaleProbe(
-            cfg.train.noise_scale_every, self.model, self.parallel.world_size, can_split, self.device
+            split_every, self.model, self.parallel.world_size, can_split, self.device
         )
 
     def _build_kfac(self) -> Any:
