@@ -140,7 +140,9 @@ def _cfg(tmp_path, *overrides):
 
 
 def _subset(ds, n):
-    return dataclasses.replace(ds, train_images=ds.train_images[:n], train_labels=ds.train_labels[:n])
+    return dataclasses.replace(
+        ds, train_images=ds.train_images[:n], train_labels=ds.train_labels[:n]
+    )
 
 
 def _flat_grad(model, x, y):
@@ -219,6 +221,8 @@ def test_measuring_leaves_training_unchanged(tmp_path, synthetic, micro):
 @pytest.mark.parametrize(
     "overrides", [["model.name=resnet20"], ["train.noise_scale_split_every=0"]]
 )
-def test_a_batch_in_one_piece_is_not_split_for_batchnorm_or_when_told(tmp_path, synthetic, overrides):
+def test_a_batch_in_one_piece_is_not_split_for_batchnorm_or_when_told(
+    tmp_path, synthetic, overrides
+):
     row = Trainer(_cfg(tmp_path, *overrides), _subset(synthetic, 128)).fit()[0]
     assert row["noise_scale_steps"] == 0 and row["grad_noise_scale"] is None

@@ -217,7 +217,12 @@ def write_report(
     for group_title, x_axis, name in plots:
         md += [f"### {group_title}, against {X_AXES[x_axis][1]}", "", f"![{name}]({name})", ""]
     if noise_plot:
-        md += ["### Gradient noise scale (B_simple), per epoch", "", "![noise](noise_scale.png)", ""]
+        md += [
+            "### Gradient noise scale (B_simple), per epoch",
+            "",
+            "![noise](noise_scale.png)",
+            "",
+        ]
     md += [
         "## Files",
         "",

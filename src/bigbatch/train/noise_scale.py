@@ -22,8 +22,8 @@ over the k parts; unequal parts (a short last micro-batch or shard) stay unbiase
 notes that the ratio of the two is a biased estimate of B_simple and that single steps are noisy:
 we average each over the measured steps of an epoch (a plain mean, reset every epoch, so nothing
 needs checkpointing and a resumed run equals an uninterrupted one) and report the ratio of the
-means. Examples are drawn without replacement from N, which scales the estimated tr(Sigma) by
-N / (N - 1): negligible.
+means. Examples are drawn without replacement from N, which biases both by O(1 / N): negligible.
+Mixup and CutMix pair examples within a batch, so parts are not independent: then approximate.
 
 Which steps (``train.noise_scale`` on): every step whose gradient is already in parts, at the cost
 of two gradient norms (and, with micro-batches, a copy of the gradient per micro-batch). Where it is
@@ -32,12 +32,11 @@ in one piece (one process, one micro-batch), steps 0, k, 2k, ... of each epoch
 gradient to float rounding (forward_backward weights each micro-batch's loss by its share), at the
 cost of a second, half-size forward and backward. Not where splitting changes the maths: BatchNorm
 models (batch statistics over half the batch) and K-FAC statistics drawn per forward pass (MC
-Fisher labels, a stats_fraction subsample). An epoch without a measured step has null metrics. Mixup and CutMix pair examples within a batch, so their parts are not independent: the
-estimate is then approximate.
+Fisher labels, a stats_fraction subsample). An epoch without a measured step has null metrics.
 
 Every value stays a device tensor until ``epoch_metrics`` reads the epoch's sums once (no host sync
-per step). Squared norms are taken in float64 of the gradients with a GradScaler's loss scale
-divided out; an overflowed (non-finite) step is not counted.
+per step). Squared norms are dot products in the gradients' dtype (float32), carried on in float64,
+with a GradScaler's loss scale divided out; an overflowed (non-finite) step is not counted.
 """
 
 from __future__ import annotations
@@ -84,9 +83,7 @@ class NoiseScaleEstimator:
         batch: torch.Tensor | float,
         parts: int,
     ) -> None:
-        norm_sq, trace = step_estimates(
-            parts_sum.double(), full_sq_norm.double(), batch, parts
-        )
+        norm_sq, trace = step_estimates(parts_sum.double(), full_sq_norm.double(), batch, parts)
         step = torch.stack([norm_sq, trace, torch.ones_like(trace)])
         # A non-finite step (an fp16 overflow, which the optimizer skips too) is not counted.
         self.sums += torch.where(step.isfinite().all(), step, torch.zeros_like(step))
