@@ -379,8 +379,9 @@ class Trainer:
 
 
 def _epoch_summary(row: dict[str, Any]) -> str:
+    noise = row.get("grad_noise_scale")
     return (
         f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
         f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.4f} | {row['epoch_time']:.1f}s "
-        f"({row['images_per_sec']:.0f} img/s)"
+        f"({row['images_per_sec']:.0f} img/s)" + (f" | B_simple {noise:.0f}" if noise else "")
     )
