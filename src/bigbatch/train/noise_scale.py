@@ -1,9 +1,10 @@
-"""The gradient noise scale B_simple = tr(Sigma) / |G|^2 of McCandlish et al. (2018), measured
-during training from gradients a step already computes (no extra forward or backward).
+"""The gradient noise scale B_simple = tr(Sigma) / |G|^2 of McCandlish et al. (2018, "An Empirical
+Model of Large-Batch Training"), measured during training from the gradients a step computes anyway
+(no example goes forward or backward twice).
 
 Sigma is the covariance of one example's loss gradient and G the full-data gradient, so a batch
-gradient of size b has E|g_b|^2 = |G|^2 + tr(Sigma) / b (their eq. 2.2). A step's gradient G_B over
-B examples is the size-weighted mean of k >= 2 parts g_j over disjoint b_j examples:
+gradient of size b has E|g_b|^2 = |G|^2 + tr(Sigma) / b (their appendix A.1). A step's gradient
+G_B over B examples is the size-weighted mean of k >= 2 parts g_j over disjoint b_j examples:
 data-parallel ranks (each rank's local gradient, before the all-reduce), else micro-batches (each
 one's gradient is the change of the accumulated ``.grad`` across its backward). Summing the
 expectation over the parts,
@@ -30,9 +31,10 @@ of two gradient norms (and, with micro-batches, a copy of the gradient per micro
 in one piece (one process, one micro-batch), steps 0, k, 2k, ... of each epoch
 (k = ``train.noise_scale_split_every``; 0: none) split the batch into two micro-batches: the same
 gradient to float rounding (forward_backward weights each micro-batch's loss by its share), at the
-cost of a second, half-size forward and backward. Not where splitting changes the maths: BatchNorm
-models (batch statistics over half the batch) and K-FAC statistics drawn per forward pass (MC
-Fisher labels, a stats_fraction subsample). An epoch without a measured step has null metrics.
+cost of running the batch as two half-size forward and backward passes. Not where a split changes
+the maths: BatchNorm models (batch statistics over half the batch) and K-FAC statistics drawn per
+forward pass (MC Fisher labels, a stats_fraction subsample). An epoch without a measured step has
+null metrics.
 
 Every value stays a device tensor until ``epoch_metrics`` reads the epoch's sums once (no host sync
 per step). Squared norms are dot products in the gradients' dtype (float32), carried on in float64,
