@@ -172,6 +172,11 @@ CASES: dict[str, tuple[Case, int, str]] = {
     "not a device": (lambda ws: ws.train('runtime.device="tpu9"'), 2, "runtime.device"),
     "batch larger than data": (lambda ws: ws.train("train.batch_size=4096"), 2, "batch_size"),
     "crop padding too large": (lambda ws: ws.train("augment.crop_padding=64"), 2, "crop_padding"),
+    "negative noise-scale split interval": (
+        lambda ws: ws.train("train.noise_scale_split_every=-1"),
+        2,
+        "'train.noise_scale_split_every' must be >= 0 (0: never split",
+    ),
     "run.name ..": (lambda ws: ws.train(name=".."), 2, "run.name"),
     "run.name with /": (lambda ws: ws.train(name="a/b"), 2, "run.name"),
     "run.name too long": (lambda ws: ws.train(name="x" * 300), 2, "run.name"),

@@ -310,7 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N"
     )
     p.set_defaults(func=cmd_sharpness)
-    p = sub.add_parser("report", help="redraw the loss/accuracy curves of run directories")
+    p = sub.add_parser(
+        "report",
+        help="redraw the loss/accuracy curves (and gradient noise scale) of run directories",
+    )
     p.add_argument("run_dirs", nargs="+")
     p.set_defaults(func=cmd_report)
     return parser

@@ -102,3 +102,21 @@ def test_a_dataset_that_fits_lives_on_the_gpu(tmp_path, synthetic):
     assert trainer.train_loader.images.is_cuda and trainer.test_loader.labels.is_cuda
     x, y = next(iter(trainer.train_loader))
     assert x.is_cuda and y.is_cuda
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_noise_scale_on_the_gpu_equals_the_cpu(tmp_path, synthetic, precision):
+    # lr far below float32 resolution: both see the initial weights at every step, so the GPU's
+    # estimates differ from the CPU's by kernel rounding (and fp16's forward) only.
+    sets = ['optimizer.name="sgd"', "optimizer.lr=1e-12", "run.epochs=1"]
+    sets += ["train.noise_scale_split_every=1", f'train.precision="{precision}"']
+    cpu = Trainer(_cfg(tmp_path / "cpu", "cpu", *sets[:-1]), synthetic).fit()[0]
+    gpu = Trainer(_cfg(tmp_path / "gpu", "cuda", *sets), synthetic).fit()[0]
+    assert cpu["noise_scale_steps"] == 10  # 600 / 64
+    # An fp16 step whose scaled gradients overflow is skipped, and not counted.
+    assert gpu["noise_scale_steps"] >= (10 if precision == "fp32" else 8)
+    rel = 5e-3 if precision == "fp32" else 5e-2
+    assert gpu["grad_trace_sigma"] == pytest.approx(cpu["grad_trace_sigma"], rel=rel)
+    # |G|^2 is a small difference of squared norms of size E|G_B|^2 (near zero at initial weights).
+    size = cpu["grad_norm_sq"] + cpu["grad_trace_sigma"] / 64
+    assert gpu["grad_norm_sq"] == pytest.approx(cpu["grad_norm_sq"], abs=rel * size)

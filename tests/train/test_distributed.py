@@ -131,6 +131,18 @@ def test_sam_on_two_ranks_equals_one_process(tmp_path):
     _compare(tmp_path, ["data.train_limit=128", "optimizer.sam_rho=0.1"], epochs=1)
 
 
+def test_noise_scale_from_two_ranks_equals_one_process_on_the_same_halves(tmp_path):
+    # Each rank's local gradient (before the all-reduce) against the single process's micro-batch
+    # of the same half, every step; the last batch (24) is split 12/12 in both.
+    _compare(tmp_path, ["train.noise_scale_split_every=1", "optimizer.lr=0.02"], epochs=2)
+    a, b = (read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("single", "two"))
+    for ra, rb in zip(a, b):
+        assert ra["noise_scale_steps"] == rb["noise_scale_steps"] == 10
+        assert ra["grad_noise_scale"] is not None
+        for key in ("grad_noise_scale", "grad_norm_sq", "grad_trace_sigma"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-3), key
+
+
 def test_killed_rank_ends_the_other_with_a_clear_error(tmp_path):
     extra = [
         "run.epochs=50",

@@ -77,6 +77,11 @@ class TrainConfig:
     precision: str = "fp32"
     # torch.compile the model for training steps (K-FAC's statistics steps run it eagerly).
     compile: bool = False
+    # The gradient noise scale B_simple per epoch (train/noise_scale.py), from the parts a step's
+    # gradient is in (ranks, micro-batches); a gradient in one piece is split in two to measure it
+    # on steps 0, k, 2k, ... of each epoch, k = noise_scale_split_every (0: never).
+    noise_scale: bool = True
+    noise_scale_split_every: int = 16
 
 
 @dataclass

@@ -78,6 +78,12 @@ def validate(cfg: Config) -> None:
     )
     require(cfg.train.train_eval_examples >= 0, "train.train_eval_examples", "must be >= 0")
     choice(cfg.train.precision, "train.precision", PRECISIONS)
+    require(
+        cfg.train.noise_scale_split_every >= 0,
+        "train.noise_scale_split_every",
+        f"must be >= 0 (0: never split a batch to measure the noise scale), got "
+        f"{cfg.train.noise_scale_split_every}",
+    )
     choice(cfg.optimizer.name, "optimizer.name", OPTIMIZERS)
     require(cfg.optimizer.lr > 0, "optimizer.lr", f"must be > 0, got {cfg.optimizer.lr}")
     require(0 <= cfg.optimizer.momentum < 1, "optimizer.momentum", "must be in [0, 1)")

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bigbatch.report.figures import X_AXES, Figure, figure_runs, plot_comparison
+from bigbatch.report.plots import plot_noise_scale
 from bigbatch.report.results import RunResult, aggregate, degradation, load_run, summarize
 from bigbatch.report.tables import finish_report, flatness_table, fmt, markdown_table
 
@@ -51,6 +52,9 @@ def write_report(
             plot_comparison(members, x_axis, figure.title, out_dir / name, target, large_batch_from)
             plots.append((figure.title, x_axis, name))
             progress(name)
+    noise_plot = plot_noise_scale({r.name: r.rows for r in runs}, out_dir / "noise_scale.png")
+    if noise_plot:
+        progress("noise_scale.png")
 
     md = [f"# {title}", ""]
     if command:
@@ -162,6 +166,13 @@ def write_report(
     md += ["## Plots", ""]
     for group_title, x_axis, name in plots:
         md += [f"### {group_title}, against {X_AXES[x_axis][1]}", "", f"![{name}]({name})", ""]
+    if noise_plot:
+        md += [
+            "### Gradient noise scale (B_simple), per epoch",
+            "",
+            "![noise](noise_scale.png)",
+            "",
+        ]
     return finish_report(
         out_dir,
         md,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -139,13 +140,15 @@ def forward_backward(
     memory_format: torch.memory_format = torch.contiguous_format,
     precision: str = "fp32",
     scaler: torch.amp.GradScaler | None = None,
+    after_backward: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Accumulate the gradient of the batch-mean loss in micro-batches; returns (loss sum, hits)
     as float64 tensors on the batch's device, read by no one here: no host sync.
 
     Each micro-batch's mean loss is weighted by its share of the batch, so the accumulated gradient
     equals the full-batch gradient up to float rounding (tests check this). Forward passes run
-    under ``precision``'s autocast, backward passes of ``scaler``-scaled losses.
+    under ``precision``'s autocast, backward passes of ``scaler``-scaled losses;
+    ``after_backward(size)`` runs after each micro-batch's backward (the noise scale's probe).
     """
     n = x.shape[0]
     loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
@@ -160,6 +163,8 @@ def forward_backward(
             loss = mixed_cross_entropy(_at_least_float32(logits), part, label_smoothing)
         weighted = loss * (size / n)
         (scaler.scale(weighted) if scaler is not None else weighted).backward()
+        if after_backward is not None:
+            after_backward(size)
         loss_sum += loss.detach().double() * size
         hits += mixed_correct(logits.detach(), part).double()
     return loss_sum, hits

@@ -31,6 +31,7 @@ from bigbatch.train.checkpoint import (
 )
 from bigbatch.train.distributed import ParallelContext, resolve_device
 from bigbatch.train.health import diverged, progress_enabled, stop_advice
+from bigbatch.train.noise_scale import NoiseScaleProbe, split_keeps_the_maths
 from bigbatch.train.rundir import RunDirectory
 from bigbatch.train.sam import SAM
 from bigbatch.train.state import (
@@ -112,6 +113,11 @@ class Trainer:
         )
         local_batch = math.ceil(cfg.train.batch_size / self.parallel.world_size)
         self.micro_batch = micro_batch_size(cfg, self.model, self.device, local_batch)
+        split_every = cfg.train.noise_scale_split_every if cfg.train.noise_scale else None
+        can_split = split_keeps_the_maths(cfg, self.model)
+        self.noise = NoiseScaleProbe(
+            split_every, self.model, self.parallel.world_size, can_split, self.device
+        )
 
     def _evaluate(self, loader: Any) -> dict[str, float]:
         model, precision = self.model, self.cfg.train.precision
@@ -324,24 +330,27 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             x, targets = self.mixer(x, y)
             self.optimizer.zero_grad(set_to_none=True)
+            micro, after_backward = self.noise.begin_step(i, x.shape[0], self.micro_batch)
             backward = functools.partial(
                 forward_backward,
                 self._training_model(),
                 x,
                 targets,
-                self.micro_batch,
+                micro,
                 cfg.augment.label_smoothing,
                 self.mc_fisher,
                 self.memory_format,
                 cfg.train.precision,
                 self.scaler,
             )
-            local_loss, local_hits = backward()
+            # SAM's second pass reuses ``backward``; only this first one is measured.
+            local_loss, local_hits = backward(after_backward=after_backward)
             # One collective averages gradients and sums the step's metrics over ranks.
             count = torch.full((), float(x.shape[0]), dtype=torch.float64, device=self.device)
-            batch = torch.stack(
-                self.parallel.reduce_step(self.model, x.shape[0], [local_loss, local_hits, count])
-            )
+            extras = [local_loss, local_hits, count, *self.noise.local_terms(x.shape[0])]
+            reduced = self.parallel.reduce_step(self.model, x.shape[0], extras)
+            batch = torch.stack(reduced[:3])
+            self.noise.end_step(reduced[3:], batch[2], self.scaler)
             if self.sam is not None:  # the gradient at SAM's ascent point replaces this one
                 reduce = functools.partial(self.parallel.reduce_step, self.model, x.shape[0], [])
                 self.sam.replace_gradient(backward, reduce, skip_overflow=self.scaler.is_enabled())
@@ -372,12 +381,14 @@ class Trainer:
             "train_acc": hits / seen,
             "epoch_time": elapsed,
             "images_per_sec": seen / elapsed,
+            **self.noise.epoch_metrics(),
         }
 
 
 def _epoch_summary(row: dict[str, Any]) -> str:
+    noise = row.get("grad_noise_scale")
     return (
         f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
         f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.4f} | {row['epoch_time']:.1f}s "
-        f"({row['images_per_sec']:.0f} img/s)"
+        f"({row['images_per_sec']:.0f} img/s)" + (f" | B_simple {noise:.0f}" if noise else "")
     )
