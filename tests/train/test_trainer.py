@@ -1,6 +1,7 @@
 """The Trainer (train/trainer.py): determinism, the run directory, resume, divergence, kills."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -128,7 +129,8 @@ def test_resume_equals_uninterrupted(tmp_path, synthetic, extra):
         assert (
             rows[0]["kfac_damping"] != 1e-2 and rows[1]["kfac_damping"] != rows[0]["kfac_damping"]
         )
-        assert all(0 < r["kfac_reduction_ratio"] < 10 for r in rows)
+        # rho may be negative (a step that raised the batch's loss): finite is what holds.
+        assert all(math.isfinite(r["kfac_reduction_ratio"]) for r in rows)
 
 
 def test_existing_run_needs_resume_or_overwrite(tmp_path, synthetic):

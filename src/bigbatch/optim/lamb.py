@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from bigbatch.optim.closure import run_closure
+
 
 class LAMB(torch.optim.Optimizer):
     def __init__(
@@ -39,10 +41,7 @@ class LAMB(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from bigbatch.optim.closure import run_closure
+
 
 class LARS(torch.optim.Optimizer):
     def __init__(
@@ -45,10 +47,7 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from bigbatch.optim.closure import run_closure
+
 
 class MatrixMuon(torch.optim.Optimizer):
     """torch.optim.Muon over tensors of 2 or more dimensions, each seen as (shape[0], rest)."""
@@ -49,10 +51,7 @@ class MatrixMuon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         if len(self.param_groups) != 1:
             raise ValueError("MatrixMuon keeps one parameter group")
         group, inner = self.param_groups[0], self._muon.param_groups[0]
@@ -91,10 +90,7 @@ class CombinedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for part in self.parts:
             part.step()
         return loss
