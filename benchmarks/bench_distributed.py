@@ -36,6 +36,7 @@ KFAC_EVERY_STEP = [
     "kfac.inverse_interval=1",
 ]
 COMM_OPT = "K-FAC COMM-OPT"
+HYBRID = "K-FAC HYBRID (groups of 2)"
 # Each variant: the sets for a job on ``world`` ranks, and the fewest ranks it applies to.
 VARIANTS: dict[str, tuple[Callable[[int], list[str]], int]] = {
     "SGD": (lambda world: ["optimizer.name=sgd"], 1),
@@ -44,7 +45,7 @@ VARIANTS: dict[str, tuple[Callable[[int], list[str]], int]] = {
         lambda world: [*KFAC_EVERY_STEP, f"kfac.grad_worker_fraction={1 / world}"],
         2,
     ),
-    "K-FAC HYBRID (groups of 2)": (
+    HYBRID: (
         lambda world: [*KFAC_EVERY_STEP, f"kfac.grad_worker_fraction={2 / world}"],
         4,
     ),
@@ -119,7 +120,9 @@ def main() -> None:
         for model in args.models
         for label, (_, fewest) in VARIANTS.items()
         for world in worlds
-        if world >= fewest and (world > 1 or label in ("SGD", COMM_OPT))
+        if world >= fewest
+        and (world > 1 or label in ("SGD", COMM_OPT))
+        and (label != HYBRID or world % 2 == 0)  # groups of two must divide the ranks
     ]
     results: dict[tuple[str, str, int], list[dict]] = {job: [] for job in jobs}
     progress = bar(len(jobs) * args.rounds, "bigbatch train jobs")
