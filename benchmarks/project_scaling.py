@@ -10,13 +10,14 @@ model: ring all-reduce, 2 (p-1)/p * bytes / bandwidth + 2 (p-1) * latency; a bro
 ranks costs bytes / bandwidth + ceil(log2 q) * latency (pipelined), and broadcasts within disjoint
 groups run at the same time.
 
-The modes follow optim/kfac/distributed.py: each layer's owner (assign_by_cost, by a^3 + g^3)
-decomposes it; the ranks split into groups of g consecutive ranks (g = fraction * p). COMM-OPT
-(g = p) broadcasts every decomposition to all and every rank preconditions every layer; HYBRID
-broadcasts a decomposition within its owner's group, whose members precondition the group's layers
-and broadcast the results to the ranks at their own position in the other groups (one broadcast
-among p/g ranks per group that owns a layer, every step); MEM-OPT (g = 1) broadcasts no
-decomposition, and a rank preconditions its own layers and broadcasts those results to all.
+The modes follow optim/kfac/distributed.py: the ranks split into groups of g consecutive ranks
+(g = fraction * p); each layer's owner (assign_by_cost, by a^3 + g^3, over the groups first, then
+a group's ranks) decomposes it. COMM-OPT (g = p) broadcasts every decomposition to all and every
+rank preconditions every layer; HYBRID broadcasts a decomposition within its owner's group, whose
+members precondition the group's layers and broadcast the results to the ranks at their own
+position in the other groups (one broadcast among p/g ranks per group that owns a layer, every
+step); MEM-OPT (g = 1) broadcasts no decomposition, and a rank preconditions its own layers and
+broadcasts those results to all.
 Memory per rank is the decompositions it holds (eigenvectors and eigenvalues of A and G, float32;
 the factors themselves are on every rank in every mode).
 
@@ -247,9 +248,9 @@ def main() -> None:
     eig_cost = {layer["name"]: eigh_c * (layer["a"] ** 3 + layer["g"] ** 3) for layer in layers}
     biggest = max(layers, key=lambda layer: layer["a"])
     # The compute-free parts of each (workers, mode): the assignment does not depend on the regime.
-    owners = {p: assign_by_cost(eig_cost, p) for p in WORKERS}
+    owners = {(p, g): assign_by_cost(eig_cost, p, g) for p in WORKERS for _, g in modes(p)}
     parts = {
-        (p, group): sharded_parts(layers, owners[p], p, group, bw, lat)
+        (p, group): sharded_parts(layers, owners[(p, group)], p, group, bw, lat)
         for p in WORKERS
         for _, group in modes(p)
     }
@@ -296,13 +297,14 @@ def main() -> None:
                 stats = stats_macs_per_example * b / (gram_rate * speed) / FACTOR_INTERVAL
                 grad = ring_all_reduce(params * BYTES, p, bw, lat)
                 factor = ring_all_reduce(upper, p, bw, lat) / FACTOR_INTERVAL
-                busiest = max(
-                    sum(eig_cost[n] for n, r in owners[p].items() if r == rank) for rank in range(p)
-                )
-                eig = busiest / speed / INVERSE_INTERVAL
                 sgd = compute + grad
                 comm_opt = None
                 for mode, group in modes(p):
+                    owner = owners[(p, group)]
+                    busiest = max(
+                        sum(eig_cost[n] for n, r in owner.items() if r == rank) for rank in range(p)
+                    )
+                    eig = busiest / speed / INVERSE_INTERVAL
                     part = parts[(p, group)]
                     bcast = part["decomposition broadcast"] / INVERSE_INTERVAL
                     precond = part["preconditioning macs"] / (gram_rate * speed)

@@ -27,15 +27,23 @@ from bigbatch.optim.kfac.preconditioner import KFACPreconditioner
 from bigbatch.optim.kfac.statistics import BatchStatistics, BlockState
 
 
-def assign_by_cost(costs: dict[str, float], world_size: int) -> dict[str, int]:
+def assign_by_cost(
+    costs: dict[str, float], world_size: int, group_size: int | None = None
+) -> dict[str, int]:
     """Longest-processing-time-first: each layer, most expensive first, goes to the least loaded
-    rank."""
-    load = [0.0] * world_size
+    group of ``group_size`` consecutive ranks (default: one group of all), and there to its least
+    loaded rank, so that layers, and with them memory and preconditioning, spread over the groups
+    before they fill any one."""
+    size = group_size or world_size
+    group_load, rank_load = [0.0] * (world_size // size), [0.0] * world_size
     owner = {}
     for name in sorted(costs, key=lambda n: (-costs[n], n)):
-        rank = min(range(world_size), key=lambda r: (load[r], r))
+        group = min(range(len(group_load)), key=lambda g: (group_load[g], g))
+        ranks = range(group * size, (group + 1) * size)
+        rank = min(ranks, key=lambda r: (rank_load[r], r))
         owner[name] = rank
-        load[rank] += costs[name]
+        group_load[group] += costs[name]
+        rank_load[rank] += costs[name]
     return owner
 
 
@@ -50,10 +58,9 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         self.timeout_s = timeout_s  # the process group's, for the error message only
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        self.owner = assign_by_cost(
-            {name: s.cost() for name, s in self.layers.items()}, self.world_size
-        )
         self.workers = self.options.grad_workers(self.world_size, section="")
+        costs = {name: s.cost() for name, s in self.layers.items()}
+        self.owner = assign_by_cost(costs, self.world_size, self.workers)
         self.position = self.rank % self.workers  # this rank's place in its group
         # Every rank must create every group, in the same order, even those it is not in.
         groups = [list(range(s, s + self.workers)) for s in range(0, self.world_size, self.workers)]
