@@ -218,7 +218,8 @@ class KFACPreconditioner(FactorStatistics):
             nu = torch.where(total > 0, (self.kl_clip / total).sqrt().clamp(max=1.0), nu)
         for k, (state, v, x) in enumerate(solved):
             # A non-finite solution leaves the layer its raw gradient.
-            state.factors.set_grad_matrix(torch.where(finite[k], x * nu.to(x.dtype), v))
+            x.mul_(nu.to(x.dtype))
+            state.factors.set_grad_matrix(torch.where(finite[k], x, v, out=x))
 
     # -- bookkeeping -----------------------------------------------------------------------------
     @property
