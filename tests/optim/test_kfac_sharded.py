@@ -1,6 +1,7 @@
 """Distributed K-FAC with preconditioning sharded over ranks (KAISA's grad_worker_fraction,
 optim/kfac/distributed.py) on real gloo process groups: every fraction gives the parameters of one
-process on the same global batch, BatchNorm blocks included, and memory per rank falls as stated."""
+process on the same global batch, BatchNorm blocks included, memory per rank falls as stated, and
+a run resumed from rank 0's checkpoint equals an uninterrupted one."""
 
 import pytest
 import torch
@@ -48,11 +49,11 @@ def _batch(step):
     return x, torch.randint(0, 5, (GLOBAL_BATCH,), generator=g)
 
 
-def _train(model, kfac, shard):
-    """STEPS of SGD + K-FAC; ``shard(x, y)`` yields (x, y, weight) pieces whose weighted mean
-    losses make up the step's loss."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for step in range(STEPS):
+def _train(model, kfac, shard, steps=range(STEPS), optimizer=None):
+    """SGD + K-FAC over ``steps``; ``shard(x, y)`` yields (x, y, weight) pieces whose weighted
+    mean losses make up the step's loss."""
+    optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for step in steps:
         optimizer.zero_grad()
         for x, y, weight in shard(*_batch(step)):
             (F.cross_entropy(model(x), y) * weight).backward()
@@ -80,9 +81,42 @@ def _worker(rank, world, store, fractions, out):
             kfac,
             lambda x, y: [(x[rank * local : (rank + 1) * local], y[rank * local :][:local], 1.0)],
         )
-        results[fraction] = (params, kfac.metrics())
+        results[fraction] = (params, kfac.metrics(), _resumed(rank, world, local, fraction, out))
     torch.save(results, f"{out}/{rank}.pt")
     dist.destroy_process_group()
+
+
+def _resumed(rank, world, local, fraction, out):
+    """Steps 0-3, a checkpoint (rank 0's, as the trainer writes it), a fresh start on every rank
+    from it, steps 4-5: the decompositions of step 3 must come back (the next is at step 6)."""
+    from bigbatch.optim.kfac.distributed import DistributedKFACPreconditioner
+
+    def shard(x, y):
+        return [(x[rank * local : (rank + 1) * local], y[rank * local :][:local], 1.0)]
+
+    options = {**OPTIONS, "inverse_interval": 3}
+    model = _model()
+    kfac = DistributedKFACPreconditioner(model, grad_worker_fraction=fraction, **options)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _train(model, kfac, shard, range(4), optimizer)
+    saved = kfac.checkpoint_state()
+    path = f"{out}/checkpoint-{fraction}.pt"
+    if rank == 0:
+        torch.save((saved, model.state_dict(), optimizer.state_dict()), path)
+    dist.barrier()
+    kfac_state, weights, momentum = torch.load(path)
+    model = _model()
+    model.load_state_dict(weights)
+    kfac = DistributedKFACPreconditioner(model, grad_worker_fraction=fraction, **options)
+    kfac.load_state_dict(kfac_state)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    optimizer.load_state_dict(momentum)
+    resumed = _train(model, kfac, shard, range(4, 6), optimizer)
+    straight_model = _model()
+    straight = DistributedKFACPreconditioner(
+        straight_model, grad_worker_fraction=fraction, **options
+    )
+    return resumed, _train(straight_model, straight, shard, range(6))
 
 
 def _one_process(world):
@@ -109,9 +143,11 @@ def test_every_fraction_gives_the_parameters_of_one_process(tmp_path, world, fra
     expected, total_held = _one_process(world)
     for fraction in fractions:
         for rank in range(world):
-            params, _ = ranks[rank][fraction]
+            params, _, (resumed, straight) = ranks[rank][fraction]
             for got, want in zip(params, expected):
                 torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+            for got, want in zip(resumed, straight):  # resume equals uninterrupted, every mode
+                assert torch.equal(got, want)
         held = [ranks[r][fraction][1]["kfac_held_decomposition_bytes"] for r in range(world)]
         sent = sum(ranks[r][fraction][1]["kfac_gradient_bytes"] for r in range(world))
         # Each layer's decomposition lives on its fraction * world gradient workers only.

@@ -142,7 +142,13 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------------
     def _state(
-        self, epoch: int, step: int, train_time: float, wall_time: float, rows: list[dict[str, Any]]
+        self,
+        epoch: int,
+        step: int,
+        train_time: float,
+        wall_time: float,
+        rows: list[dict[str, Any]],
+        kfac: dict[str, Any] | None,
     ) -> dict[str, Any]:
         return {
             "epoch": epoch,
@@ -152,7 +158,7 @@ class Trainer:
             "wall_time": wall_time,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "kfac": self.kfac.state_dict() if self.kfac is not None else None,
+            "kfac": kfac,
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
             "config": self.cfg.to_dict(),
@@ -291,13 +297,16 @@ class Trainer:
             divergence = diverged(row, cfg.runtime.max_loss_factor, self.dataset.num_classes)
             if divergence:
                 raise DivergedError(f"{divergence}; {stop_advice(files, self.run_dir)}")
+            last = epoch + 1 == cfg.run.epochs or reached_target(rows, target)
+            due = (epoch + 1) % cfg.runtime.checkpoint_every == 0 or last
+            # On every rank: sharded K-FAC gathers its decompositions for the main rank.
+            kfac = self.kfac.checkpoint_state() if self.kfac is not None and due else None
             if files is not None:
-                last = epoch + 1 == cfg.run.epochs or reached_target(rows, target)
-                if (epoch + 1) % cfg.runtime.checkpoint_every == 0 or last:
+                if due:
                     # Checkpoint before metrics: a crash in between re-runs this epoch on resume.
                     atomic_torch_save(
                         files.path / CHECKPOINT_NAME,
-                        self._state(epoch + 1, step, train_time, wall_time, rows),
+                        self._state(epoch + 1, step, train_time, wall_time, rows, kfac),
                     )
                     files.commit()
                 write_jsonl(files.path / "metrics.jsonl", rows)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from bigbatch.collectives import run_collective
 from bigbatch.optim.kfac.preconditioner import KFACPreconditioner
+from bigbatch.optim.kfac.state import LayerState
 from bigbatch.optim.kfac.statistics import BatchStatistics, BlockState
 
 
@@ -194,6 +195,43 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
                     self.bytes_sent["decomposition"] += _nbytes(state.decomposition)
                 else:
                     state.refresh(rule)  # the owner derived its own in decompose()
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, Any] | None:
+        """Collective: rank 0 receives each decomposition it does not hold from the layer's owner
+        and returns the whole state (every rank loads it on resume, so a resumed run equals an
+        uninterrupted one in every mode); the others return None."""
+        rule, like = self.damping_rule, {"dtype": self.factor_dtype, "device": self.device}
+        fetched: dict[str, list[torch.Tensor]] = {}
+        for name, state in self.layers.items():
+            owner = self.owner[name]
+            if name not in self.solvable or self.group_of(name) == 0 or self.rank not in (0, owner):
+                continue
+            tensors = state.decomposition if self.rank == owner else None
+            tensors = tensors or state.decomposition_like(rule, **like)
+            for tensor in tensors:
+                op, peer = (dist.send, 0) if self.rank == owner else (dist.recv, owner)
+                self._collective("K-FAC checkpoint gather", op, tensor, peer)
+            if self.rank == 0:
+                fetched[name] = [t.clone() for t in tensors]
+        if self.rank != 0:
+            return None
+        out = self.state_dict()
+        for name, received in fetched.items():
+            out["layers"][name]["decomposition"] = received
+        out["solvable"] = sorted(self.solvable)
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Every rank loads rank 0's state, then keeps only its own group's decompositions."""
+        super().load_state_dict(state)
+        names = (n for n, s in state["layers"].items() if s["decomposition"] is not None)
+        self.solvable = set(state.get("solvable", names))
+        for name, layer in self.layers.items():
+            if not self.is_worker(name):
+                layer.decomposition = None
+                if isinstance(layer, LayerState):
+                    layer.scale = None
 
     # -- preconditioning -----------------------------------------------------------------------
     def solutions(self) -> list[tuple[BlockState, torch.Tensor, torch.Tensor]]:

@@ -261,6 +261,11 @@ class KFACPreconditioner(FactorStatistics):
             "layers": {name: s.state_dict() for name, s in self.layers.items()},
         }
 
+    def checkpoint_state(self) -> dict[str, Any] | None:
+        """What a checkpoint holds: state_dict() here; with data parallelism a collective that
+        returns the whole state on rank 0 (None elsewhere)."""
+        return self.state_dict()
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores copies on the model's current device, whatever device the state was saved on."""
         unknown = set(state["layers"]) - set(self.layers)
