@@ -272,7 +272,7 @@ def test_bad_tables_and_run_values(tmp_path):
 
 
 def test_shipped_sweep_config_loads():
-    sweep = load_sweep(ROOT / "configs" / "sweep-lenet5.toml", ["optimizer.name=sgd"])
+    sweep = load_sweep(ROOT / "configs" / "sweep-lenet5.toml")
     assert sweep.target == 0.6 and sweep.batch_sizes[0] == 128 and sweep.batch_sizes[-1] == 8192
     assert len(sweep.final_seeds) == 3 and 4 <= len(sweep.lr_factors) <= 6
 
