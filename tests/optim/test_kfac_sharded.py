@@ -164,3 +164,77 @@ def test_a_fraction_that_does_not_split_the_ranks_is_refused():
     with pytest.raises(ConfigError, match="grad_worker_fraction"):
         KFACConfig(grad_worker_fraction=1 / 3).grad_workers(4)
     assert KFACConfig(grad_worker_fraction=1 / 3).grad_workers(6) == 2
+
+
+def _adaptive_run(model, kfac, pieces, x_of, all_sum):
+    """4 steps with Levenberg-Marquardt damping after each: (parameters, (damping, rho) per
+    step)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)
+    dampings = []
+    for step in range(4):
+        x, y = _batch(step)
+        optimizer.zero_grad()
+        for xs, ys, weight in pieces(x, y):
+            (F.cross_entropy(model(xs), ys) * weight).backward()
+        if dist.is_initialized():
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
+        before = kfac.adaptive.capture(model)
+        kfac.step(lr=0.005)
+        optimizer.step()
+        xs, ys = x_of(x, y)
+        local = GLOBAL_BATCH // 2
+
+        def loss_of_rows(z, start, size, ys=ys):
+            return F.cross_entropy(z, ys[start : start + size])
+
+        kfac.adapt_damping(model, xs, loss_of_rows, before, 0.0, local, all_sum)
+        dampings.append((kfac.damping, kfac.adaptive.ratios[-1]))
+    return [p.detach().clone() for p in model.parameters()], dampings
+
+
+def _adaptive_worker(rank, world, store, out):
+    from bigbatch.optim.kfac.distributed import DistributedKFACPreconditioner
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    local = GLOBAL_BATCH // world
+
+    def all_sum(values):
+        t = torch.tensor(values, dtype=D)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def mine(x, y):
+        return x[rank * local : (rank + 1) * local], y[rank * local : (rank + 1) * local]
+
+    model = _model()
+    kfac = DistributedKFACPreconditioner(
+        model, adaptive_damping=True, adaptive_interval=1, **OPTIONS
+    )
+    result = _adaptive_run(model, kfac, lambda x, y: [(*mine(x, y), 1.0)], mine, all_sum)
+    torch.save(result, f"{out}/adaptive-{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_adaptive_damping_on_two_ranks_equals_one_process(tmp_path):
+    # rho from the ranks' loss and curvature sums over the global batch: the same damping moves.
+    mp.spawn(_adaptive_worker, args=(2, tmp_path / "store", tmp_path), nprocs=2)
+    model = _model()
+    kfac = KFACPreconditioner(model, adaptive_damping=True, adaptive_interval=1, **OPTIONS)
+    local = GLOBAL_BATCH // 2
+
+    def halves(x, y):
+        return [(x[s : s + local], y[s : s + local], 0.5) for s in (0, local)]
+
+    params, dampings = _adaptive_run(model, kfac, halves, lambda x, y: (x, y), lambda v: v)
+    assert len(set(dampings)) > 1  # it moved
+    for rank in range(2):
+        got_params, got_dampings = torch.load(tmp_path / f"adaptive-{rank}.pt")
+        for (got_damping, got_rho), (damping, rho) in zip(got_dampings, dampings):
+            assert got_damping == damping and got_rho == pytest.approx(rho, rel=1e-9)
+        for got, want in zip(got_params, params):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)

@@ -97,7 +97,7 @@ class AdaptiveDamping:
             for start in range(0, n, micro):
                 size = min(micro, n - start)
                 rows = x.narrow(0, start, size)
-                weight = size / n
+                weight = float(size)  # sums here; means over the global batch below
 
                 def logits_at(theta: dict[str, torch.Tensor], rows: torch.Tensor = rows) -> Any:
                     return functional_call(model, {**fixed, **theta}, (rows,))
@@ -115,7 +115,9 @@ class AdaptiveDamping:
                 loss_old += float(loss.detach()) * weight
                 loss_new += float(new) * weight
                 curvature += float((u * hu).sum()) * weight
-        loss_old, loss_new, curvature = all_sum([loss_old, loss_new, curvature])
+        # Each rank's sums over its examples, then the means over all ranks' examples.
+        loss_old, loss_new, curvature, total = all_sum([loss_old, loss_new, curvature, float(n)])
+        loss_old, loss_new, curvature = loss_old / total, loss_new / total, curvature / total
         step_sq = sum(float(d.pow(2).sum()) for d in delta.values())
         if step_sq == 0:
             return None
