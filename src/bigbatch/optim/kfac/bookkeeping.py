@@ -44,6 +44,10 @@ class PartTimes:
         self._events.clear()
 
 
+# Per-step fault masks held before they are summed into a count (bounded memory, few operations).
+FOLD_EVERY = 256
+
+
 class HealthCounters:
     """Cumulative counts of the run's faults. Those found on the device (non-finite statistics
     or updates) are added as device tensors and read only when the counters are."""
@@ -52,6 +56,7 @@ class HealthCounters:
         self.names = names
         self._host = dict.fromkeys(names, 0)
         self._device: dict[str, torch.Tensor] = {}
+        self._pending: dict[str, list[torch.Tensor]] = {}
 
     def add(self, name: str, n: int | torch.Tensor) -> None:
         if isinstance(n, torch.Tensor):
@@ -61,7 +66,22 @@ class HealthCounters:
         else:
             self._host[name] += n
 
+    def add_failures(self, name: str, ok: torch.Tensor) -> None:
+        """Count the False entries of the device mask ``ok`` when the counters are read (the
+        masks are kept until then, folded into one count every FOLD_EVERY of them)."""
+        pending = self._pending.setdefault(name, [])
+        pending.append(ok)
+        if len(pending) >= FOLD_EVERY:
+            self._fold(name)
+
+    def _fold(self, name: str) -> None:
+        pending = self._pending.pop(name, [])
+        if pending:
+            self.add(name, torch.cat([m.reshape(-1) for m in pending]).logical_not().sum())
+
     def read(self) -> dict[str, int]:
+        for name in list(self._pending):
+            self._fold(name)
         out = dict(self._host)
         for name, count in self._device.items():
             out[name] += int(count)
@@ -71,3 +91,4 @@ class HealthCounters:
         self._host = dict.fromkeys(self.names, 0)
         self._host.update({k: int(v) for k, v in saved.items() if k in self._host})
         self._device.clear()
+        self._pending.clear()

@@ -210,16 +210,15 @@ class KFACPreconditioner(FactorStatistics):
         # non-finite iff the solution is). Decided on the device: no host read.
         products = torch.stack([torch.dot(x.reshape(-1), v.reshape(-1)) for _, v, x in solved])
         finite = torch.isfinite(products)
-        self._count_nonfinite("nonfinite_updates", (finite == 0).sum())
-        nu = torch.ones((), dtype=products.dtype, device=products.device)
+        self._count_nonfinite("nonfinite_updates", finite)
         if self.kl_clip > 0 and lr is not None:
-            total = torch.where(finite, products, 0.0).sum() * lr**2
-            # Where the sum is not positive there is nothing to clip.
-            nu = torch.where(total > 0, (self.kl_clip / total).sqrt().clamp(max=1.0), nu)
-        for k, (state, v, x) in enumerate(solved):
+            # Non-finite layers left out; a zero sum gives kl / 0 = inf, which clamps to 1.
+            total = products.nan_to_num(0.0, 0.0, 0.0).sum().clamp_min(0.0)
+            nu = ((self.kl_clip / lr**2) / total).sqrt().clamp(max=1.0)
+            torch._foreach_mul_([x for _, _, x in solved], nu)
+        for ok, (state, v, x) in zip(finite.unbind(), solved):
             # A non-finite solution leaves the layer its raw gradient.
-            x.mul_(nu.to(x.dtype))
-            state.factors.set_grad_matrix(torch.where(finite[k], x, v, out=x))
+            state.factors.set_grad_matrix(torch.where(ok, x, v, out=x))
 
     # -- bookkeeping -----------------------------------------------------------------------------
     @property

@@ -218,7 +218,7 @@ class FactorStatistics:
         )
         counts = _as_device_vector([c for _, c in batch.values()], totals)
         finite = torch.isfinite(totals)
-        self._count_nonfinite("nonfinite_factors", (finite == 0).sum())
+        self._count_nonfinite("nonfinite_factors", finite)
         usable = finite & (counts > 0)
         fresh = [k for k, n in enumerate(names) if not self.layers[n].has_factors]
         first_usable = dict(zip(fresh, usable[fresh].tolist())) if fresh else {}
@@ -236,11 +236,13 @@ class FactorStatistics:
             # A decay of 1 and a zero batch keep the running factors bit for bit.
             state.update(means, torch.where(ok, keep * self.factor_decay, keep))
 
-    def _count_nonfinite(self, counter: str, n: torch.Tensor) -> None:
+    def _count_nonfinite(self, counter: str, finite: torch.Tensor) -> None:
+        """Count the False entries of ``finite`` (per layer) as faults, or under loss scaling
+        as this step's overflow (an fp16 overflow, which the GradScaler skips: no fault)."""
         if not self._scaled:
-            self.counters.add(counter, n)
-        else:  # an fp16 overflow, which the GradScaler skips: no fault
-            overflow = n > 0
+            self.counters.add_failures(counter, finite)
+        else:
+            overflow = ~finite.all()
             self._overflow = overflow if self._overflow is None else self._overflow | overflow
 
     def remove(self) -> None:
