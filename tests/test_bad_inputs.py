@@ -133,6 +133,17 @@ CASES: dict[str, tuple[Case, int, str]] = {
         "cannot wrap optimizer.name='kfac'",
     ),
     "negative sam_rho": (lambda ws: ws.train("optimizer.sam_rho=-0.1"), 2, "optimizer.sam_rho"),
+    "adaptive damping outside its bounds": (
+        lambda ws: ws.train("kfac.adaptive_damping=true", "kfac.max_damping=1e-3"),
+        2,
+        "within [min_damping, max_damping]",
+    ),
+    "unknown BatchNorm curvature": (lambda ws: ws.train('kfac.batchnorm="full"'), 2, "unit"),
+    "grad_worker_fraction above 1": (
+        lambda ws: ws.train("kfac.grad_worker_fraction=2"),
+        2,
+        "kfac.grad_worker_fraction",
+    ),
     "unknown optimizer": (lambda ws: ws.train('optimizer.name="larz"'), 2, "did you mean 'lars'"),
     "zero lars_trust": (lambda ws: ws.train("optimizer.lars_trust=0"), 2, "optimizer.lars_trust"),
     "beta2 of 1": (lambda ws: ws.train("optimizer.beta2=1.0"), 2, "optimizer.beta2"),
