@@ -222,19 +222,20 @@ class FactorStatistics:
         usable = finite & (counts > 0)
         fresh = [k for k, n in enumerate(names) if not self.layers[n].has_factors]
         first_usable = dict(zip(fresh, usable[fresh].tolist())) if fresh else {}
-        keep = torch.ones((), dtype=self.factor_dtype, device=totals.device)
+        # Per layer: a decay of 1 for an unusable batch (with zeros for its means) keeps the
+        # running factors bit for bit.
+        decay = torch.full_like(totals, self.factor_decay, dtype=self.factor_dtype)
+        decays = torch.where(usable, decay, 1.0)
+        examples = counts.clamp_min(1)
         for k, name in enumerate(names):
             state, ok = self.layers[name], usable[k]
-            means = {
-                key: torch.where(ok, t / counts[k].clamp_min(1), 0.0)
-                for key, t in batch[name][0].items()
-            }
+            sums = batch[name][0]
+            means = {key: torch.where(ok, t / examples[k], 0.0) for key, t in sums.items()}
             if not state.has_factors:
                 if first_usable[k]:
                     state.update(means, 0.0)
                 continue
-            # A decay of 1 and a zero batch keep the running factors bit for bit.
-            state.update(means, torch.where(ok, keep * self.factor_decay, keep))
+            state.update(means, decays[k])
 
     def _count_nonfinite(self, counter: str, finite: torch.Tensor) -> None:
         """Count the False entries of ``finite`` (per layer) as faults, or under loss scaling
