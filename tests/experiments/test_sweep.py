@@ -277,6 +277,21 @@ def test_shipped_sweep_config_loads():
     assert len(sweep.final_seeds) == 3 and 4 <= len(sweep.lr_factors) <= 6
 
 
+def _synthetic_base(train_limit):
+    """The [base] and [optimizers] tables of a tiny sweep on synthetic data."""
+    return f"""[base.data]
+format = "synthetic"
+train_limit = {train_limit}
+test_limit = 64
+[base.train]
+train_eval_examples = 0
+[base.runtime]
+progress = "off"
+[optimizers.sgd]
+optimizer = {{ name = "sgd", lr = 0.02 }}
+"""
+
+
 @pytest.mark.slow
 def test_sweep_end_to_end_on_synthetic_data(tmp_path, capsys):
     body = f"""[sweep]
@@ -289,17 +304,7 @@ flatness = true
 flatness_examples = 64
 flatness_lanczos_steps = 2
 flatness_trace_samples = 2
-[base.data]
-format = "synthetic"
-train_limit = 192
-test_limit = 64
-[base.train]
-train_eval_examples = 0
-[base.runtime]
-progress = "off"
-[optimizers.sgd]
-optimizer = {{ name = "sgd", lr = 0.02 }}
-"""
+""" + _synthetic_base(192)
     (tmp_path / "e2e.toml").write_text(body)
     assert cli_main(["sweep", str(tmp_path / "e2e.toml")]) == 0
     sweep = load_sweep(tmp_path / "e2e.toml")
@@ -331,17 +336,7 @@ target_accuracy = 0.99
 batch_sizes = [64]
 max_epochs = 2
 lr_factors = [1, 100000]
-[base.data]
-format = "synthetic"
-train_limit = 128
-test_limit = 64
-[base.train]
-train_eval_examples = 0
-[base.runtime]
-progress = "off"
-[optimizers.sgd]
-optimizer = {{ name = "sgd", lr = 0.02 }}
-"""
+""" + _synthetic_base(128)
     (tmp_path / "d.toml").write_text(body)
     sweep = load_sweep(tmp_path / "d.toml")
     (choice,) = run_sweep(sweep)
