@@ -15,15 +15,15 @@ kept within [min_damping, max_damping]. An update the model predicts to raise th
 non-finite rho, raises lambda; a zero update (a skipped fp16 step) leaves it.
 
 Cost per adaptation: one forward with a tangent (the JVP) and one plain forward on the batch, both
-without autograd (no K-FAC hook sees them) and without updating BatchNorm's running statistics; a
-few host reads.
+without autograd (no K-FAC hook sees them) and without updating BatchNorm's running statistics; one
+host read (and, with data parallelism, one all-reduce).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -32,6 +32,11 @@ from torch.func import functional_call, jvp
 
 # (logits of the rows start..start+size of the batch, start, size) -> their mean loss.
 LossOfRows = Callable[[torch.Tensor, int, int], torch.Tensor]
+
+
+def _total(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The sum of scalar tensors in float64, on their device."""
+    return torch.stack([t.double() for t in terms]).sum()
 
 
 @contextlib.contextmanager
@@ -91,13 +96,13 @@ class AdaptiveDamping:
         fixed = {n: p.detach() for n, p in params.items() if n not in old}
         params_now = {name: params[name].detach() for name in old}
         fixed.update({n: b.clone() for n, b in model.named_buffers()})
-        loss_old = loss_new = curvature = 0.0
+        # Sums over this rank's examples of the old and new loss and of delta^T F delta.
+        sums = torch.zeros(3, dtype=torch.float64, device=x.device)
         n = x.shape[0]
         with torch.autocast(x.device.type, enabled=False), _batch_statistics_only(model):
             for start in range(0, n, micro):
                 size = min(micro, n - start)
                 rows = x.narrow(0, start, size)
-                weight = float(size)  # sums here; means over the global batch below
 
                 def logits_at(theta: dict[str, torch.Tensor], rows: torch.Tensor = rows) -> Any:
                     return functional_call(model, {**fixed, **theta}, (rows,))
@@ -112,20 +117,23 @@ class AdaptiveDamping:
                     loss = loss_of_rows(z, start, size)
                     (grad_z,) = torch.autograd.grad(loss, z, create_graph=True)
                     (hu,) = torch.autograd.grad(grad_z, z, u)
-                loss_old += float(loss.detach()) * weight
-                loss_new += float(new) * weight
-                curvature += float((u * hu).sum()) * weight
+                terms = torch.stack([loss.detach(), new, (u * hu).sum()]).double()
+                sums += terms * size
+        norms = torch.stack(
+            [
+                _total(d.pow(2).sum() for d in delta.values()),
+                _total(t.pow(2).sum() for t in old.values()),
+                _total(p.pow(2).sum() for p in params_now.values()),
+                _total(((g + weight_decay * t) * delta[k]).sum() for k, (t, g) in before.items()),
+            ]
+        )
+        values = torch.cat([sums, norms]).tolist()  # the one host read of this analysis
+        step_sq, theta_sq_old, theta_sq_new, grad_dot = values[3:]
         # Each rank's sums over its examples, then the means over all ranks' examples.
-        loss_old, loss_new, curvature, total = all_sum([loss_old, loss_new, curvature, float(n)])
+        loss_old, loss_new, curvature, total = all_sum([*values[:3], float(n)])
         loss_old, loss_new, curvature = loss_old / total, loss_new / total, curvature / total
-        step_sq = sum(float(d.pow(2).sum()) for d in delta.values())
         if step_sq == 0:
             return None
-        theta_sq_old = sum(float(t.pow(2).sum()) for t in old.values())
-        theta_sq_new = sum(float((t + delta[k]).pow(2).sum()) for k, t in old.items())
-        grad_dot = sum(
-            float(((g + weight_decay * theta) * delta[k]).sum()) for k, (theta, g) in before.items()
-        )
         actual = loss_new - loss_old + weight_decay / 2 * (theta_sq_new - theta_sq_old)
         predicted = grad_dot + 0.5 * curvature + 0.5 * (damping + weight_decay) * step_sq
         return actual / predicted if predicted < 0 else float("nan")
