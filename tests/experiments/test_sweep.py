@@ -12,7 +12,7 @@ from bigbatch.cli import main as cli_main
 from bigbatch.errors import ConfigError
 from bigbatch.experiments.grid import run_status
 from bigbatch.experiments.sweep import Cell, load_sweep, run_sweep
-from bigbatch.experiments.sweep_results import write_report
+from bigbatch.experiments.sweep_results import sweep_budget, write_report
 from bigbatch.io import read_jsonl, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,6 +73,23 @@ def test_expansion_names_budgets_and_lr_grid(tmp_path):
     assert linear.scaled_lr(Cell("sgd", "none", 2048)) == pytest.approx(0.01 * 16)
     none = load_sweep(_sweep_file(tmp_path, "none"))
     assert none.scaled_lr(Cell("kfac", "none", 2048)) == pytest.approx(0.002)
+
+
+def test_each_optimizer_may_have_its_own_lr_scaling(tmp_path):
+    table = SWEEP.replace(
+        'lr_scaling = "{scaling}"', 'lr_scaling = {{ sgd = "linear", kfac = "none" }}'
+    )
+    sweep = load_sweep(_sweep_file(tmp_path, body=table))
+    assert sweep.scaled_lr(Cell("sgd", "none", 2048)) == pytest.approx(0.01 * 16)
+    assert sweep.scaled_lr(Cell("kfac", "mixup", 2048)) == pytest.approx(0.002)
+    assert "1 (linear) for sgd, 0 (none) for kfac" in sweep_budget(sweep, sweep.choices()).lr_rule
+    for bad, message in [
+        ('{{ sgd = "linear" }}', r"give a rule for each of \['kfac', 'sgd'\]"),
+        ('{{ sgd = "linear", kfac = "cube" }}', "'cube' for 'kfac'; choose one of linear"),
+    ]:
+        body = SWEEP.replace('lr_scaling = "{scaling}"', f"lr_scaling = {bad}")
+        with pytest.raises(ConfigError, match=message):
+            load_sweep(_sweep_file(tmp_path, body=body))
 
 
 def _fake(run, accs_steps, noise=None):

@@ -11,7 +11,7 @@ A sweep file is TOML:
     max_epochs = 30                  # the budget: one number, or per batch size {"128" = 20, ...}
     base_batch_size = 128            # the batch size each optimizer's lr is given at
     lr_scaling = "sqrt"              # lr(B) = lr * (B / base_batch_size)^p: linear 1, sqrt 0.5,
-                                     # none 0
+                                     # none 0; or per optimizer: { sgd = "sqrt", lars = "none" }
     lr_factors = [0.5, 1, 2, 4]      # the tuning grid: lr(B) times each factor
     tuning_seeds = [0]
     final_seeds = [0, 1, 2]          # the chosen lr on these (a tuning run of a seed is reused)
@@ -49,7 +49,7 @@ SWEEP_KEYS = {
     "batch_sizes": "e.g. [128, 512, 2048, 8192]",
     "max_epochs": 'the budget of a run, e.g. 30 or {"128" = 20, "8192" = 60}',
     "base_batch_size": "the batch size the optimizers' lr are given at, e.g. 128",
-    "lr_scaling": "linear, sqrt or none",
+    "lr_scaling": 'linear, sqrt or none, or one per optimizer: { sgd = "sqrt", lars = "none" }',
     "lr_factors": "the tuning grid around the scaled lr, e.g. [0.5, 1, 2, 4]",
     "tuning_seeds": "seeds of the tuning runs, e.g. [0]",
     "final_seeds": "seeds the chosen lr runs on, e.g. [0, 1, 2]",
@@ -90,7 +90,7 @@ class Sweep:
     batch_sizes: list[int]
     epochs: dict[int, int]  # the budget per batch size
     base_batch_size: int
-    lr_scaling: str
+    lr_scaling: dict[str, str]  # the rule per optimizer label
     lr_factors: list[float]
     tuning_seeds: list[int]
     final_seeds: list[int]
@@ -115,7 +115,7 @@ class Sweep:
 
     def scaled_lr(self, cell: Cell) -> float:
         """The optimizer's lr at the cell's batch size by the scaling rule (the grid's centre)."""
-        power = LR_SCALING[self.lr_scaling]
+        power = LR_SCALING[self.lr_scaling[cell.optimizer]]
         return self.base_lr(cell.optimizer) * (cell.batch_size / self.base_batch_size) ** power
 
     def run(self, cell: Cell, factor: float, seed: int) -> SweepRun:
@@ -297,9 +297,6 @@ def load_sweep(
             "lr_factors",
             f"is {factors!r}; give distinct positive numbers, e.g. [0.5, 1, 2, 4]",
         )
-    scaling = meta.get("lr_scaling", "sqrt")
-    if scaling not in LR_SCALING:
-        raise _fail(path, "lr_scaling", f"is {scaling!r}; choose one of {', '.join(LR_SCALING)}")
     base_batch = meta.get("base_batch_size", batch_sizes[0])
     if isinstance(base_batch, bool) or not isinstance(base_batch, int) or base_batch < 1:
         raise _fail(path, "base_batch_size", f"is {base_batch!r}; give a batch size, e.g. 128")
@@ -333,6 +330,7 @@ def load_sweep(
                 f"[optimizers.{label}] in '{path}' needs its learning rate at "
                 f'base_batch_size: optimizer = {{ name = "...", lr = 0.02 }}'
             )
+    scaling = _lr_scaling(meta.get("lr_scaling", "sqrt"), list(optimizers), path)
     smoothing = _variants(raw.get("smoothing", {"none": {}}), "smoothing", path) or {"none": {}}
     name = meta.get("name", path.stem)
     sweep = Sweep(
@@ -365,6 +363,22 @@ def load_sweep(
             "4 digits; space the factors further apart",
         )
     return sweep
+
+
+def _lr_scaling(value: Any, labels: list[str], path: Path) -> dict[str, str]:
+    """One rule for every optimizer, or a table naming each optimizer's rule."""
+    rules = value if isinstance(value, dict) else dict.fromkeys(labels, value)
+    if set(rules) != set(labels):
+        raise _fail(
+            path, "lr_scaling", f"names {sorted(rules)}; give a rule for each of {sorted(labels)}"
+        )
+    for label, rule in rules.items():
+        if rule not in LR_SCALING:
+            where = "" if not isinstance(value, dict) else f" for '{label}'"
+            raise _fail(
+                path, "lr_scaling", f"is {rule!r}{where}; choose one of {', '.join(LR_SCALING)}"
+            )
+    return {label: rules[label] for label in labels}
 
 
 def chosen_run(sweep: Sweep, choice: Choice) -> SweepRun | None:

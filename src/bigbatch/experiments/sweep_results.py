@@ -52,7 +52,6 @@ def collect_cells(sweep: Sweep, choices: list[Choice]) -> list[CellRuns]:
 def sweep_budget(sweep: Sweep, choices: list[Choice]) -> Budget:
     tuning = {r.config.run.name for r in sweep.tuning_runs()}
     finals = {r.config.run.name for r in sweep.final_runs(choices)}
-    power = LR_SCALING[sweep.lr_scaling]
     notes = []
     waiting = sum(not c.has_data for c in choices)
     if waiting:
@@ -67,8 +66,10 @@ def sweep_budget(sweep: Sweep, choices: list[Choice]) -> Budget:
     if not sweep.rerun_unreached:
         notes.append("Cells whose every lr missed the target are not rerun (rerun_unreached).")
     return Budget(
-        lr_rule=f"lr(B) = lr0 (B / {sweep.base_batch_size})^{power:g} ({sweep.lr_scaling}) x "
-        "factor",
+        lr_rule=f"lr(B) = lr0 (B / {sweep.base_batch_size})^p x factor, p = "
+        + ", ".join(
+            f"{LR_SCALING[rule]:g} ({rule}) for {label}" for label, rule in sweep.lr_scaling.items()
+        ),
         lr_factors=sweep.lr_factors,
         base_lrs={k: sweep.base_lr(k) for k in sweep.optimizers},
         tuning_seeds=sweep.tuning_seeds,
