@@ -54,3 +54,13 @@ def stop_advice(files: RunDirectory | None, run_dir: Path) -> str:
         "no checkpoint was written yet. Lower optimizer.lr (or raise kfac.damping / add "
         "warm-up) and run again"
     )
+
+
+def epoch_summary(row: dict[str, Any]) -> str:
+    """The line printed after each epoch when progress is shown."""
+    noise = row.get("grad_noise_scale")
+    return (
+        f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
+        f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.4f} | {row['epoch_time']:.1f}s "
+        f"({row['images_per_sec']:.0f} img/s)" + (f" | B_simple {noise:.0f}" if noise else "")
+    )

@@ -30,7 +30,7 @@ from bigbatch.train.checkpoint import (
     read_checkpoint,
 )
 from bigbatch.train.distributed import ParallelContext, resolve_device
-from bigbatch.train.health import diverged, progress_enabled, stop_advice
+from bigbatch.train.health import diverged, epoch_summary, progress_enabled, stop_advice
 from bigbatch.train.noise_scale import NoiseScaleProbe, split_keeps_the_maths
 from bigbatch.train.rundir import RunDirectory
 from bigbatch.train.sam import SAM
@@ -311,7 +311,7 @@ class Trainer:
                     files.commit()
                 write_jsonl(files.path / "metrics.jsonl", rows)
                 if show:
-                    tqdm.write(_epoch_summary(row))
+                    tqdm.write(epoch_summary(row))
         return rows
 
     def train_epoch(self, epoch: int, step: int = 0, show: bool = False) -> dict[str, Any]:
@@ -392,12 +392,3 @@ class Trainer:
             "images_per_sec": seen / elapsed,
             **self.noise.epoch_metrics(),
         }
-
-
-def _epoch_summary(row: dict[str, Any]) -> str:
-    noise = row.get("grad_noise_scale")
-    return (
-        f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
-        f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.4f} | {row['epoch_time']:.1f}s "
-        f"({row['images_per_sec']:.0f} img/s)" + (f" | B_simple {noise:.0f}" if noise else "")
-    )
