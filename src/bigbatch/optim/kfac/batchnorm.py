@@ -94,10 +94,9 @@ class BatchNormFactors:
         assert self.module.weight.grad is not None and self.module.bias.grad is not None
         return torch.stack([self.module.weight.grad, self.module.bias.grad], 1)
 
-    def set_grad_matrix(self, m: torch.Tensor) -> None:
+    def grad_parts(self, m: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         assert self.module.weight.grad is not None and self.module.bias.grad is not None
-        self.module.weight.grad.copy_(m[:, 0])
-        self.module.bias.grad.copy_(m[:, 1])
+        return [(self.module.weight.grad, m[:, 0]), (self.module.bias.grad, m[:, 1])]
 
 
 def solve_2x2(blocks: torch.Tensor, v: torch.Tensor, damping: float) -> torch.Tensor:

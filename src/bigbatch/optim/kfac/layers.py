@@ -150,12 +150,15 @@ class LayerFactors:
             w = torch.cat([w, bias_grad.reshape(-1, 1)], dim=1)
         return w
 
-    def set_grad_matrix(self, m: torch.Tensor) -> None:
+    def grad_parts(self, m: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(gradient tensor, the view of m that goes into it) for each of the layer's parameters;
+        the views copy nothing, so one foreach copy can write every layer's gradients."""
         weight_grad, bias_grad = self._grads()
+        parts = []
         if bias_grad is not None:
-            bias_grad.copy_(m[:, -1])
+            parts.append((bias_grad, m[:, -1]))
             m = m[:, :-1]
-        weight_grad.copy_(m.reshape(weight_grad.shape))
+        return [(weight_grad, m.reshape(weight_grad.shape)), *parts]
 
     def has_grad(self) -> bool:
         bias = self.module.bias

@@ -216,9 +216,12 @@ class KFACPreconditioner(FactorStatistics):
             total = products.nan_to_num(0.0, 0.0, 0.0).sum().clamp_min(0.0)
             nu = ((self.kl_clip / lr**2) / total).sqrt().clamp(max=1.0)
             torch._foreach_mul_([x for _, _, x in solved], nu)
+        parts = []
         for ok, (state, v, x) in zip(finite.unbind(), solved):
             # A non-finite solution leaves the layer its raw gradient.
-            state.factors.set_grad_matrix(torch.where(ok, x, v, out=x))
+            parts += state.factors.grad_parts(torch.where(ok, x, v, out=x))
+        grads, sources = zip(*parts)
+        torch._foreach_copy_(list(grads), list(sources))
 
     # -- bookkeeping -----------------------------------------------------------------------------
     @property
