@@ -2,7 +2,8 @@
 
 For LeNet-5 on CIFAR-10 at batch 128 and 2048:
   * epochs: bigbatch Trainer epochs with SGD and with K-FAC at its default intervals (statistics
-    every 10 steps, eigendecompositions every 100), interleaved after a warm-up epoch each; mean
+    every 10 steps, eigendecompositions every 100; also with inverse_method = inverse),
+    interleaved after a warm-up epoch each; mean
     epoch time, so that the periodic eigendecompositions count at their amortized rate, and
     K-FAC's per-part seconds per epoch from kfac.metrics();
   * steps: per-step times of plain SGD (the floor), bigbatch K-FAC with its default damping
@@ -37,23 +38,33 @@ from common import DEFAULT_DATA, bar, header, make_trainer, page_faults, ratio, 
 
 BATCHES = (128, 2048)
 PARTS = ("statistics", "eigendecomposition", "preconditioning")
+# The epochs table: SGD, K-FAC's default exact (eigenbasis) solve, and its factored-Tikhonov
+# inverses, which take two products per layer and step instead of four.
+EPOCH_VARIANTS = {
+    "sgd": ["optimizer.name=sgd"],
+    "kfac": ["optimizer.name=kfac"],
+    "kfac-inverse": ["optimizer.name=kfac", "kfac.inverse_method=inverse"],
+}
+EPOCH_LABELS = {
+    "sgd": "SGD",
+    "kfac": "K-FAC defaults (10/100)",
+    "kfac-inverse": "K-FAC, inverse_method = inverse",
+}
 STEP_IMPLEMENTATIONS = ("sgd", "bigbatch-inverse", "bigbatch", "asdl")
 
 
 def compare_epochs(args: argparse.Namespace, ds: ImageDataset) -> None:
     batches = [b for b in BATCHES if b <= ds.num_train]
     rows = []
-    progress = bar(len(batches) * 2 * (args.epochs + 1), "epochs")
+    progress = bar(len(batches) * len(EPOCH_VARIANTS) * (args.epochs + 1), "epochs")
     with tempfile.TemporaryDirectory() as out:
         for batch in batches:
             trainers = {
-                name: make_trainer(
-                    args.data, ds, batch, out, f"{name}{batch}", [f"optimizer.name={name}"]
-                )
-                for name in ("sgd", "kfac")
+                name: make_trainer(args.data, ds, batch, out, f"{name}{batch}", overrides)
+                for name, overrides in EPOCH_VARIANTS.items()
             }
             times: dict[str, list[float]] = {name: [] for name in trainers}
-            parts: list[dict[str, float]] = []
+            parts: dict[str, list[dict[str, float]]] = {name: [] for name in trainers}
             for e in range(args.epochs + 1):
                 for name, trainer in trainers.items():
                     if trainer.kfac is not None:
@@ -64,15 +75,18 @@ def compare_epochs(args: argparse.Namespace, ds: ImageDataset) -> None:
                         continue  # warm-up (oneDNN primitives, the first decomposition)
                     times[name].append(seconds)
                     if trainer.kfac is not None:
-                        parts.append(trainer.kfac.metrics())
+                        parts[name].append(trainer.kfac.metrics())
             sgd = statistics.mean(times["sgd"])
-            kfac = statistics.mean(times["kfac"])
-            per_part = [statistics.mean(p[f"kfac_{k}_time"] for p in parts) for k in PARTS]
-            rows.append([batch, "SGD", f"{sgd:.2f}", "1.00x", "", "", ""])
-            rows.append(
-                [batch, "K-FAC defaults (10/100)", f"{kfac:.2f}", ratio(kfac, sgd)]
-                + [f"{s:.2f}" for s in per_part]
-            )
+            rows.append([batch, EPOCH_LABELS["sgd"], f"{sgd:.2f}", "1.00x", "", "", ""])
+            for name in ("kfac", "kfac-inverse"):
+                seconds = statistics.mean(times[name])
+                per_part = [
+                    statistics.mean(p[f"kfac_{k}_time"] for p in parts[name]) for k in PARTS
+                ]
+                rows.append(
+                    [batch, EPOCH_LABELS[name], f"{seconds:.2f}", ratio(seconds, sgd)]
+                    + [f"{s:.2f}" for s in per_part]
+                )
     progress.close()
     print(
         f"Trainer epochs, {ds.num_train} training images: mean of {args.epochs} interleaved epochs "
