@@ -353,6 +353,11 @@ CASES: dict[str, tuple[Case, int, str]] = {
         2,
         "target_accuracy",
     ),
+    "study flatness distance not positive": (
+        lambda ws: _study(ws, "flatness = true\nflatness_distance = -0.1"),
+        2,
+        "flatness_distance",
+    ),
     "study without runs": (
         lambda ws: ["reproduce", ws.file("s.toml", '[study]\nname = "s"\n')],
         2,

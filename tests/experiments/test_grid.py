@@ -19,6 +19,9 @@ def test_paper_config_is_the_seed_table():
     study = load_study(ROOT / "configs" / "paper.toml")
     runs = {r.config.run.name: r.config for r in study.runs}
     assert len(runs) == 8
+    # One seed unless --seeds asks for more; every run's flatness analysed after training.
+    assert study.seeds == [0] and study.flatness is not None and study.flatness.distance == 0.1
+    assert len(load_study(ROOT / "configs" / "paper.toml", seeds=[0, 1, 2]).runs) == 24
     expected_lr = {
         "sb-sgd": 1e-3,
         "lb-sgd": 5e-3,

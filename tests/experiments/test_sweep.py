@@ -338,7 +338,10 @@ flatness_trace_samples = 2
             (sweep.run(choice.cell, choice.factor, 0).run_dir / "sharpness.json").read_text()
         )
         assert result["settings"]["examples"] == 64 and result["settings"]["lanczos_steps"] == 2
+        flat = sweep.run(choice.cell, choice.factor, 0).run_dir / "flatness_1d.json"
+        assert json.loads(flat.read_text())["settings"]["train_examples"] == 64
     assert "## Flatness of each cell's solution" in report.read_text()
+    assert "| 1-D loss rise |" in report.read_text()
     capsys.readouterr()
     assert cli_main(["sweep", str(tmp_path / "e2e.toml")]) == 0  # everything is skipped
     out = capsys.readouterr().out

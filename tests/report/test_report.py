@@ -6,46 +6,13 @@ import math
 from pathlib import Path
 
 import pytest
+from fake_runs import fake_run as _fake_run
 
 from bigbatch.config import Config
 from bigbatch.experiments.grid import load_study
-from bigbatch.io import write_jsonl
 from bigbatch.report.report import aggregate, degradation, load_run, summarize, write_report
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _fake_run(
-    root: Path,
-    name: str,
-    optimizer: str,
-    batch: int,
-    mixup: float,
-    accs: list[float],
-    seed: int = 0,
-):
-    cfg = Config()
-    cfg.run.name, cfg.run.seed = name, seed
-    cfg.optimizer.name, cfg.train.batch_size, cfg.augment.mixup_alpha = optimizer, batch, mixup
-    run = root / name
-    run.mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
-    steps = 50000 // batch
-    rows = [
-        {
-            "epoch": e + 1,
-            "step": (e + 1) * steps,
-            "train_time": 10.0 * (e + 1),
-            "test_acc": a,
-            "test_loss": 2 - a,
-            "train_acc": a + 0.1,
-            "train_eval_acc": a + 0.2,
-            "train_loss": 1.5 - a,
-        }
-        for e, a in enumerate(accs)
-    ]
-    write_jsonl(run / "metrics.jsonl", rows)
-    return run
 
 
 def test_report_from_fake_runs(tmp_path):
@@ -62,7 +29,7 @@ def test_report_from_fake_runs(tmp_path):
         results, tmp_path / "report", title="T", target=0.5, command="bigbatch reproduce x"
     )
     text = report.read_text()
-    assert "| sb-sgd | SGD | 128 | none |" in text
+    assert "| sb-sgd | 1 | SGD | 128 | none |" in text
     deg = {
         (d["optimizer"], d["smoothed"]): d
         for d in degradation(aggregate([summarize(r, 0.5) for r in results]))
@@ -85,7 +52,7 @@ def test_report_from_fake_runs(tmp_path):
     )
     results[5] = load_run(tmp_path / "runs" / "lb-kfac")
     text = write_report(results, tmp_path / "report", title="T", target=0.5).read_text()
-    assert "| lb-kfac | 12.5 | 80 | 4.25 |" in text
+    assert "| lb-kfac | 12.5 | 80 | 4.25 | - |" in text
     # Without a study's figures: one comparison of all runs, no SB/LB labels.
     pngs = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
     assert pngs == ["test_vs_epoch_all.png", "test_vs_step_all.png", "test_vs_time_all.png"]
@@ -120,6 +87,25 @@ def test_report_seed_mean_and_spread(tmp_path):
     assert math.isnan(agg[0]["epochs_to_target"])
     text = write_report(results, tmp_path / "r", title="T", target=0.9).read_text()
     assert "65.00 ± 7.07" in text
+    assert "| a | 0 of 2 | - | - | - |" in text  # time to target: no seed reached it
+    assert "None can be tested on these runs" in text  # one config: no claim to test
+
+
+def test_degradation_spread_is_a_welch_interval(tmp_path):
+    accs = {128: [0.60, 0.62], 2048: [0.50, 0.54]}
+    results = [
+        load_run(_fake_run(tmp_path, f"b{b}-s{s}", "sgd", b, 0.0, [a], seed=s), label=f"b{b}")
+        for b, finals in accs.items()
+        for s, a in enumerate(finals)
+    ]
+    summaries = [summarize(r, 0.5) for r in results]
+    (row,) = degradation(aggregate(summaries), summaries)
+    # Variances 0.0002 and 0.0008 over 2 seeds each: var = 0.0005, Welch dof
+    # 0.0005^2 / (0.0001^2 + 0.0004^2) = 1.47, rounded down to 1: t = 12.706.
+    assert row["degradation"] == pytest.approx(0.09)
+    assert row["degradation_ci95"] == pytest.approx(12.706 * math.sqrt(0.0005))
+    text = write_report(results, tmp_path / "r", title="T", target=0.5).read_text()
+    assert "| 61.00 ± 1.41 | 52.00 ± 2.83 | 9.00 ± 28.41 |" in text
 
 
 def test_lars_and_sam_are_named_in_the_report():

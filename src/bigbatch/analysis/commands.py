@@ -209,24 +209,16 @@ def landscape(
     curves = []
     for run in runs:
         t0 = time.perf_counter()
-        directions = [random_direction(run.model, seed, normalization)]
-        if two_d:
-            directions.append(random_direction(run.model, seed + 1, normalization))
-            grid: list[tuple[float, ...]] = [(a, b) for b in alphas for a in alphas]
-        else:
-            grid = [(a,) for a in alphas]
-        bar = _bar(
-            _batch_count(run, train_examples, test_examples, batch_size),
-            f"landscape {run.run_dir.name}",
+        rows = random_landscape(
+            run,
+            alphas,
+            2 if two_d else 1,
+            normalization,
+            seed,
+            train_examples,
+            test_examples,
+            batch_size,
         )
-        rows = evaluate_along(
-            run.model,
-            directions,
-            grid,
-            _datasets(run, train_examples, test_examples, batch_size),
-            bar.update,
-        )
-        bar.close()
         base = run.run_dir / "landscape" / name
         meta = {
             **settings,
@@ -260,6 +252,37 @@ def landscape(
         )
         written.append(overlay)
     return written
+
+
+def random_landscape(
+    run: TrainedRun,
+    alphas: list[float],
+    dims: int,
+    normalization: str,
+    seed: int,
+    train_examples: int,
+    test_examples: int,
+    batch_size: int,
+) -> list[dict[str, float]]:
+    """Loss and accuracy on both splits along ``dims`` (1 or 2) seeded random directions
+    (seeds ``seed``, ``seed + 1``) at every coefficient in ``alphas`` (a grid in 2-D)."""
+    directions = [random_direction(run.model, seed + k, normalization) for k in range(dims)]
+    grid: list[tuple[float, ...]] = (
+        [(a,) for a in alphas] if dims == 1 else [(a, b) for b in alphas for a in alphas]
+    )
+    bar = _bar(
+        _batch_count(run, train_examples, test_examples, batch_size),
+        f"landscape {run.run_dir.name}",
+    )
+    rows = evaluate_along(
+        run.model,
+        directions,
+        grid,
+        _datasets(run, train_examples, test_examples, batch_size),
+        bar.update,
+    )
+    bar.close()
+    return rows
 
 
 def _require(ok: bool, option: str, message: str) -> None:

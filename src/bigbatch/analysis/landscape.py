@@ -200,3 +200,13 @@ def evaluate_along(
 
 def linspace(start: float, stop: float, num: int) -> list[float]:
     return [float(v) for v in torch.linspace(start, stop, num, dtype=torch.float64)]
+
+
+def mean_rise(rows: Sequence[dict[str, float]], distance: float, key: str = "train_loss") -> float:
+    """(f(-d) + f(d)) / 2 - f(0) of a 1-D curve (rows with ``c0`` and ``key``, as evaluate_along
+    returns them): how far ``key`` rises at distance ``d`` on both sides of the solution."""
+    at = {row["c0"]: row[key] for row in rows}
+    missing = [a for a in (-distance, 0.0, distance) if a not in at]
+    if missing:
+        raise ValueError(f"the curve has no point at a = {missing}; evaluate it at -d, 0 and d")
+    return (at[-distance] + at[distance]) / 2 - at[0.0]

@@ -2,7 +2,8 @@
 
 A study file is TOML with three parts:
 
-    [study]                  name, output_dir, seeds = [0, 1], target_accuracy = 0.5
+    [study]                  name, output_dir, seeds = [0, 1], target_accuracy = 0.5,
+                             flatness = true (and its settings: experiments/flatness.py)
     [base]                   config sections shared by every run,
                              e.g. [base.optimizer] momentum = 0.9
     [[runs]]                 one table per run: name = "...", then config sections as inline tables,
@@ -11,7 +12,8 @@ A study file is TOML with three parts:
                              e.g. "augment.label_smoothing" = [0.0, 0.1]
 
 Each run's config is base <- run <- grid point <- seed <- command-line overrides, validated like a
-``bigbatch train`` config before anything starts.
+``bigbatch train`` config before anything starts. With ``flatness = true``, every run is analysed
+after training (Hessian, epsilon-sharpness, 1-D loss rise), for the report's flatness claim.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ from bigbatch.config import (
     validate,
 )
 from bigbatch.errors import BigbatchError, ConfigError, DivergedError, TrainingError
+from bigbatch.experiments.flatness import (
+    FLATNESS_KEYS,
+    FlatnessSettings,
+    analyse_runs,
+    parse_flatness,
+)
 from bigbatch.io import read_jsonl
 from bigbatch.report.report import Figure
 from bigbatch.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
@@ -50,6 +58,7 @@ STUDY_KEYS = {
     "description",
     "figures",
     "large_batch_from",
+    *FLATNESS_KEYS,
 }
 
 
@@ -64,6 +73,7 @@ class Study:
     # The report's comparison plots and the batch size from which a run counts as large.
     figures: list[Figure] = field(default_factory=list)
     large_batch_from: int | None = None
+    flatness: FlatnessSettings | None = None  # the analysis after training, None when off
 
 
 @dataclass
@@ -107,6 +117,7 @@ def load_study(
         seeds=list(seeds or meta.get("seeds", [0])),
         target_accuracy=_target_accuracy(meta.get("target_accuracy", 0.5), path),
         description=meta.get("description", ""),
+        flatness=parse_flatness(meta, "study", path),
     )
     study.figures = _figures(meta.get("figures", []), path)
     large = meta.get("large_batch_from")
@@ -284,9 +295,21 @@ def _stop_on_sigterm(signum: int, frame: Any) -> None:
 
 
 def run_study(study: Study, jobs: int = 1) -> list[StudyRun]:
-    """Run every run of the study (see ``train_runs``)."""
-    train_runs(study.runs, jobs)
+    """Run every run of the study (see ``train_runs``), then the flatness analysis of each
+    finished one when the study asks for it (in this process, one run after another); when runs
+    failed, those that finished are still analysed before the error is raised."""
+    try:
+        train_runs(study.runs, jobs)
+    except TrainingError:
+        _analyse(study)
+        raise
+    _analyse(study)
     return study.runs
+
+
+def _analyse(study: Study) -> None:
+    if study.flatness is not None:
+        analyse_runs([r for r in study.runs if run_status(r) == "done"], study.flatness)
 
 
 def train_runs(

@@ -16,7 +16,8 @@ A sweep file is TOML:
     tuning_seeds = [0]
     final_seeds = [0, 1, 2]          # the chosen lr on these (a tuning run of a seed is reused)
     rerun_unreached = false          # rerun cells whose best lr never reached the target too
-    flatness = false                 # Hessian and epsilon-sharpness of each cell's chosen run
+    flatness = false                 # Hessian, sharpness and 1-D loss rise of each cell's
+                                     # chosen run (settings: experiments/flatness.py)
     [base]                           # config shared by every run, as a study's [base]
     [optimizers.sgd]                 # one table per optimizer: config sections, with its lr
     optimizer = { name = "sgd", lr = 0.02 }
@@ -36,6 +37,12 @@ from typing import Any
 from bigbatch.config import deep_merge, read_toml
 from bigbatch.config.checks import suggest
 from bigbatch.errors import ConfigError
+from bigbatch.experiments.flatness import (
+    FLATNESS_KEYS,
+    FlatnessSettings,
+    analyse_runs,
+    parse_flatness,
+)
 from bigbatch.experiments.grid import StudyRun, run_config, train_runs
 from bigbatch.experiments.tuning import DIVERGED_FILE, Choice, choose_lr
 from bigbatch.io import atomic_write_text
@@ -54,10 +61,7 @@ SWEEP_KEYS = {
     "tuning_seeds": "seeds of the tuning runs, e.g. [0]",
     "final_seeds": "seeds the chosen lr runs on, e.g. [0, 1, 2]",
     "rerun_unreached": "true: rerun cells that never reached the target too",
-    "flatness": "true: Hessian and sharpness of each cell's chosen run",
-    "flatness_examples": "training examples of the flatness analysis, e.g. 2000",
-    "flatness_lanczos_steps": "Lanczos iterations for the top Hessian eigenvalue, e.g. 10",
-    "flatness_trace_samples": "Hutchinson samples for the Hessian trace, e.g. 10",
+    **FLATNESS_KEYS,
     "description": "a paragraph for the report",
 }
 TABLES = ("sweep", "base", "optimizers", "smoothing")
@@ -99,7 +103,7 @@ class Sweep:
     smoothing: dict[str, dict[str, Any]]
     overrides: list[str] = field(default_factory=list)
     rerun_unreached: bool = False
-    flatness: dict[str, int] | None = None  # the analysis settings, or None when off
+    flatness: FlatnessSettings | None = None  # the analysis settings, or None when off
     description: str = ""
 
     def cells(self) -> list[Cell]:
@@ -179,9 +183,8 @@ def run_sweep(sweep: Sweep, jobs: int = 1) -> list[Choice]:
     print(f"phase 2: {len(finals)} runs of the chosen learning rates", flush=True)
     _train_phase(finals, jobs)
     if sweep.flatness is not None:
-        from bigbatch.experiments.flatness import analyse_chosen_runs
-
-        analyse_chosen_runs(sweep, choices)
+        chosen = [chosen_run(sweep, c) for c in choices]
+        analyse_runs([r for r in chosen if r is not None], sweep.flatness)
     return choices
 
 
@@ -300,19 +303,10 @@ def load_sweep(
     base_batch = meta.get("base_batch_size", batch_sizes[0])
     if isinstance(base_batch, bool) or not isinstance(base_batch, int) or base_batch < 1:
         raise _fail(path, "base_batch_size", f"is {base_batch!r}; give a batch size, e.g. 128")
-    for key in ("rerun_unreached", "flatness"):
-        if not isinstance(meta.get(key, False), bool):
-            raise _fail(path, key, f"must be true or false, got {meta[key]!r}")
-    flatness = None
-    if meta.get("flatness", False):
-        flatness = {
-            "examples": meta.get("flatness_examples", 2000),
-            "lanczos_steps": meta.get("flatness_lanczos_steps", 10),
-            "trace_samples": meta.get("flatness_trace_samples", 10),
-        }
-        for key, value in flatness.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise _fail(path, f"flatness_{key}", f"is {value!r}; give an integer >= 1")
+    if not isinstance(meta.get("rerun_unreached", False), bool):
+        raise _fail(
+            path, "rerun_unreached", f"must be true or false, got {meta['rerun_unreached']!r}"
+        )
     optimizers = _variants(raw.get("optimizers", {}), "optimizers", path)
     if not optimizers:
         raise ConfigError(
@@ -350,7 +344,7 @@ def load_sweep(
         smoothing=smoothing,
         overrides=list(overrides),
         rerun_unreached=meta.get("rerun_unreached", False),
-        flatness=flatness,
+        flatness=parse_flatness(meta, "sweep", path),
         description=str(meta.get("description", "")),
     )
     runs = sweep.tuning_runs()  # builds and validates every config

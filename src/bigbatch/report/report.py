@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from bigbatch.report.claims import claims_section, evaluate_claims
 from bigbatch.report.figures import X_AXES, Figure, figure_runs, plot_comparison
 from bigbatch.report.plots import plot_noise_scale
 from bigbatch.report.results import RunResult, aggregate, degradation, load_run, summarize
@@ -23,6 +24,15 @@ __all__ = [
     "summarize",
     "write_report",
 ]
+
+
+TO_TARGET = ("epochs_to_target", "updates_to_target", "time_to_target_s")
+FLATNESS_NOTE = (
+    "Hessian numbers and epsilon-sharpness: `sharpness.json` (`bigbatch sharpness`, or the study's "
+    "`flatness = true`); 1-D loss rise: the train loss's mean rise at |a| = d on both sides along "
+    "a filter-normalized random direction, (L(-d) + L(d)) / 2 - L(0), d = the study's "
+    "`flatness_distance` (`flatness_1d.json` and its plot in each run directory)."
+)
 
 
 def write_report(
@@ -42,8 +52,9 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     summaries = [summarize(r, target) for r in runs]
     agg = aggregate(summaries)
-    deg = degradation(agg)
+    deg = degradation(agg, summaries)
     multi_seed = any(a["seeds"] > 1 for a in agg)
+    claims_md, claims_rows = claims_section(*evaluate_claims(summaries, target))
 
     plots = []
     for figure, members in figure_runs(runs, figures or []):
@@ -61,12 +72,20 @@ def write_report(
         md += [f"Made by `{command}`.", ""]
     if notes:
         md += [notes, ""]
+    md += claims_md
     md += ["## Runs", ""]
+    if multi_seed:
+        md += [
+            "Numbers of a run label are the mean ± sample std over its seeds; differences "
+            "are ± the half-width of a 95% Welch interval.",
+            "",
+        ]
     seeds_note = " (mean ± std over seeds)" if multi_seed else ""
     md.append(
         markdown_table(
             [
                 "run",
+                "seeds",
                 "optimizer",
                 "batch",
                 "smoothing",
@@ -82,6 +101,7 @@ def write_report(
             [
                 [
                     a["label"],
+                    str(a["seeds"]),
                     a["optimizer"],
                     str(a["batch_size"]),
                     a["smoothing"],
@@ -90,9 +110,9 @@ def write_report(
                     str(a["updates"]),
                     fmt(a["final_test_acc"], True, a["final_test_acc_std"]),
                     fmt(a["best_test_acc"], True, a["best_test_acc_std"]),
-                    fmt(a["final_train_acc"], True),
+                    fmt(a["final_train_acc"], True, a["final_train_acc_std"]),
                     fmt(a["generalization_gap"], True, a["generalization_gap_std"]),
-                    fmt(a["train_time_s"]),
+                    fmt(a["train_time_s"], std=a["train_time_s_std"]),
                 ]
                 for a in agg
             ],
@@ -108,26 +128,30 @@ def write_report(
     md += [f"## Time to {100 * target:g}% test accuracy", ""]
     md.append(
         markdown_table(
-            ["run", "epochs", "updates", "train time s"],
+            ["run", "seeds reaching it", "epochs", "updates", "train time s"],
             [
                 [
                     a["label"],
-                    fmt(a["epochs_to_target"]),
-                    fmt(a["updates_to_target"]),
-                    fmt(a["time_to_target_s"]),
+                    f"{a['seeds_reaching_target']} of {a['seeds']}",
+                    *(fmt(a[k], std=a[f"{k}_std"]) for k in TO_TARGET),
                 ]
                 for a in agg
             ],
         )
     )
-    md += ["", "`-`: the run never reached the target.", ""]
+    md += [
+        "",
+        "`-`: no seed reached the target; otherwise means and spreads are over the seeds that did.",
+        "",
+    ]
     if deg:
         md += [
             "## Large-batch degradation",
             "",
             "Small-batch minus large-batch final test accuracy, per optimizer and smoothing; the "
-            "last "
-            "column is how many points smoothing removes from the unsmoothed degradation.",
+            "last column is how many points smoothing removes from the unsmoothed degradation. "
+            "With several seeds, accuracies are ± std and differences ± the half-width of a 95% "
+            "Welch interval.",
             "",
         ]
         md.append(
@@ -149,20 +173,21 @@ def write_report(
                         d["smoothing"],
                         str(d["small_batch"]),
                         str(d["large_batch"]),
-                        fmt(d["small_batch_test_acc"], True),
-                        fmt(d["large_batch_test_acc"], True),
-                        fmt(d["degradation"], True),
-                        fmt(d["best_degradation"], True),
-                        fmt(d["reduction_by_smoothing"], True),
+                        fmt(d["small_batch_test_acc"], True, d["small_batch_test_acc_std"]),
+                        fmt(d["large_batch_test_acc"], True, d["large_batch_test_acc_std"]),
+                        fmt(d["degradation"], True, d["degradation_ci95"]),
+                        fmt(d["best_degradation"], True, d["best_degradation_ci95"]),
+                        fmt(d["reduction_by_smoothing"], True, d["reduction_by_smoothing_ci95"]),
                     ]
                     for d in deg
                 ],
             )
         )
         md.append("")
-    if any("hessian_top_eigenvalue" in s for s in summaries):
+    if any("hessian_top_eigenvalue" in s or "loss_rise_1d" in s for s in summaries):
         md += ["## Flatness", ""]
-        md += [flatness_table(summaries, "run"), ""]
+        md += [flatness_table(agg, "label"), ""]
+        md += [FLATNESS_NOTE, ""]
     md += ["## Plots", ""]
     for group_title, x_axis, name in plots:
         md += [f"### {group_title}, against {X_AXES[x_axis][1]}", "", f"![{name}]({name})", ""]
@@ -180,5 +205,6 @@ def write_report(
             ("summary.csv", "every number above, one row per run and seed", summaries),
             ("aggregate.csv", "one row per run label (means and std over seeds)", agg),
             ("degradation.csv", "the large-batch degradation table", deg),
+            ("claims.csv", "each claim's settings: difference, interval, verdict", claims_rows),
         ],
     )

@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bigbatch.analysis.flatness import FLATNESS_FILE
 from bigbatch.io import read_jsonl
+from bigbatch.report.scaling import welch_interval
 
 
 @dataclass
@@ -19,7 +22,7 @@ class RunResult:
     label: str
     config: dict[str, Any]
     rows: list[dict[str, Any]]
-    extra: dict[str, Any]  # e.g. sharpness numbers found in the run directory
+    extra: dict[str, Any]  # analysis results found in the run directory (sharpness, landscape)
 
     @property
     def optimizer(self) -> str:
@@ -56,9 +59,9 @@ def load_run(run_dir: Path, label: str | None = None) -> RunResult | None:
     if not config_path.exists() or not rows:
         return None
     extra = {}
-    sharpness = run_dir / "sharpness.json"
-    if sharpness.exists():
-        extra["sharpness"] = json.loads(sharpness.read_text())
+    for key, name in (("sharpness", "sharpness.json"), ("landscape", FLATNESS_FILE)):
+        if (run_dir / name).exists():
+            extra[key] = json.loads((run_dir / name).read_text())
     return RunResult(
         run_dir.name, label or run_dir.name, json.loads(config_path.read_text()), rows, extra
     )
@@ -98,6 +101,10 @@ def summarize(run: RunResult, target: float) -> dict[str, Any]:
         summary["hessian_top_eigenvalue"] = s.get("top_eigenvalues", [math.nan])[0]
         summary["hessian_trace"] = s.get("trace", math.nan)
         summary["epsilon_sharpness"] = s.get("epsilon_sharpness", math.nan)
+    if "landscape" in run.extra:
+        landscape = run.extra["landscape"]
+        summary["loss_rise_1d"] = landscape.get("train_loss_rise", math.nan)
+        summary["loss_rise_distance"] = landscape.get("settings", {}).get("distance", math.nan)
     return summary
 
 
@@ -114,6 +121,7 @@ NUMERIC = (
     "hessian_top_eigenvalue",
     "hessian_trace",
     "epsilon_sharpness",
+    "loss_rise_1d",
 )
 
 
@@ -129,6 +137,7 @@ def aggregate(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for k in ("label", "optimizer", "batch_size", "smoothing", "lr", "epochs", "updates")
         }
         row["seeds"] = len(group)
+        row["seeds_reaching_target"] = sum(not math.isnan(g["updates_to_target"]) for g in group)
         for key in NUMERIC:
             values = [g[key] for g in group if key in g and not math.isnan(g[key])]
             row[key] = statistics.fmean(values) if values else math.nan
@@ -137,9 +146,20 @@ def aggregate(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def degradation(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def degradation(
+    rows: list[dict[str, Any]], summaries: Sequence[dict[str, Any]] = ()
+) -> list[dict[str, Any]]:
     """Small-batch minus large-batch test accuracy per optimizer and smoothing, and Mixup's
-    reduction of it."""
+    reduction of it; with the per-seed ``summaries`` behind the aggregated ``rows``, each with the
+    half-width of its 95% Welch interval (``*_ci95``, see scaling.welch_interval)."""
+    seeds: dict[str, list[dict[str, Any]]] = {}
+    for s in summaries:
+        seeds.setdefault(s["label"], []).append(s)
+
+    def interval(key: str, *terms: tuple[float, str]) -> float:
+        """Half-width for sum c * mean over the seeds of each (c, label)."""
+        return welch_interval([(c, [s[key] for s in seeds.get(lb, [])]) for c, lb in terms])[1]
+
     groups: dict[tuple[str, bool], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["optimizer"], r["smoothing"] != "none"), []).append(r)
@@ -154,6 +174,7 @@ def degradation(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if sb["smoothing"] == lb["smoothing"]
             else f"{sb['smoothing']} (SB) / {lb['smoothing']} (LB)"
         )
+        pair = ((1.0, sb["label"]), (-1.0, lb["label"]))
         out.append(
             {
                 "optimizer": opt,
@@ -161,17 +182,31 @@ def degradation(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "smoothed": smoothed,
                 "small_batch": sb["batch_size"],
                 "large_batch": lb["batch_size"],
+                "small_batch_label": sb["label"],
+                "large_batch_label": lb["label"],
                 "small_batch_test_acc": sb["final_test_acc"],
+                "small_batch_test_acc_std": sb.get("final_test_acc_std", math.nan),
                 "large_batch_test_acc": lb["final_test_acc"],
+                "large_batch_test_acc_std": lb.get("final_test_acc_std", math.nan),
                 "degradation": sb["final_test_acc"] - lb["final_test_acc"],
+                "degradation_ci95": interval("final_test_acc", *pair),
                 "best_degradation": sb["best_test_acc"] - lb["best_test_acc"],
+                "best_degradation_ci95": interval("best_test_acc", *pair),
             }
         )
     for row in out:
         twin = next(
             (o for o in out if o["optimizer"] == row["optimizer"] and not o["smoothed"]), None
         )
-        row["reduction_by_smoothing"] = (
-            (twin["degradation"] - row["degradation"]) if row["smoothed"] and twin else math.nan
-        )
+        row["reduction_by_smoothing"] = row["reduction_by_smoothing_ci95"] = math.nan
+        if row["smoothed"] and twin:
+            row["reduction_by_smoothing"] = twin["degradation"] - row["degradation"]
+            # (SB - LB) without smoothing minus (SB - LB) with it: four independent groups.
+            row["reduction_by_smoothing_ci95"] = interval(
+                "final_test_acc",
+                (1.0, twin["small_batch_label"]),
+                (-1.0, twin["large_batch_label"]),
+                (-1.0, row["small_batch_label"]),
+                (1.0, row["large_batch_label"]),
+            )
     return out

@@ -55,6 +55,25 @@ def mean_interval(values: Sequence[float]) -> tuple[float, float]:
     return mean, t_quantile_975(len(finite) - 1) * statistics.stdev(finite) / math.sqrt(len(finite))
 
 
+def welch_interval(terms: Sequence[tuple[float, Sequence[float]]]) -> tuple[float, float]:
+    """sum_i c_i mean(x_i) over independent groups ``terms`` = [(c_i, x_i), ...] and the
+    half-width of its 95% Welch interval: variance sum_i c_i^2 s_i^2 / n_i, degrees of freedom by
+    Welch-Satterthwaite, rounded down (the conservative side) for the t quantile. nan half-width
+    when a group has fewer than two values; 0 when every group's values are all equal."""
+    groups = [(c, [v for v in xs if not math.isnan(v)]) for c, xs in terms]
+    if any(not xs for _, xs in groups):
+        return math.nan, math.nan
+    estimate = sum(c * statistics.fmean(xs) for c, xs in groups)
+    if any(len(xs) < 2 for _, xs in groups):
+        return estimate, math.nan
+    parts = [(c**2 * statistics.variance(xs) / len(xs), len(xs)) for c, xs in groups]
+    total = sum(v for v, _ in parts)
+    if total == 0:
+        return estimate, 0.0
+    dof = total**2 / sum(v**2 / (n - 1) for v, n in parts)
+    return estimate, t_quantile_975(max(1, math.floor(dof + 1e-9))) * math.sqrt(total)
+
+
 def value_at_target(
     rows: list[dict[str, Any]], target: float, key: str = "step", interpolate: bool = False
 ) -> float | None:

@@ -91,6 +91,9 @@ def cell_summary(cell: CellRuns, target: float) -> dict[str, Any]:
         row["hessian_top_eigenvalue"] = sharp.get("top_eigenvalues", [math.nan])[0]
         row["hessian_trace"] = sharp.get("trace", math.nan)
         row["epsilon_sharpness"] = sharp.get("epsilon_sharpness", math.nan)
+    landscape = cell.chosen.extra.get("landscape") if cell.chosen is not None else None
+    if landscape:
+        row["loss_rise_1d"] = landscape.get("train_loss_rise", math.nan)
     return row
 
 

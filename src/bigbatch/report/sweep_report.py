@@ -16,7 +16,7 @@ from bigbatch.report.sweep_numbers import (
     group_summaries,
     tuning_rows,
 )
-from bigbatch.report.tables import finish_report, flatness_table, fmt, markdown_table
+from bigbatch.report.tables import FLATNESS, finish_report, flatness_table, fmt, markdown_table
 
 
 @dataclass
@@ -152,9 +152,14 @@ def write_sweep_report(
         g_table.append(line)
     md += [markdown_table(g_headers, g_table), ""]
 
-    if any("hessian_trace" in r for r in rows):
+    if any("hessian_trace" in r or "loss_rise_1d" in r for r in rows):
         md += ["## Flatness of each cell's solution", ""]
-        md += ["The chosen lr's run on the first seed (`sharpness.json` in its run directory).", ""]
+        md += [
+            "The chosen lr's run on the first seed (`sharpness.json` and `flatness_1d.json` in "
+            "its run directory; the 1-D loss rise is the train loss's mean rise at |a| = the "
+            "sweep's `flatness_distance` along a filter-normalized random direction).",
+            "",
+        ]
         md += [flatness_table(rows, "cell"), ""]
 
     md += ["## Learning-rate search", ""]
@@ -187,12 +192,7 @@ def write_sweep_report(
     accuracy = [("best_test_acc", "best test accuracy"), ("final_test_acc", "final test accuracy")]
     if plot_panels(rows, accuracy, out_dir / "accuracy.png", log_y=False):
         plots.append(("Test accuracy against batch size", "accuracy.png"))
-    flat = [
-        ("hessian_top_eigenvalue", "top Hessian eigenvalue"),
-        ("hessian_trace", "Hessian trace"),
-        ("epsilon_sharpness", "epsilon-sharpness"),
-    ]
-    if plot_panels(rows, flat, out_dir / "flatness.png", log_y=True):
+    if plot_panels(rows, list(FLATNESS), out_dir / "flatness.png", log_y=True):
         plots.append(("Flatness against batch size", "flatness.png"))
     md += ["## Plots", ""]
     for caption, name in plots:

@@ -13,18 +13,20 @@ from bigbatch.io import atomic_write_text
 
 
 def fmt(value: Any, pct: bool = False, std: float | None = None) -> str:
+    """A number for a table: percent points with ``pct``, ``± std`` beside it when given."""
     if isinstance(value, float):
         if math.isnan(value):
             return "-"
-        text = (
-            f"{100 * value:.2f}"
-            if pct
-            else (f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}")
-        )
+        text = f"{100 * value:.2f}" if pct else _plain(value, 3)
         if std is not None and not math.isnan(std):
-            text += f" ± {100 * std:.2f}" if pct else f" ± {std:.2g}"
+            text += f" ± {100 * std:.2f}" if pct else f" ± {_plain(std, 2)}"
         return text
     return str(value)
+
+
+def _plain(value: float, digits: int) -> str:
+    # Whole numbers from 100 up: "2.3e+02" is harder to read than "230".
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.{digits}g}"
 
 
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -44,12 +46,26 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+FLATNESS = (
+    ("hessian_top_eigenvalue", "top Hessian eigenvalue"),
+    ("hessian_trace", "Hessian trace"),
+    ("epsilon_sharpness", "epsilon-sharpness"),
+    ("loss_rise_1d", "1-D loss rise"),
+)
+
+
 def flatness_table(rows: list[dict[str, Any]], name_key: str) -> str:
-    """Top Hessian eigenvalue, trace and epsilon-sharpness, one line per row (``-`` if absent)."""
-    keys = ("hessian_top_eigenvalue", "hessian_trace", "epsilon_sharpness")
+    """Top Hessian eigenvalue, trace, epsilon-sharpness and 1-D loss rise, one line per row
+    (``-`` if absent; ``± KEY_std`` where a row has it)."""
     return markdown_table(
-        [name_key, "top Hessian eigenvalue", "Hessian trace", "epsilon-sharpness"],
-        [[str(r[name_key]), *(fmt(r.get(k, math.nan)) for k in keys)] for r in rows],
+        [name_key, *(title for _, title in FLATNESS)],
+        [
+            [
+                str(r[name_key]),
+                *(fmt(r.get(k, math.nan), std=r.get(f"{k}_std")) for k, _ in FLATNESS),
+            ]
+            for r in rows
+        ],
     )
 
 
