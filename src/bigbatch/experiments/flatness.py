@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from bigbatch.errors import BigbatchError, ConfigError
 from bigbatch.io import atomic_write_json, read_jsonl
+from bigbatch.train.checkpoint import CHECKPOINT_NAME
 
 if TYPE_CHECKING:
     from bigbatch.experiments.grid import StudyRun
@@ -105,7 +106,7 @@ def analyse_runs(runs: Sequence[StudyRun], settings: FlatnessSettings) -> None:
             rows = read_jsonl(run.run_dir / "metrics.jsonl")
         except BigbatchError:
             rows = []
-        if not rows or not (run.run_dir / "checkpoint.pt").exists():
+        if not rows or not (run.run_dir / CHECKPOINT_NAME).exists():
             continue
         epoch = rows[-1]["epoch"]
         device = run.config.runtime.device
