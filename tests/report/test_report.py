@@ -32,7 +32,7 @@ def test_report_from_fake_runs(tmp_path):
     assert "| sb-sgd | 1 | SGD | 128 | none |" in text
     deg = {
         (d["optimizer"], d["smoothed"]): d
-        for d in degradation(aggregate([summarize(r, 0.5) for r in results]))
+        for d in degradation([summarize(r, 0.5) for r in results])
     }
     assert deg[("SGD", False)]["degradation"] == pytest.approx(0.10)
     assert deg[("SGD", True)]["degradation"] == pytest.approx(0.04)
@@ -99,13 +99,36 @@ def test_degradation_spread_is_a_welch_interval(tmp_path):
         for s, a in enumerate(finals)
     ]
     summaries = [summarize(r, 0.5) for r in results]
-    (row,) = degradation(aggregate(summaries), summaries)
+    (row,) = degradation(summaries)
     # Variances 0.0002 and 0.0008 over 2 seeds each: var = 0.0005, Welch dof
     # 0.0005^2 / (0.0001^2 + 0.0004^2) = 1.47, rounded down to 1: t = 12.706.
     assert row["degradation"] == pytest.approx(0.09)
     assert row["degradation_ci95"] == pytest.approx(12.706 * math.sqrt(0.0005))
     text = write_report(results, tmp_path / "r", title="T", target=0.5).read_text()
     assert "| 61.00 ± 1.41 | 52.00 ± 2.83 | 9.00 ± 28.41 |" in text
+
+
+def test_degradation_keeps_smoothing_kinds_apart(tmp_path):
+    # Mixup and label smoothing at both batches: each kind its own row and its own reduction,
+    # never a small batch of one kind against a large batch of the other.
+    runs = [("b128", 0.0, 0.0, 0.60), ("b2048", 0.0, 0.0, 0.50)]
+    runs += [("mix128", 0.9, 0.0, 0.62), ("mix2048", 0.7, 0.0, 0.58)]
+    runs += [("ls128", 0.0, 0.1, 0.61), ("ls512", 0.0, 0.1, 0.59), ("ls2048", 0.0, 0.1, 0.52)]
+    summaries = []
+    for name, mixup, smoothing, acc in runs:
+        run_dir = _fake_run(tmp_path, name, "sgd", int(name.strip("abcilmsx")), mixup, [acc])
+        config = json.loads((run_dir / "config.json").read_text())
+        config["augment"]["label_smoothing"] = smoothing
+        (run_dir / "config.json").write_text(json.dumps(config))
+        summaries.append(summarize(load_run(run_dir), 0.5))
+    rows = {r["smoothing"]: r for r in degradation(summaries)}
+    assert set(rows) == {"none", "Mixup a=0.9 (SB) / Mixup a=0.7 (LB)", "LS 0.1"}
+    mixup, smoothing = rows["Mixup a=0.9 (SB) / Mixup a=0.7 (LB)"], rows["LS 0.1"]
+    assert mixup["degradation"] == pytest.approx(0.04)
+    assert mixup["reduction_by_smoothing"] == pytest.approx(0.06)
+    assert smoothing["degradation"] == pytest.approx(0.09)
+    assert (smoothing["small_batch"], smoothing["large_batch"]) == (128, 2048)
+    assert smoothing["reduction_by_smoothing"] == pytest.approx(0.01)
 
 
 def test_lars_and_sam_are_named_in_the_report():

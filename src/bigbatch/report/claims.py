@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from bigbatch.report.configs import Index, RunGroup, number_text
 from bigbatch.report.scaling import mean_interval, welch_interval
 from bigbatch.report.tables import markdown_table
 
@@ -84,63 +85,6 @@ def _verdict(estimate: float, half_width: float) -> str:
     return NOT_HELD if estimate + half_width < 0 else UNDECIDED
 
 
-def kind(smoothing: str) -> str:
-    """The smoothing's kind: none, Mixup (alone, at any alpha) or the smoothing itself."""
-    return "Mixup" if smoothing.startswith("Mixup a=") and "," not in smoothing else smoothing
-
-
-@dataclass
-class RunGroup:
-    """One config of the study: a run label and its runs, one per seed."""
-
-    label: str
-    runs: list[dict[str, Any]]
-
-    def values(self, key: str) -> list[float]:
-        return [float(r.get(key, math.nan)) for r in self.runs]
-
-    def text(self, key: str, spec: str, scale: float = 1.0) -> str:
-        mean, half = mean_interval(self.values(key))
-        return _num(mean * scale, half * scale, len(self.runs), spec)
-
-
-def _num(mean: float, half: float, n: int | str, spec: str) -> str:
-    """``mean ± half (n=N)`` in format ``spec`` (".2f" for points of accuracy, ".0f" for counts)."""
-    if math.isnan(mean):
-        return "-"
-    spread = "" if math.isnan(half) else f" ± {half:{spec}}"
-    return f"{mean:{spec}}{spread} (n={n})"
-
-
-class Index:
-    """The study's configs by (optimizer, batch size, smoothing kind); a key that two run labels
-    share is ambiguous and left out, named in ``ambiguous``."""
-
-    def __init__(self, summaries: list[dict[str, Any]]):
-        by_label: dict[str, list[dict[str, Any]]] = {}
-        for s in summaries:
-            by_label.setdefault(s["label"], []).append(s)
-        keyed: dict[tuple[str, int, str], list[RunGroup]] = {}
-        for label, runs in by_label.items():
-            first = runs[0]
-            key = (first["optimizer"], first["batch_size"], kind(first["smoothing"]))
-            keyed.setdefault(key, []).append(RunGroup(label, runs))
-        self.configs = {k: v[0] for k, v in keyed.items() if len(v) == 1}
-        self.ambiguous = sorted(", ".join(c.label for c in v) for v in keyed.values() if len(v) > 1)
-
-    def get(self, optimizer: str, batch: int, smoothing: str) -> RunGroup | None:
-        return self.configs.get((optimizer, batch, smoothing))
-
-    def optimizers(self) -> list[str]:
-        return sorted({k[0] for k in self.configs})
-
-    def batches(self, optimizer: str, smoothing: str) -> list[int]:
-        return sorted(b for o, b, s in self.configs if o == optimizer and s == smoothing)
-
-    def settings(self) -> list[tuple[int, str]]:
-        return sorted({(b, s) for _, b, s in self.configs}, key=lambda k: (k[1] != "none", k))
-
-
 def _updates(config: RunGroup) -> tuple[list[float], int]:
     """Updates to the target per seed; a run that never reached it counts at its total updates,
     a lower bound; returns the values and how many are such bounds."""
@@ -158,7 +102,7 @@ def _updates_text(config: RunGroup) -> str:
     values, bounds = _updates(config)
     mean, half = mean_interval(values)
     reached = f"{len(values) - bounds} of {len(values)} reached"
-    return f"{'>= ' if bounds else ''}{_num(mean, half, len(values), '.0f')}, {reached}"
+    return f"{'>= ' if bounds else ''}{number_text(mean, half, len(values), '.0f')}, {reached}"
 
 
 def _fewer_updates(index: Index, claim: Claim) -> None:
@@ -179,56 +123,34 @@ def _fewer_updates(index: Index, claim: Claim) -> None:
         claim.comparisons.append(Comparison(where, cells, estimate, half, verdict, note))
 
 
-def _sb_lb(index: Index, optimizer: str, smoothing: str) -> tuple[RunGroup, RunGroup] | None:
-    batches = index.batches(optimizer, smoothing)
-    if len(batches) < 2:
-        return None
-    small = index.get(optimizer, batches[0], smoothing)
-    large = index.get(optimizer, batches[-1], smoothing)
-    return (small, large) if small and large else None
-
-
-def _degradation_text(pair: tuple[RunGroup, RunGroup]) -> str:
-    estimate, half = welch_interval(
-        [(1.0, pair[0].values("final_test_acc")), (-1.0, pair[1].values("final_test_acc"))]
-    )
-    return _num(100 * estimate, 100 * half, f"{len(pair[0].runs)}+{len(pair[1].runs)}", ".2f")
-
-
 def _degradation(index: Index, claim: Claim) -> None:
     for optimizer in index.optimizers():
-        pair = _sb_lb(index, optimizer, "none")
+        pair = index.small_large(optimizer, "none")
         if pair is None:
             continue
-        small, large = pair
-        estimate, half = welch_interval(
-            [(1.0, small.values("final_test_acc")), (-1.0, large.values("final_test_acc"))]
-        )
-        where = f"{optimizer}, batch {small.runs[0]['batch_size']} vs {large.runs[0]['batch_size']}"
-        cells = [small.text("final_test_acc", ".2f", 100), large.text("final_test_acc", ".2f", 100)]
+        estimate, half = pair.difference()
+        where = f"{optimizer}, batch {pair.small.batch_size} vs {pair.large.batch_size}"
+        cells = [
+            pair.small.text("final_test_acc", ".2f", 100),
+            pair.large.text("final_test_acc", ".2f", 100),
+        ]
         claim.comparisons.append(Comparison(where, cells, estimate, half, _verdict(estimate, half)))
 
 
 def _mixup_halves(index: Index, claim: Claim) -> None:
     for optimizer in index.optimizers():
-        plain = _sb_lb(index, optimizer, "none")
+        plain = index.small_large(optimizer, "none")
         if plain is None:
             continue
-        sb, lb = (c.runs[0]["batch_size"] for c in plain)
-        mixed = index.get(optimizer, sb, "Mixup"), index.get(optimizer, lb, "Mixup")
-        if mixed[0] is None or mixed[1] is None:
+        batches = (plain.small.batch_size, plain.large.batch_size)
+        mixed = index.small_large(optimizer, "Mixup", batches)
+        if mixed is None:
             continue
-        pair = (mixed[0], mixed[1])
         estimate, half = welch_interval(
-            [
-                (0.5, plain[0].values("final_test_acc")),
-                (-0.5, plain[1].values("final_test_acc")),
-                (-1.0, pair[0].values("final_test_acc")),
-                (1.0, pair[1].values("final_test_acc")),
-            ]
+            plain.terms("final_test_acc", 0.5) + mixed.terms("final_test_acc", -1.0)
         )
-        where = f"{optimizer}, batch {sb} vs {lb}"
-        cells = [_degradation_text(plain), _degradation_text(pair)]
+        where = f"{optimizer}, batch {batches[0]} vs {batches[1]}"
+        cells = [plain.text(), mixed.text()]
         claim.comparisons.append(Comparison(where, cells, estimate, half, _verdict(estimate, half)))
 
 

@@ -52,7 +52,7 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     summaries = [summarize(r, target) for r in runs]
     agg = aggregate(summaries)
-    deg = degradation(agg, summaries)
+    deg = degradation(summaries)
     multi_seed = any(a["seeds"] > 1 for a in agg)
     claims_md, claims_rows = claims_section(*evaluate_claims(summaries, target))
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from bigbatch.analysis.flatness import FLATNESS_FILE
 from bigbatch.io import read_jsonl
+from bigbatch.report.configs import Index
 from bigbatch.report.scaling import welch_interval
 
 
@@ -146,67 +147,49 @@ def aggregate(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def degradation(
-    rows: list[dict[str, Any]], summaries: Sequence[dict[str, Any]] = ()
-) -> list[dict[str, Any]]:
-    """Small-batch minus large-batch test accuracy per optimizer and smoothing, and Mixup's
-    reduction of it; with the per-seed ``summaries`` behind the aggregated ``rows``, each with the
-    half-width of its 95% Welch interval (``*_ci95``, see scaling.welch_interval)."""
-    seeds: dict[str, list[dict[str, Any]]] = {}
-    for s in summaries:
-        seeds.setdefault(s["label"], []).append(s)
-
-    def interval(key: str, *terms: tuple[float, str]) -> float:
-        """Half-width for sum c * mean over the seeds of each (c, label)."""
-        return welch_interval([(c, [s[key] for s in seeds.get(lb, [])]) for c, lb in terms])[1]
-
-    groups: dict[tuple[str, bool], list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault((r["optimizer"], r["smoothing"] != "none"), []).append(r)
+def degradation(summaries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Small-batch minus large-batch test accuracy per optimizer and smoothing kind, and the
+    smoothing's reduction of it (against the same optimizer's unsmoothed pair of batch sizes),
+    from the per-seed ``summaries``; each with the half-width of its 95% Welch interval
+    (``*_ci95``, see scaling.welch_interval)."""
+    index = Index(list(summaries))
     out = []
-    for (opt, smoothed), group in sorted(groups.items()):
-        if len({g["batch_size"] for g in group}) < 2:
-            continue
-        sb = min(group, key=lambda g: g["batch_size"])
-        lb = max(group, key=lambda g: g["batch_size"])
-        label = (
-            sb["smoothing"]
-            if sb["smoothing"] == lb["smoothing"]
-            else f"{sb['smoothing']} (SB) / {lb['smoothing']} (LB)"
-        )
-        pair = ((1.0, sb["label"]), (-1.0, lb["label"]))
-        out.append(
-            {
-                "optimizer": opt,
-                "smoothing": label,
-                "smoothed": smoothed,
-                "small_batch": sb["batch_size"],
-                "large_batch": lb["batch_size"],
-                "small_batch_label": sb["label"],
-                "large_batch_label": lb["label"],
-                "small_batch_test_acc": sb["final_test_acc"],
-                "small_batch_test_acc_std": sb.get("final_test_acc_std", math.nan),
-                "large_batch_test_acc": lb["final_test_acc"],
-                "large_batch_test_acc_std": lb.get("final_test_acc_std", math.nan),
-                "degradation": sb["final_test_acc"] - lb["final_test_acc"],
-                "degradation_ci95": interval("final_test_acc", *pair),
-                "best_degradation": sb["best_test_acc"] - lb["best_test_acc"],
-                "best_degradation_ci95": interval("best_test_acc", *pair),
-            }
-        )
-    for row in out:
-        twin = next(
-            (o for o in out if o["optimizer"] == row["optimizer"] and not o["smoothed"]), None
-        )
-        row["reduction_by_smoothing"] = row["reduction_by_smoothing_ci95"] = math.nan
-        if row["smoothed"] and twin:
-            row["reduction_by_smoothing"] = twin["degradation"] - row["degradation"]
-            # (SB - LB) without smoothing minus (SB - LB) with it: four independent groups.
-            row["reduction_by_smoothing_ci95"] = interval(
-                "final_test_acc",
-                (1.0, twin["small_batch_label"]),
-                (-1.0, twin["large_batch_label"]),
-                (-1.0, row["small_batch_label"]),
-                (1.0, row["large_batch_label"]),
+    for optimizer in index.optimizers():
+        plain = index.small_large(optimizer, "none")
+        for smoothing in index.smoothings(optimizer):
+            pair = index.small_large(optimizer, smoothing)
+            if pair is None:
+                continue
+            sb, lb = pair.small, pair.large
+            label = (
+                sb.smoothing
+                if sb.smoothing == lb.smoothing
+                else (f"{sb.smoothing} (SB) / {lb.smoothing} (LB)")
             )
+            row: dict[str, Any] = {
+                "optimizer": optimizer,
+                "smoothing": label,
+                "smoothed": smoothing != "none",
+                "small_batch": sb.batch_size,
+                "large_batch": lb.batch_size,
+                "small_batch_label": sb.label,
+                "large_batch_label": lb.label,
+            }
+            for side, group in (("small", sb), ("large", lb)):
+                mean, std = group.mean_std("final_test_acc")
+                row[f"{side}_batch_test_acc"], row[f"{side}_batch_test_acc_std"] = mean, std
+            row["degradation"], row["degradation_ci95"] = pair.difference("final_test_acc")
+            row["best_degradation"], row["best_degradation_ci95"] = pair.difference("best_test_acc")
+            row["reduction_by_smoothing"] = row["reduction_by_smoothing_ci95"] = math.nan
+            same_batches = plain and (plain.small.batch_size, plain.large.batch_size) == (
+                sb.batch_size,
+                lb.batch_size,
+            )
+            if smoothing != "none" and plain and same_batches:
+                # (SB - LB) without smoothing minus (SB - LB) with it: four independent groups.
+                reduction = welch_interval(
+                    plain.terms("final_test_acc") + pair.terms("final_test_acc", -1.0)
+                )
+                row["reduction_by_smoothing"], row["reduction_by_smoothing_ci95"] = reduction
+            out.append(row)
     return out
