@@ -198,6 +198,23 @@ def test_finite_divergence_stops_and_a_resume_may_change_the_lr(tmp_path, synthe
     }
 
 
+def test_a_resume_applies_an_allowed_change_of_the_optimizer_hyperparameters(tmp_path, synthetic):
+    Trainer(_cfg(tmp_path, "run.epochs=1"), synthetic).fit()
+    changed = _cfg(
+        tmp_path, "run.epochs=2", "optimizer.weight_decay=0.01", "optimizer.momentum=0.5"
+    )
+    trainer = Trainer(changed, synthetic)
+    rows = trainer.fit(resume=True, allow_change=("optimizer.weight_decay", "optimizer.momentum"))
+    assert rows[1]["config_changes"] == {
+        "optimizer.momentum": [0.9, 0.5],
+        "optimizer.weight_decay": [0.0001, 0.01],
+    }
+    # Not the checkpoint's values, which torch's load_state_dict brings back with the state.
+    assert [(g["weight_decay"], g["momentum"]) for g in trainer.optimizer.param_groups] == [
+        (0.01, 0.5)
+    ] * len(trainer.optimizer.param_groups)
+
+
 def test_resume_never_shortens_a_run(tmp_path, synthetic):
     Trainer(_cfg(tmp_path, "run.epochs=2"), synthetic).fit()
     config = (tmp_path / "t" / "config.json").read_text()

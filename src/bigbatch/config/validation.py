@@ -117,6 +117,7 @@ def validate(cfg: Config) -> None:
         "runtime.max_loss_factor",
         "must be > 1 (a multiple of log(classes)) or 0 to stop only on non-finite losses",
     )
+    require(r.collapse_epochs >= 0, "runtime.collapse_epochs", "must be >= 0 (0: never stop)")
 
 
 def validate_against_data(

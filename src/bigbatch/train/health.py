@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bigbatch.config import RuntimeConfig
 from bigbatch.train.checkpoint import CHECKPOINT_NAME
 from bigbatch.train.rundir import RunDirectory
 
@@ -27,6 +28,51 @@ def diverged(row: dict[str, Any], max_loss_factor: float, num_classes: int) -> s
                 "(the loss of a uniform guess): the run diverged"
             )
     return None
+
+
+LEARNED_LOSS, CHANCE_LOSS = 0.8, 0.95  # fractions of log(classes), a uniform guess's loss
+
+
+def collapsed(rows: list[dict[str, Any]], num_classes: int, epochs: int) -> str | None:
+    """Why the run collapsed, or None: it had learned (a clean train loss of at most 0.8
+    log(classes)) and then spent the last ``epochs`` epochs (0: never) with train and test loss
+    of at least 0.95 log(classes), the loss of a uniform guess, which a finite-loss check misses."""
+    if not epochs or len(rows) <= epochs:
+        return None
+    uniform = math.log(num_classes)
+    recent, before = rows[-epochs:], rows[:-epochs]
+    if not any(_clean_train_loss(r) <= LEARNED_LOSS * uniform for r in before):
+        return None
+    if any(min(_clean_train_loss(r), r["test_loss"]) < CHANCE_LOSS * uniform for r in recent):
+        return None
+    return (
+        f"train and test loss have been at least {CHANCE_LOSS:g} x log({num_classes}) = "
+        f"{CHANCE_LOSS * uniform:.3g} (a uniform guess) for the last {epochs} epochs, to epoch "
+        f"{rows[-1]['epoch']}, after the run had learned: it collapsed "
+        f"(runtime.collapse_epochs={epochs}). Its checkpoint holds the collapsed model: run "
+        "again with --overwrite and a lower optimizer.lr or a warm-up (schedule.warmup_epochs)"
+    )
+
+
+def _clean_train_loss(row: dict[str, Any]) -> float:
+    """The train loss without augmentation or Mixup where measured: a model that has learned
+    keeps it low under any smoothing."""
+    return float(row.get("train_eval_loss", row["train_loss"]))
+
+
+def unhealthy(
+    rows: list[dict[str, Any]],
+    runtime: RuntimeConfig,
+    num_classes: int,
+    files: RunDirectory | None,
+    run_dir: Path,
+) -> str | None:
+    """Why the run must stop after its last epoch (``rows``: every epoch so far) and what to do
+    about it, or None: its losses diverged, or it collapsed."""
+    divergence = diverged(rows[-1], runtime.max_loss_factor, num_classes)
+    if divergence:
+        return f"{divergence}; {stop_advice(files, run_dir)}"
+    return collapsed(rows, num_classes, runtime.collapse_epochs)
 
 
 def progress_enabled(mode: str, is_main: bool) -> bool:

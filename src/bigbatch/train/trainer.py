@@ -30,7 +30,7 @@ from bigbatch.train.checkpoint import (
     read_checkpoint,
 )
 from bigbatch.train.distributed import ParallelContext, resolve_device
-from bigbatch.train.health import diverged, epoch_summary, progress_enabled, stop_advice
+from bigbatch.train.health import epoch_summary, progress_enabled, unhealthy
 from bigbatch.train.noise_scale import NoiseScaleProbe, split_keeps_the_maths
 from bigbatch.train.rundir import RunDirectory
 from bigbatch.train.sam import SAM
@@ -183,7 +183,13 @@ class Trainer:
         )
         try:
             self.model.load_state_dict(state["model"])
+            # The config's hyperparameters, not the checkpoint's: an allowed change takes effect.
+            hyper = [
+                {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups
+            ]
             self.optimizer.load_state_dict(state["optimizer"])
+            for group, values in zip(self.optimizer.param_groups, hyper, strict=True):
+                group.update(values)
             if self.kfac is not None:
                 self.kfac.load_state_dict(state["kfac"])
             if state.get("scaler"):
@@ -294,9 +300,9 @@ class Trainer:
                 row["config_changes"], changes = changes, {}
             rows.append(row)
             # Before the checkpoint: a diverged epoch is never saved as the last good one.
-            divergence = diverged(row, cfg.runtime.max_loss_factor, self.dataset.num_classes)
-            if divergence:
-                raise DivergedError(f"{divergence}; {stop_advice(files, self.run_dir)}")
+            problem = unhealthy(rows, cfg.runtime, self.dataset.num_classes, files, self.run_dir)
+            if problem:
+                raise DivergedError(problem)
             last = epoch + 1 == cfg.run.epochs or reached_target(rows, target)
             due = (epoch + 1) % cfg.runtime.checkpoint_every == 0 or last
             # On every rank: sharded K-FAC gathers its decompositions for the main rank.
