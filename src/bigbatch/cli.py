@@ -84,33 +84,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _study_report(study, command: str) -> Path:
-    from bigbatch.report.report import load_run, write_report
-
-    runs = [r for r in (load_run(run.run_dir, run.label) for run in study.runs) if r is not None]
-    if not runs:
-        raise BigbatchError(
-            f"no run of study '{study.name}' has metrics yet under {study.output_dir}; run "
-            "`bigbatch reproduce` first"
-        )
-    missing = len(study.runs) - len(runs)
-    notes = study.description + (
-        f"\n\n**{missing} of {len(study.runs)} runs have no results yet.**" if missing else ""
-    )
-    return write_report(
-        runs,
-        study.output_dir / "report",
-        title=f"Study: {study.name}",
-        target=study.target_accuracy,
-        command=command,
-        notes=notes.strip(),
-        figures=study.figures,
-        large_batch_from=study.large_batch_from,
-    )
-
-
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from bigbatch.experiments.grid import load_study, run_study
+    from bigbatch.experiments.study_report import write_study_report
 
     if not args.config:
         raise BigbatchError(
@@ -120,7 +96,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     print(f"study {study.name}: {len(study.runs)} runs under {study.output_dir}/", flush=True)
     if not args.report_only:
         run_study(study, jobs=args.jobs)
-    report = _study_report(
+    report = write_study_report(
         study,
         " ".join(["bigbatch reproduce", args.config, *(f"--set {o}" for o in args.overrides)]),
     )

@@ -1,7 +1,7 @@
 """Study report: a Markdown file, a CSV of every number in it, and PNG comparison plots.
 
 The report reads only run directories (config.json + metrics.jsonl), so it can be rebuilt at any
-time from finished or partial runs: ``bigbatch report --study CONFIG``.
+time: ``bigbatch reproduce CONFIG --report-only``.
 """
 
 from __future__ import annotations
