@@ -124,3 +124,24 @@ flatness_trace_samples = 2"""
     assert cli_main(["reproduce", str(path), "--seeds", "0", "1"]) == 0  # resumed: all done
     out = capsys.readouterr().out
     assert "flatness:" not in out and out.count("finished earlier, skipped") == 4
+
+
+def test_each_run_is_analysed_as_it_finishes_and_stands_without_its_checkpoint(tmp_path, capsys):
+    from bigbatch.experiments.grid import train_runs
+
+    meta = """flatness = true
+flatness_examples = 32
+flatness_lanczos_steps = 2
+flatness_trace_samples = 1"""
+    path = _study(tmp_path, meta, '[base.run]\nepochs = 1\n[[runs]]\nname = "a"\n')
+    study = load_study(path)
+    train_runs(study.runs, flatness=study.flatness)  # no end-of-study pass
+    run_dir = study.runs[0].run_dir
+    assert (run_dir / "sharpness.json").exists() and (run_dir / "flatness_1d.json").exists()
+    # Committed results hold no checkpoint: the run is still finished, analysed and reported.
+    (run_dir / "checkpoint.pt").unlink()
+    capsys.readouterr()
+    assert cli_main(["reproduce", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "finished earlier, skipped" in out and "flatness:" not in out
+    assert "| a | 1 | SGD | 32 | none |" in (tmp_path / "report" / "report.md").read_text()

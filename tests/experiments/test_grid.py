@@ -160,6 +160,18 @@ def test_skip_finished_and_resume_interrupted(tmp_path):
     assert (study.runs[0].run_dir / "checkpoint.pt").stat().st_mtime_ns == stamp
     rows = read_jsonl(study.runs[1].run_dir / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2]
+    # A finished run kept without its checkpoint (committed results) is not retrained over.
+    (study.runs[0].run_dir / "checkpoint.pt").unlink()
+    kept = (study.runs[0].run_dir / "metrics.jsonl").read_bytes()
+    assert run_status(study.runs[0]) == "done"
+    run_study(study)
+    assert not (study.runs[0].run_dir / "checkpoint.pt").exists()
+    assert (study.runs[0].run_dir / "metrics.jsonl").read_bytes() == kept
+    # Without a checkpoint, an unfinished run has nothing to resume from: it starts again.
+    metrics = study.runs[1].run_dir / "metrics.jsonl"
+    metrics.write_text(metrics.read_text().splitlines()[0] + "\n")
+    (study.runs[1].run_dir / "checkpoint.pt").unlink()
+    assert run_status(study.runs[1]) == "new"
 
 
 def _children(pid):

@@ -106,12 +106,23 @@ def analyse_runs(runs: Sequence[StudyRun], settings: FlatnessSettings) -> None:
             rows = read_jsonl(run.run_dir / "metrics.jsonl")
         except BigbatchError:
             rows = []
-        if not rows or not (run.run_dir / CHECKPOINT_NAME).exists():
+        if not rows:
             continue
         epoch = rows[-1]["epoch"]
         device = run.config.runtime.device
         name = run.config.run.name
         path = run.run_dir / "sharpness.json"
+        if not (run.run_dir / CHECKPOINT_NAME).exists():
+            current = is_current(path, settings.sharpness_request(), epoch) and is_current(
+                run.run_dir / FLATNESS_FILE, settings.landscape_request(), epoch
+            )
+            if not current:
+                print(
+                    f"flatness: {name} has no checkpoint to analyse; its flatness is not in the "
+                    "report",
+                    flush=True,
+                )
+            continue
         if not is_current(path, settings.sharpness_request(), epoch):
             t0 = time.perf_counter()
             written = sharpness(

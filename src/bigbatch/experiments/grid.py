@@ -219,19 +219,19 @@ def toml_value(value: Any) -> str:
 
 def run_status(run: StudyRun) -> str:
     """'done' (every epoch, or stopped at its target), 'partial' (a checkpoint before that) or
-    'new'."""
+    'new'. A finished run kept without its checkpoint (results committed to git, the checkpoint
+    deleted for space) is 'done': retraining it would overwrite its numbers."""
     path = run.run_dir / CHECKPOINT_NAME
-    if not path.exists():
-        return "new"
     try:
         rows = read_jsonl(run.run_dir / "metrics.jsonl")
     except BigbatchError:
-        return "partial"  # a damaged metrics file: the resume rewrites it from the checkpoint
+        # A damaged metrics file: the resume rewrites it from the checkpoint.
+        return "partial" if path.exists() else "new"
     c = run.config.run
-    if (
-        training_finished(rows, c.epochs, c.stop_at_test_acc)
-        and load_checkpoint(path)["epoch"] >= rows[-1]["epoch"]
-    ):
+    finished = bool(rows) and training_finished(rows, c.epochs, c.stop_at_test_acc)
+    if not path.exists():
+        return "done" if finished else "new"
+    if finished and load_checkpoint(path)["epoch"] >= rows[-1]["epoch"]:
         return "done"
     return "partial"
 
@@ -245,8 +245,9 @@ def _estimated_cost(run: StudyRun) -> float:
     return cost
 
 
-def _train_one(run: StudyRun, threads: int | None) -> str:
-    """Train or resume one run (in this process or a worker); returns a one-line summary."""
+def _train_one(run: StudyRun, threads: int | None, flatness: FlatnessSettings | None) -> str:
+    """Train or resume one run (in this process or a worker), then analyse its flatness when
+    asked, while its checkpoint is surely there; returns a one-line summary."""
     from bigbatch.report.plots import plot_run_curves
     from bigbatch.train.trainer import Trainer
 
@@ -254,6 +255,8 @@ def _train_one(run: StudyRun, threads: int | None) -> str:
         torch.set_num_threads(threads)
     rows = Trainer(run.config).fit(resume=True)
     plot_run_curves(rows, run.run_dir / "curves.png", title=run.config.run.name)
+    if flatness is not None:
+        analyse_runs([run], flatness)
     last = rows[-1]
     return (
         f"test acc {last['test_acc']:.4f} after {last['epoch']} epochs, "
@@ -269,16 +272,19 @@ def _share_gpus(queue: Any) -> None:
     _free_gpus = queue
 
 
-def _worker(job: tuple[str, StudyRun, int]) -> tuple[str, str, bool, bool]:
+Job = tuple[str, StudyRun, int, FlatnessSettings | None]  # tag, run, threads, analysis
+
+
+def _worker(job: Job) -> tuple[str, str, bool, bool]:
     """(tag, summary or error message, ok, diverged) of one run in a worker process."""
-    tag, run, threads = job
+    tag, run, threads, flatness = job
     gpu = None
     if _free_gpus is not None and run.config.runtime.device in ("auto", "cuda"):
         # Each run takes a GPU no other run holds (runtime keys never change results).
         gpu = _free_gpus.get()
         run.config.runtime.device = f"cuda:{gpu}"
     try:
-        return tag, _train_one(run, threads), True, False
+        return tag, _train_one(run, threads, flatness), True, False
     except BigbatchError as exc:
         return tag, str(exc), False, isinstance(exc, DivergedError)
     finally:
@@ -299,7 +305,7 @@ def run_study(study: Study, jobs: int = 1) -> list[StudyRun]:
     finished one when the study asks for it (in this process, one run after another); when runs
     failed, those that finished are still analysed before the error is raised."""
     try:
-        train_runs(study.runs, jobs)
+        train_runs(study.runs, jobs, flatness=study.flatness)
     except TrainingError:
         _analyse(study)
         raise
@@ -313,7 +319,10 @@ def _analyse(study: Study) -> None:
 
 
 def train_runs(
-    runs: Sequence[StudyRun], jobs: int = 1, divergence_is_result: bool = False
+    runs: Sequence[StudyRun],
+    jobs: int = 1,
+    divergence_is_result: bool = False,
+    flatness: FlatnessSettings | None = None,
 ) -> dict[str, str]:
     """Train every run: finished runs are skipped, interrupted ones resumed.
 
@@ -321,8 +330,8 @@ def train_runs(
     them: small models use two cores better as two single-threaded runs than as one run on two.
     A failed run does not stop the others; the study fails at the end, naming it. With
     ``divergence_is_result``, a diverged run is no failure (in a sweep, an lr too high): its
-    message is returned by run name. SIGTERM or SIGINT ends the workers too (each run resumes
-    from its last checkpoint).
+    message is returned by run name. With ``flatness``, each run is analysed as it finishes.
+    SIGTERM or SIGINT ends the workers too (each run resumes from its last checkpoint).
     """
     pending = []
     for i, run in enumerate(runs, 1):
@@ -336,7 +345,8 @@ def train_runs(
     names = {tag: run.config.run.name for tag, run in pending}
     failed: list[str] = []
     diverged: dict[str, str] = {}
-    for done, (tag, message, ok, divergence) in enumerate(_results(pending, jobs), 1):
+    outcomes = _results(pending, jobs, flatness)
+    for done, (tag, message, ok, divergence) in enumerate(outcomes, 1):
         if divergence and divergence_is_result:
             diverged[names[tag]] = message
         elif not ok:
@@ -352,12 +362,12 @@ def train_runs(
 
 
 def _results(
-    pending: list[tuple[str, StudyRun]], jobs: int
+    pending: list[tuple[str, StudyRun]], jobs: int, flatness: FlatnessSettings | None
 ) -> Iterator[tuple[str, str, bool, bool]]:
     """Each run's outcome as it ends: in this process, or in ``jobs`` spawned workers."""
     if jobs <= 1:
         for tag, run in pending:
-            yield _worker((tag, run, 0))
+            yield _worker((tag, run, 0, flatness))
         return
     threads = max(1, torch.get_num_threads() // jobs)
     pending = sorted(pending, key=lambda item: -_estimated_cost(item[1]))
@@ -374,7 +384,7 @@ def _results(
         with context.Pool(
             jobs, initializer=_share_gpus, initargs=(queue,), maxtasksperchild=1
         ) as pool:
-            jobs_list = [(tag, run, threads) for tag, run in pending]
+            jobs_list = [(tag, run, threads, flatness) for tag, run in pending]
             yield from pool.imap_unordered(_worker, jobs_list)
     finally:
         signal.signal(signal.SIGTERM, previous)
