@@ -12,8 +12,9 @@ A study file is TOML with three parts:
                              e.g. "augment.label_smoothing" = [0.0, 0.1]
 
 Each run's config is base <- run <- grid point <- seed <- command-line overrides, validated like a
-``bigbatch train`` config before anything starts. With ``flatness = true``, every run is analysed
-after training (Hessian, epsilon-sharpness, 1-D loss rise), for the report's flatness claim.
+``bigbatch train`` config before anything starts. With ``flatness = true``, each run is analysed
+as it finishes training (Hessian, epsilon-sharpness, 1-D loss rise), for the report's flatness
+claim.
 """
 
 from __future__ import annotations
@@ -301,9 +302,9 @@ def _stop_on_sigterm(signum: int, frame: Any) -> None:
 
 
 def run_study(study: Study, jobs: int = 1) -> list[StudyRun]:
-    """Run every run of the study (see ``train_runs``), then the flatness analysis of each
-    finished one when the study asks for it (in this process, one run after another); when runs
-    failed, those that finished are still analysed before the error is raised."""
+    """Run every run of the study (see ``train_runs``: each is analysed as it finishes), then
+    the flatness analysis of runs finished earlier whose analysis is missing or stale; when runs
+    failed, that pass still runs before the error is raised."""
     try:
         train_runs(study.runs, jobs, flatness=study.flatness)
     except TrainingError:
