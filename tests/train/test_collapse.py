@@ -1,5 +1,5 @@
 """Collapse (train/health.py): a run that had learned and then sits at a uniform guess's loss
-stops as diverged, in unit cases and in a real run whose weights decay away."""
+and accuracy stops as diverged, in unit cases and in a real run whose weights decay away."""
 
 import math
 
@@ -14,45 +14,65 @@ from bigbatch.train.trainer import Trainer
 UNIFORM = math.log(10)
 
 
-def _rows(*losses, clean=True):
-    """One epoch per (train, test) loss pair; ``clean``: with the clean train loss beside it."""
+def _rows(*epochs, clean=True):
+    """One epoch per (train loss, test loss, accuracy) triple, the accuracy both train and test;
+    ``clean``: with the clean train measurements beside them."""
     rows = []
-    for epoch, (train, test) in enumerate(losses, start=1):
+    for epoch, (train, test, acc) in enumerate(epochs, start=1):
         row = {"epoch": epoch, "train_loss": train, "test_loss": test}
+        row |= {"train_acc": acc, "test_acc": acc}
         if clean:
-            row["train_eval_loss"] = train
+            row |= {"train_eval_loss": train, "train_eval_acc": acc}
         rows.append(row)
     return rows
 
 
+LEARNED, CHANCE = (1.2, 1.3, 0.55), (UNIFORM, UNIFORM, 0.1)
+
+
 def test_a_run_that_learned_then_sits_at_chance_collapsed():
-    learned, chance = (1.2, 1.3), (UNIFORM, UNIFORM)
-    assert collapsed(_rows(learned, chance, chance), 10, 2) is not None
-    message = collapsed(_rows(learned, chance, chance, chance), 10, 3)
+    assert collapsed(_rows(LEARNED, CHANCE, CHANCE), 10, 2) is not None
+    message = collapsed(_rows(LEARNED, CHANCE, CHANCE, CHANCE), 10, 3)
     assert "last 3 epochs, to epoch 4" in message and "warmup_epochs" in message
-    assert collapsed(_rows(learned, chance, chance), 10, 0) is None  # 0: never
-    assert collapsed(_rows(learned, chance, chance), 10, 3) is None  # not yet 3 epochs
+    assert collapsed(_rows(LEARNED, CHANCE, CHANCE), 10, 0) is None  # 0: never
+    assert collapsed(_rows(LEARNED, CHANCE, CHANCE), 10, 3) is None  # not yet 3 epochs
+    # Accuracy at up to twice a uniform guess's (20%) is still a collapse.
+    assert collapsed(_rows(LEARNED, (UNIFORM, UNIFORM, 0.2), CHANCE), 10, 2) is not None
 
 
 def test_runs_that_never_learned_or_overfit_have_not_collapsed():
-    chance = (UNIFORM, UNIFORM)
     # A large batch's first epochs at chance: it has not learned yet.
-    assert collapsed(_rows(chance, chance, chance, chance), 10, 3) is None
+    assert collapsed(_rows(CHANCE, CHANCE, CHANCE, CHANCE), 10, 3) is None
     # Overfitting: the test loss above log(10) while the train loss stays low.
-    overfit = (0.3, 2.6)
-    assert collapsed(_rows((1.2, 1.3), overfit, overfit, overfit), 10, 3) is None
+    overfit = (0.3, 2.6, 0.5)
+    assert collapsed(_rows(LEARNED, overfit, overfit, overfit), 10, 3) is None
     # One epoch of the three recovered.
-    assert collapsed(_rows((1.2, 1.3), chance, (1.9, 1.9), chance), 10, 2) is None
+    assert collapsed(_rows(LEARNED, CHANCE, (1.9, 1.9, 0.3), CHANCE), 10, 2) is None
+
+
+def test_a_confident_model_that_is_often_wrong_has_not_collapsed():
+    # Batch-2048 K-FAC on CIFAR-10 (the paper study, seed 2) after a loss spike at epoch 87:
+    # train loss 6.5 and test loss 6.7, far above log(10), at 48% and 41% accuracy.
+    spike = {"train_loss": 6.53, "train_acc": 0.485, "test_loss": 6.71, "test_acc": 0.413}
+    rows = _rows(LEARNED, CHANCE, CHANCE, CHANCE, clean=False)
+    for row in rows[1:]:
+        row |= spike
+    assert collapsed(rows, 10, 3) is None
+    rows[2]["test_acc"] = rows[2]["train_acc"] = 0.1  # the other two still above 20%: not yet
+    assert collapsed(rows, 10, 3) is None
+    for row in rows[1:]:
+        row["test_acc"] = row["train_acc"] = 0.1
+    assert collapsed(rows, 10, 3) is not None
 
 
 def test_the_clean_train_loss_decides_under_mixup():
     # Mixup keeps the loss on mixed targets near log(10) while the clean loss shows learning.
-    rows = _rows((1.2, 1.3), (1.4, 1.5), (1.4, 1.5))
+    rows = _rows(LEARNED, (1.4, 1.5, 0.5), (1.4, 1.5, 0.5))
     for row in rows:
         row["train_loss"] = 0.97 * UNIFORM
     assert collapsed(rows, 10, 2) is None
     # Without the clean measurement the mixed loss is all there is.
-    rows = _rows((1.2, 1.3), (UNIFORM, UNIFORM), (UNIFORM, UNIFORM), clean=False)
+    rows = _rows(LEARNED, CHANCE, CHANCE, clean=False)
     assert collapsed(rows, 10, 2) is not None
 
 

@@ -244,8 +244,9 @@ class RuntimeConfig:
     # guess's loss, stops the run as diverged (0: only non-finite losses stop it).
     max_loss_factor: float = 10.0
     # A run that had learned (clean train loss at most 0.8 log(classes)) and then spends this
-    # many epochs in a row with train and test loss at 0.95 log(classes) or more (it predicts no
-    # better than a uniform guess) stops as collapsed (0: never).
+    # many epochs in a row with train and test loss at 0.95 log(classes) or more and accuracy at
+    # most twice 1 / classes (it predicts no better than a uniform guess) stops as collapsed
+    # (0: never).
     collapse_epochs: int = 3
     # Deterministic cuDNN/cuBLAS kernels, so a resumed GPU run equals an uninterrupted one bit for
     # bit; false allows faster, autotuned kernels (runs then differ in the last bits).

@@ -31,33 +31,39 @@ def diverged(row: dict[str, Any], max_loss_factor: float, num_classes: int) -> s
 
 
 LEARNED_LOSS, CHANCE_LOSS = 0.8, 0.95  # fractions of log(classes), a uniform guess's loss
+CHANCE_ACCURACY = 2.0  # times 1 / classes, a uniform guess's accuracy
 
 
 def collapsed(rows: list[dict[str, Any]], num_classes: int, epochs: int) -> str | None:
     """Why the run collapsed, or None: it had learned (a clean train loss of at most 0.8
     log(classes)) and then spent the last ``epochs`` epochs (0: never) with train and test loss
-    of at least 0.95 log(classes), the loss of a uniform guess, which a finite-loss check misses."""
+    of at least 0.95 log(classes), the loss of a uniform guess, which a finite-loss check misses,
+    and train and test accuracy of at most twice a uniform guess's: a confident model that is
+    often wrong has such losses too while it still predicts far better than chance."""
     if not epochs or len(rows) <= epochs:
         return None
-    uniform = math.log(num_classes)
+    uniform, chance = math.log(num_classes), CHANCE_ACCURACY / num_classes
     recent, before = rows[-epochs:], rows[:-epochs]
-    if not any(_clean_train_loss(r) <= LEARNED_LOSS * uniform for r in before):
+    if not any(_clean(r, "loss") <= LEARNED_LOSS * uniform for r in before):
         return None
-    if any(min(_clean_train_loss(r), r["test_loss"]) < CHANCE_LOSS * uniform for r in recent):
+    if any(min(_clean(r, "loss"), r["test_loss"]) < CHANCE_LOSS * uniform for r in recent):
+        return None
+    if any(max(_clean(r, "acc"), r["test_acc"]) > chance for r in recent):
         return None
     return (
         f"train and test loss have been at least {CHANCE_LOSS:g} x log({num_classes}) = "
-        f"{CHANCE_LOSS * uniform:.3g} (a uniform guess) for the last {epochs} epochs, to epoch "
+        f"{CHANCE_LOSS * uniform:.3g} (a uniform guess) and their accuracy at most "
+        f"{chance:.0%} for the last {epochs} epochs, to epoch "
         f"{rows[-1]['epoch']}, after the run had learned: it collapsed "
         f"(runtime.collapse_epochs={epochs}). Its checkpoint holds the collapsed model: run "
         "again with --overwrite and a lower optimizer.lr or a warm-up (schedule.warmup_epochs)"
     )
 
 
-def _clean_train_loss(row: dict[str, Any]) -> float:
-    """The train loss without augmentation or Mixup where measured: a model that has learned
-    keeps it low under any smoothing."""
-    return float(row.get("train_eval_loss", row["train_loss"]))
+def _clean(row: dict[str, Any], metric: str) -> float:
+    """The train loss or accuracy without augmentation or Mixup where measured: a model that
+    has learned keeps them good under any smoothing."""
+    return float(row.get(f"train_eval_{metric}", row[f"train_{metric}"]))
 
 
 def unhealthy(
