@@ -145,3 +145,22 @@ flatness_trace_samples = 1"""
     out = capsys.readouterr().out
     assert "finished earlier, skipped" in out and "flatness:" not in out
     assert "| a | 1 | SGD | 32 | none |" in (tmp_path / "report" / "report.md").read_text()
+    # Its analysis cannot be redone without the checkpoint: the study says so and goes on.
+    (run_dir / "sharpness.json").unlink()
+    assert cli_main(["reproduce", str(path)]) == 0
+    assert "flatness: a has no checkpoint to analyse" in capsys.readouterr().out
+
+
+def test_an_analysis_that_fails_does_not_fail_the_run(tmp_path, capsys, monkeypatch):
+    import bigbatch.experiments.grid as grid
+
+    def broken(runs, settings):
+        raise RuntimeError("out of memory")  # as a Hessian product on a full GPU would
+
+    monkeypatch.setattr(grid, "analyse_runs", broken)
+    path = _study(tmp_path, "flatness = true", '[base.run]\nepochs = 1\n[[runs]]\nname = "a"\n')
+    study = load_study(path)
+    assert grid.train_runs(study.runs, flatness=study.flatness) == {}
+    out = capsys.readouterr().out
+    assert "flatness: a failed: out of memory" in out and "1/1 runs ended" in out
+    assert grid.run_status(study.runs[0]) == "done"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bigbatch.errors import ConfigError
+from bigbatch.errors import ConfigError, TrainingError
 from bigbatch.experiments.grid import load_study, run_status, run_study
 from bigbatch.io import read_jsonl
 
@@ -167,10 +167,16 @@ def test_skip_finished_and_resume_interrupted(tmp_path):
     run_study(study)
     assert not (study.runs[0].run_dir / "checkpoint.pt").exists()
     assert (study.runs[0].run_dir / "metrics.jsonl").read_bytes() == kept
-    # Without a checkpoint, an unfinished run has nothing to resume from: it starts again.
-    metrics = study.runs[1].run_dir / "metrics.jsonl"
-    metrics.write_text(metrics.read_text().splitlines()[0] + "\n")
+    # A kept run stands only as it was run: more epochs or another config stop the study
+    # before its numbers are overwritten.
+    with pytest.raises(TrainingError, match=r"'one' .* ends at epoch 2 of 3, so it cannot go on"):
+        run_status(load_study(path, ["run.epochs=3"]).runs[0])
+    with pytest.raises(TrainingError, match=r"changed its config \(optimizer.lr: \S+ -> 0.1\)"):
+        run_study(load_study(path, ["optimizer.lr=0.1"]))
+    assert (study.runs[0].run_dir / "metrics.jsonl").read_bytes() == kept
+    # A damaged metrics file and no checkpoint: nothing to keep or resume, the run starts again.
     (study.runs[1].run_dir / "checkpoint.pt").unlink()
+    (study.runs[1].run_dir / "metrics.jsonl").write_text('{"epoch": 1, "train_lo')
     assert run_status(study.runs[1]) == "new"
 
 

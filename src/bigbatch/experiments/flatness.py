@@ -118,8 +118,8 @@ def analyse_runs(runs: Sequence[StudyRun], settings: FlatnessSettings) -> None:
             )
             if not current:
                 print(
-                    f"flatness: {name} has no checkpoint to analyse; its flatness is not in the "
-                    "report",
+                    f"flatness: {name} has no checkpoint to analyse; its missing or stale "
+                    "results cannot be made",
                     flush=True,
                 )
             continue

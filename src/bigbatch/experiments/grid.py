@@ -20,6 +20,7 @@ claim.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import multiprocessing
 import re
@@ -231,10 +232,40 @@ def run_status(run: StudyRun) -> str:
     c = run.config.run
     finished = bool(rows) and training_finished(rows, c.epochs, c.stop_at_test_acc)
     if not path.exists():
+        if rows:
+            _check_kept_run(run, rows[-1]["epoch"], finished)
         return "done" if finished else "new"
     if finished and load_checkpoint(path)["epoch"] >= rows[-1]["epoch"]:
         return "done"
     return "partial"
+
+
+def _experiment_keys(cfg: Config) -> dict[str, Any]:
+    """The keys that change results, flattened; data.path may differ between machines."""
+    flat = {f"{s}.{k}": v for s, table in cfg.experiment().items() for k, v in table.items()}
+    return {**flat, "data.path": ""}
+
+
+def _check_kept_run(run: StudyRun, last_epoch: int, finished: bool) -> None:
+    """A run with metrics but no checkpoint stands as it was run, or the study stops: training
+    it again (a changed config, or more epochs) would overwrite numbers it cannot resume."""
+    where = f"run '{run.config.run.name}' ({run.run_dir}) has metrics but no checkpoint"
+    fix = "restore its checkpoint, or delete the directory to train it from scratch"
+    if not finished:
+        raise TrainingError(
+            f"{where} and ends at epoch {last_epoch} of {run.config.run.epochs}, so it cannot go "
+            f"on: {fix}"
+        )
+    try:
+        raw = json.loads((run.run_dir / "config.json").read_text())
+        saved = config_from_dict(raw, stored=True)
+    except (BigbatchError, OSError, ValueError) as exc:
+        raise TrainingError(f"{where}, and its config.json is unreadable ({exc}): {fix}") from exc
+    old, new = _experiment_keys(saved), _experiment_keys(run.config)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        raise TrainingError(f"{where}, and the study changed its config ({details}): {fix}")
 
 
 def _estimated_cost(run: StudyRun) -> float:
@@ -257,7 +288,10 @@ def _train_one(run: StudyRun, threads: int | None, flatness: FlatnessSettings | 
     rows = Trainer(run.config).fit(resume=True)
     plot_run_curves(rows, run.run_dir / "curves.png", title=run.config.run.name)
     if flatness is not None:
-        analyse_runs([run], flatness)
+        try:
+            analyse_runs([run], flatness)
+        except Exception as exc:  # the run trained; the study's last pass tries again
+            print(f"flatness: {run.config.run.name} failed: {exc}", flush=True)
     last = rows[-1]
     return (
         f"test acc {last['test_acc']:.4f} after {last['epoch']} epochs, "

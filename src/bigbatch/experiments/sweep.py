@@ -377,11 +377,14 @@ def _lr_scaling(value: Any, labels: list[str], path: Path) -> dict[str, str]:
 
 def chosen_run(sweep: Sweep, choice: Choice) -> SweepRun | None:
     """The run that stands for a cell's solution: its chosen lr on the first seed that has a
-    checkpoint (final seeds first); None while there is none."""
+    checkpoint (final seeds first), else on the first kept without one (its analysis stands as
+    it is); None while there is none."""
     if not choice.has_data:
         return None
-    for seed in [*sweep.final_seeds, *sweep.tuning_seeds]:
-        run = sweep.run(choice.cell, choice.factor, seed)
-        if (run.run_dir / CHECKPOINT_NAME).exists():
-            return run
+    seeds = [*sweep.final_seeds, *sweep.tuning_seeds]
+    runs = [sweep.run(choice.cell, choice.factor, seed) for seed in seeds]
+    for name in (CHECKPOINT_NAME, "metrics.jsonl"):
+        for run in runs:
+            if (run.run_dir / name).exists():
+                return run
     return None
