@@ -121,30 +121,8 @@ def test_bad_study_values_name_the_run(tmp_path):
         load_study(path)
 
 
-def _two_run_study(tmp_path, epochs):
-    return _write_study(
-        tmp_path,
-        f"""[base.run]
-epochs = {epochs}
-[base.data]
-format = "synthetic"
-train_limit = 200
-test_limit = 100
-[base.train]
-batch_size = 50
-train_eval_examples = 100
-[base.runtime]
-progress = "off"
-[[runs]]
-name = "one"
-[[runs]]
-name = "two"
-""",
-    )
-
-
-def test_skip_finished_and_resume_interrupted(tmp_path):
-    path = _two_run_study(tmp_path, epochs=2)
+def test_skip_finished_and_resume_interrupted(small_study):
+    path = small_study(epochs=2)
     study = load_study(path)
     assert [run_status(r) for r in study.runs] == ["new", "new"]
     # "two" is interrupted after epoch 1: train it with epochs=1 under the same directory.
@@ -195,8 +173,8 @@ def _alive(pid):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc")
-def test_sigterm_ends_a_parallel_study_and_its_workers(tmp_path):
-    path = _two_run_study(tmp_path, epochs=200)
+def test_sigterm_ends_a_parallel_study_and_its_workers(small_study):
+    path = small_study(epochs=200)
     study = load_study(path)
     proc = subprocess.Popen(
         [sys.executable, "-m", "bigbatch", "reproduce", str(path), "--jobs", "2"],

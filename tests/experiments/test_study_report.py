@@ -8,36 +8,8 @@ from bigbatch.experiments.study_report import write_study_report
 from bigbatch.train.trainer import Trainer
 
 
-def _study(tmp_path):
-    path = tmp_path / "s.toml"
-    path.write_text(
-        f"""[study]
-name = "s"
-output_dir = "{tmp_path / "out"}"
-[base.run]
-epochs = 2
-[base.data]
-format = "synthetic"
-train_limit = 200
-test_limit = 100
-[base.train]
-batch_size = 50
-train_eval_examples = 100
-[base.runtime]
-progress = "off"
-[[runs]]
-name = "one"
-[[runs]]
-name = "two"
-[[runs]]
-name = "three"
-"""
-    )
-    return path
-
-
-def test_the_report_leaves_out_unfinished_runs_and_names_them(tmp_path):
-    path = _study(tmp_path)
+def test_the_report_leaves_out_unfinished_runs_and_names_them(small_study):
+    path = small_study(epochs=2, names=("one", "two", "three"))
     study = load_study(path)
     with pytest.raises(BigbatchError, match="no run of study 's' has finished yet"):
         write_study_report(study, "bigbatch reproduce s.toml")
