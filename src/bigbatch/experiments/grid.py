@@ -50,6 +50,7 @@ from bigbatch.experiments.flatness import (
 from bigbatch.io import read_jsonl
 from bigbatch.report.report import Figure
 from bigbatch.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from bigbatch.train.state import config_changes
 from bigbatch.train.stopping import training_finished
 
 STUDY_KEYS = {
@@ -240,12 +241,6 @@ def run_status(run: StudyRun) -> str:
     return "partial"
 
 
-def _experiment_keys(cfg: Config) -> dict[str, Any]:
-    """The keys that change results, flattened; data.path may differ between machines."""
-    flat = {f"{s}.{k}": v for s, table in cfg.experiment().items() for k, v in table.items()}
-    return {**flat, "data.path": ""}
-
-
 def _check_kept_run(run: StudyRun, last_epoch: int, finished: bool) -> None:
     """A run with metrics but no checkpoint stands as it was run, or the study stops: training
     it again (a changed config, or more epochs) would overwrite numbers it cannot resume."""
@@ -261,10 +256,10 @@ def _check_kept_run(run: StudyRun, last_epoch: int, finished: bool) -> None:
         saved = config_from_dict(raw, stored=True)
     except (BigbatchError, OSError, ValueError) as exc:
         raise TrainingError(f"{where}, and its config.json is unreadable ({exc}): {fix}") from exc
-    old, new = _experiment_keys(saved), _experiment_keys(run.config)
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    # data.path may differ between machines.
+    changed = config_changes(saved.experiment(), run.config.experiment(), ignore=("data.path",))
     if changed:
-        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
         raise TrainingError(f"{where}, and the study changed its config ({details}): {fix}")
 
 

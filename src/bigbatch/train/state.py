@@ -27,27 +27,35 @@ def _flatten_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return {f"{s}.{k}": v for s, section in cfg.items() for k, v in section.items()}
 
 
+def config_changes(
+    saved: dict[str, Any], current: dict[str, Any], ignore: tuple[str, ...] = ()
+) -> dict[str, list[Any]]:
+    """{key: [old, new]} for every dotted key whose value differs, except those in ``ignore``."""
+    a, b = _flatten_config(saved), _flatten_config(current)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in ignore)
+    return {k: [a.get(k), b.get(k)] for k in keys}
+
+
 def check_compatible(
     saved: dict[str, Any], current: dict[str, Any], path: Path, allowed: tuple[str, ...] = ()
 ) -> dict[str, list[Any]]:
     """The allowed changes as {key: [old, new]}; any other experiment-key change is refused."""
-    a, b = _flatten_config(saved), _flatten_config(current)
-    unknown = sorted(set(allowed) - set(b))
+    unknown = sorted(set(allowed) - set(_flatten_config(current)))
     if unknown:
         raise TrainingError(
             f"--allow-change {', '.join(unknown)}: not an experiment config key (runtime keys "
             "may change on every resume without it); e.g. --allow-change optimizer.lr"
         )
-    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k != EXTENDABLE)
+    changed = config_changes(saved, current, ignore=(EXTENDABLE,))
     refused = [k for k in changed if k not in allowed]
     if refused:
-        details = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in refused)
+        details = ", ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in refused)
         raise TrainingError(
             f"cannot resume '{path}': the config changed ({details}); resume with the original "
             f"config, allow the change explicitly with --allow-change {refused[0]}, or use a new "
             "run.name"
         )
-    return {k: [a.get(k), b.get(k)] for k in changed if k in allowed}
+    return {k: v for k, v in changed.items() if k in allowed}
 
 
 def experiment_fingerprint(cfg: Config) -> int:
