@@ -5,6 +5,7 @@ from bigbatch.config import (
     config_from_dict,
     load_config,
     parse_override,
+    read_run_config,
     validate_against_data,
 )
 from bigbatch.errors import ConfigError
@@ -115,6 +116,17 @@ def test_stored_configs_of_the_old_layout_still_load():
         and cfg.runtime.cache_dir == "c"
         and cfg.train.batch_size == 64
     )
+
+
+def test_run_configs_are_read_back_or_refused_by_name(tmp_path):
+    with pytest.raises(ConfigError, match="not a bigbatch run directory \\(no config.json\\)"):
+        read_run_config(tmp_path)
+    (tmp_path / "config.json").write_text('{"optimizer": {"lr": 0.5}}')
+    assert read_run_config(tmp_path).optimizer.lr == 0.5
+    for damaged in ('{"optimizer": {"lr"', "[1, 2]", '{"optimizer": {"lr": "fast"}}'):
+        (tmp_path / "config.json").write_text(damaged)
+        with pytest.raises(ConfigError, match="config.json' is not a bigbatch run config"):
+            read_run_config(tmp_path)
 
 
 def test_data_path_has_no_machine_default(monkeypatch, tmp_path):

@@ -152,6 +152,13 @@ def test_skip_finished_and_resume_interrupted(small_study):
     with pytest.raises(TrainingError, match=r"changed its config \(optimizer.lr: \S+ -> 0.1\)"):
         run_study(load_study(path, ["optimizer.lr=0.1"]))
     assert (study.runs[0].run_dir / "metrics.jsonl").read_bytes() == kept
+    saved_config = study.runs[0].run_dir / "config.json"
+    text = saved_config.read_text()
+    saved_config.write_text(text[: len(text) // 2])
+    with pytest.raises(TrainingError, match=r"'one' .*config.json' is not a bigbatch run config"):
+        run_study(study)
+    saved_config.write_text(text)
+    assert (study.runs[0].run_dir / "metrics.jsonl").read_bytes() == kept
     # A damaged metrics file and no checkpoint: nothing to keep or resume, the run starts again.
     (study.runs[1].run_dir / "checkpoint.pt").unlink()
     (study.runs[1].run_dir / "metrics.jsonl").write_text('{"epoch": 1, "train_lo')

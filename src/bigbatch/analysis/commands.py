@@ -22,6 +22,7 @@ from bigbatch.analysis.landscape import (
 )
 from bigbatch.analysis.loading import TrainedRun, load_trained_run
 from bigbatch.analysis.sharpness import epsilon_sharpness
+from bigbatch.config import read_run_config
 from bigbatch.errors import BigbatchError
 from bigbatch.io import atomic_write_json, atomic_write_text
 from bigbatch.report.plots import plt, save_figure
@@ -301,16 +302,9 @@ def _require_same_shapes(first: TrainedRun, second: TrainedRun) -> None:
 
 
 def _same_data(run: TrainedRun, other_dir: str) -> bool:
-    import json
-
-    other = json.loads((Path(other_dir) / "config.json").read_text())["data"]
-    d = run.config.data
-    return (other["format"], other["path"], other["train_limit"], other["test_limit"]) == (
-        d.format,
-        d.path,
-        d.train_limit,
-        d.test_limit,
-    )
+    other, d = read_run_config(other_dir).data, run.config.data
+    fields = ("format", "path", "train_limit", "test_limit")
+    return all(getattr(other, f) == getattr(d, f) for f in fields)
 
 
 def _write_curve(base: Path, rows: list[dict[str, float]], meta: dict[str, Any]) -> list[Path]:

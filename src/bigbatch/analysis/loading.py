@@ -3,7 +3,6 @@ trainer."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bigbatch.config import Config, config_from_dict
+from bigbatch.config import Config, read_run_config
 from bigbatch.data import ImageDataset, load_dataset
 from bigbatch.data.batches import BatchLoader, channel_stats
 from bigbatch.errors import BigbatchError
@@ -73,19 +72,7 @@ def load_trained_run(
     """The run's model (on ``device``, a runtime.device value) and its data."""
     target = resolve_device(device)
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
-    if not config_path.exists():
-        raise BigbatchError(
-            f"'{run_dir}' is not a bigbatch run directory (no config.json); pass the directory of "
-            "a finished run"
-        )
-    try:
-        cfg = config_from_dict(json.loads(config_path.read_text()), stored=True)
-    except (ValueError, TypeError, AttributeError) as exc:  # damaged or foreign JSON
-        raise BigbatchError(
-            f"'{config_path}' is not a bigbatch run config ({exc}); pass the directory of a run "
-            "that bigbatch wrote"
-        ) from None
+    cfg = read_run_config(run_dir)
     state = load_checkpoint(run_dir / CHECKPOINT_NAME)
     d = cfg.data
     key = (d.format, d.path, d.train_limit, d.test_limit)

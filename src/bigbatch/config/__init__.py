@@ -12,6 +12,7 @@ from bigbatch.config.loading import (
     load_config,
     merge_overrides,
     parse_override,
+    read_run_config,
     read_toml,
 )
 from bigbatch.config.schema import (
@@ -59,6 +60,7 @@ __all__ = [
     "load_config",
     "merge_overrides",
     "parse_override",
+    "read_run_config",
     "read_toml",
     "validate",
     "validate_against_data",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 import typing
 from pathlib import Path
@@ -102,6 +103,27 @@ def config_from_dict(raw: dict[str, Any], stored: bool = False) -> Config:
         # Stored resolved, so analysis and --resume find the data from any directory.
         cfg.data.path = str(Path(cfg.data.path).expanduser().absolute())
     return cfg
+
+
+def read_run_config(run_dir: str | Path) -> Config:
+    """The Config a run directory's config.json stores; a clear ConfigError when it is missing
+    or is not one bigbatch wrote."""
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        raise ConfigError(
+            f"'{run_dir}' is not a bigbatch run directory (no config.json); pass the directory of "
+            "a run that bigbatch wrote"
+        )
+    try:
+        raw = json.loads(path.read_text())
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON table")
+        return config_from_dict(raw, stored=True)
+    except (ValueError, TypeError, AttributeError, OSError, ConfigError) as exc:
+        raise ConfigError(
+            f"'{path}' is not a bigbatch run config ({exc}); pass the directory of a run that "
+            "bigbatch wrote"
+        ) from None
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

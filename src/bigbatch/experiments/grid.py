@@ -20,7 +20,6 @@ claim.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import multiprocessing
 import re
@@ -37,6 +36,7 @@ from bigbatch.config import (
     config_from_dict,
     deep_merge,
     merge_overrides,
+    read_run_config,
     read_toml,
     validate,
 )
@@ -252,10 +252,9 @@ def _check_kept_run(run: StudyRun, last_epoch: int, finished: bool) -> None:
             f"on: {fix}"
         )
     try:
-        raw = json.loads((run.run_dir / "config.json").read_text())
-        saved = config_from_dict(raw, stored=True)
-    except (BigbatchError, OSError, ValueError) as exc:
-        raise TrainingError(f"{where}, and its config.json is unreadable ({exc}): {fix}") from exc
+        saved = read_run_config(run.run_dir)
+    except ConfigError as exc:
+        raise TrainingError(f"{where}, and {exc}; or {fix}") from None
     # data.path may differ between machines.
     changed = config_changes(saved.experiment(), run.config.experiment(), ignore=("data.path",))
     if changed:
