@@ -20,7 +20,7 @@ from bigbatch.analysis.landscape import (
     linspace,
     random_direction,
 )
-from bigbatch.analysis.loading import TrainedRun, load_trained_run
+from bigbatch.analysis.loading import TrainedRun, data_key, load_trained_run
 from bigbatch.analysis.sharpness import epsilon_sharpness
 from bigbatch.config import read_run_config
 from bigbatch.errors import BigbatchError
@@ -302,9 +302,7 @@ def _require_same_shapes(first: TrainedRun, second: TrainedRun) -> None:
 
 
 def _same_data(run: TrainedRun, other_dir: str) -> bool:
-    other, d = read_run_config(other_dir).data, run.config.data
-    fields = ("format", "path", "train_limit", "test_limit")
-    return all(getattr(other, f) == getattr(d, f) for f in fields)
+    return data_key(read_run_config(other_dir).data) == data_key(run.config.data)
 
 
 def _write_curve(base: Path, rows: list[dict[str, float]], meta: dict[str, Any]) -> list[Path]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bigbatch.config import Config, read_run_config
+from bigbatch.config import Config, DataConfig, read_run_config
 from bigbatch.data import ImageDataset, load_dataset
 from bigbatch.data.batches import BatchLoader, channel_stats
 from bigbatch.errors import BigbatchError
@@ -66,6 +66,11 @@ class TrainedRun:
 _DATASETS: dict[tuple, ImageDataset] = {}
 
 
+def data_key(data: DataConfig) -> tuple[str, str, int, int]:
+    """What decides a run's dataset: runs with equal keys can share one loaded copy."""
+    return (data.format, data.path, data.train_limit, data.test_limit)
+
+
 def load_trained_run(
     run_dir: str | Path, dataset: ImageDataset | None = None, device: str = "cpu"
 ) -> TrainedRun:
@@ -75,7 +80,7 @@ def load_trained_run(
     cfg = read_run_config(run_dir)
     state = load_checkpoint(run_dir / CHECKPOINT_NAME)
     d = cfg.data
-    key = (d.format, d.path, d.train_limit, d.test_limit)
+    key = data_key(d)
     if dataset is None:
         dataset = _DATASETS.get(key)
     if dataset is None:

@@ -119,7 +119,7 @@ def read_run_config(run_dir: str | Path) -> Config:
         if not isinstance(raw, dict):
             raise ValueError("not a JSON table")
         return config_from_dict(raw, stored=True)
-    except (ValueError, TypeError, AttributeError, OSError, ConfigError) as exc:
+    except (ValueError, TypeError, AttributeError, OSError) as exc:  # ConfigError is a ValueError
         raise ConfigError(
             f"'{path}' is not a bigbatch run config ({exc}); pass the directory of a run that "
             "bigbatch wrote"
