@@ -10,6 +10,8 @@ from fake_runs import fake_run as _fake_run
 
 from bigbatch.config import Config
 from bigbatch.experiments.grid import load_study
+from bigbatch.report.figures import legend_labels
+from bigbatch.report.plots import plt
 from bigbatch.report.report import aggregate, degradation, load_run, summarize, write_report
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -141,3 +143,17 @@ def test_lars_and_sam_are_named_in_the_report():
     older = cfg.to_dict()
     del older["optimizer"]["sam_rho"]  # a run from before SAM existed
     assert RunResult("b", "b", older, [], {}).smoothing == "none"
+
+
+def test_comparison_legend_has_one_entry_per_config(tmp_path):
+    results = [
+        load_run(_fake_run(tmp_path, f"a-s{s}", "sgd", 128, 0.0, [0.5], seed=s), label="a")
+        for s in range(3)
+    ] + [load_run(_fake_run(tmp_path, "b", "sgd", 2048, 0.0, [0.4]), label="b")]
+    labels = legend_labels(results, large_batch_from=1024)
+    fig, ax = plt.subplots()
+    for label in labels:
+        ax.plot([0, 1], [0, 1], label=label)
+    shown = ax.get_legend_handles_labels()[1]
+    plt.close(fig)
+    assert shown == ["SB SGD (128), 3 seeds", "LB SGD (2048)"]

@@ -43,6 +43,21 @@ def _run_label(run: RunResult, large_batch_from: int | None) -> str:
     return f"{size}{run.optimizer} ({run.batch_size}{', ' + run.smoothing if run.smoothed else ''})"
 
 
+def legend_labels(runs: list[RunResult], large_batch_from: int | None = None) -> list[str]:
+    """One legend entry per config: its first seed carries the label (with the seed count), the
+    other seeds, drawn in the same style, are hidden from the legend by matplotlib's '_' prefix."""
+    labels = [_run_label(run, large_batch_from) for run in runs]
+    counts = {label: labels.count(label) for label in labels}
+    out, seen = [], set()
+    for label in labels:
+        if label in seen:
+            out.append("_" + label)
+        else:
+            seen.add(label)
+            out.append(label if counts[label] == 1 else f"{label}, {counts[label]} seeds")
+    return out
+
+
 def figure_runs(
     runs: list[RunResult], figures: list[Figure]
 ) -> list[tuple[Figure, list[RunResult]]]:
@@ -66,10 +81,9 @@ def plot_comparison(
 ) -> None:
     key, xlabel = X_AXES[x_axis]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.2))
-    for run in runs:
+    for run, label in zip(runs, legend_labels(runs, large_batch_from), strict=True):
         xs = [r[key] for r in run.rows]
         style = _style(run, large_batch_from)
-        label = _run_label(run, large_batch_from)
         ax_acc.plot(xs, [100 * r["test_acc"] for r in run.rows], label=label, **style)
         ax_loss.plot(xs, [r["test_loss"] for r in run.rows], label=label, **style)
     if target:
