@@ -149,11 +149,14 @@ def test_comparison_legend_has_one_entry_per_config(tmp_path):
     results = [
         load_run(_fake_run(tmp_path, f"a-s{s}", "sgd", 128, 0.0, [0.5], seed=s), label="a")
         for s in range(3)
-    ] + [load_run(_fake_run(tmp_path, "b", "sgd", 2048, 0.0, [0.4]), label="b")]
+    ] + [
+        load_run(_fake_run(tmp_path, name, "sgd", 2048, 0.0, [0.4]), label=name)
+        for name in ("b", "c")  # two configs that plot alike stay two entries, not "2 seeds"
+    ]
     labels = legend_labels(results, large_batch_from=1024)
     fig, ax = plt.subplots()
     for label in labels:
         ax.plot([0, 1], [0, 1], label=label)
     shown = ax.get_legend_handles_labels()[1]
     plt.close(fig)
-    assert shown == ["SB SGD (128), 3 seeds", "LB SGD (2048)"]
+    assert shown == ["SB SGD (128), 3 seeds", "LB SGD (2048)", "LB SGD (2048)"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,17 +45,18 @@ def _run_label(run: RunResult, large_batch_from: int | None) -> str:
 
 
 def legend_labels(runs: list[RunResult], large_batch_from: int | None = None) -> list[str]:
-    """One legend entry per config: its first seed carries the label (with the seed count), the
-    other seeds, drawn in the same style, are hidden from the legend by matplotlib's '_' prefix."""
-    labels = [_run_label(run, large_batch_from) for run in runs]
-    counts = {label: labels.count(label) for label in labels}
+    """One legend entry per config (``RunResult.label``, whose seeds the report aggregates): its
+    first seed carries the label with the seed count; the others, drawn in the same style, are
+    hidden from the legend by matplotlib's '_' prefix."""
+    seeds = Counter(run.label for run in runs)
     out, seen = [], set()
-    for label in labels:
-        if label in seen:
+    for run in runs:
+        label = _run_label(run, large_batch_from)
+        if run.label in seen:
             out.append("_" + label)
         else:
-            seen.add(label)
-            out.append(label if counts[label] == 1 else f"{label}, {counts[label]} seeds")
+            seen.add(run.label)
+            out.append(label if seeds[run.label] == 1 else f"{label}, {seeds[run.label]} seeds")
     return out
 
 
