@@ -207,3 +207,29 @@ def test_sigterm_ends_a_parallel_study_and_its_workers(small_study):
 
     for r in study.runs:
         RunLock(r.run_dir).release()
+
+
+@pytest.mark.slow
+def test_a_parallel_study_ends_cleanly_with_the_serial_results(small_study):
+    # Three runs on two workers: a replacement worker is started after the first run ends.
+    path = small_study(epochs=2, names=("one", "two", "three"))
+    serial_path = path.with_name("serial.toml")
+    serial_path.write_text(path.read_text().replace('/out"', '/serial"'))
+    for config, jobs in ((path, "2"), (serial_path, "1")):
+        done = subprocess.run(
+            [sys.executable, "-m", "bigbatch", "reproduce", str(config), "--jobs", jobs],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "leaked" not in done.stderr, done.stderr
+    for run, serial in zip(load_study(path).runs, load_study(serial_path).runs, strict=True):
+        assert run_status(run) == "done"
+        parallel_rows = read_jsonl(run.run_dir / "metrics.jsonl")
+        serial_rows = read_jsonl(serial.run_dir / "metrics.jsonl")
+        assert [r["epoch"] for r in parallel_rows] == [1, 2]
+        for key in ("train_loss", "test_loss", "test_acc"):
+            assert [r[key] for r in parallel_rows] == pytest.approx(
+                [r[key] for r in serial_rows], rel=1e-4
+            ), key

@@ -415,5 +415,9 @@ def _results(
         ) as pool:
             jobs_list = [(tag, run, threads, flatness) for tag, run in pending]
             yield from pool.imap_unordered(_worker, jobs_list)
+            # A normal end lets the workers exit on their own; the with block's terminate()
+            # is for a stop.
+            pool.close()
+            pool.join()
     finally:
         signal.signal(signal.SIGTERM, previous)
