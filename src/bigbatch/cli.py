@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -37,6 +38,18 @@ def _add_grid_args(p: argparse.ArgumentParser) -> None:
         "--output-dir",
         help="put the runs and report here instead of the file's output_dir",
     )
+
+
+def _made_by(command: str, args: argparse.Namespace) -> str:
+    """The command line that makes these runs and report again, for the report's header."""
+    words = ["bigbatch", command, args.config]
+    if getattr(args, "seeds", None):
+        words += ["--seeds", *map(str, args.seeds)]
+    if args.output_dir:
+        words += ["--output-dir", args.output_dir]
+    for override in args.overrides:
+        words += ["--set", override]
+    return " ".join(shlex.quote(word) for word in words)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -96,10 +109,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     print(f"study {study.name}: {len(study.runs)} runs under {study.output_dir}/", flush=True)
     if not args.report_only:
         run_study(study, jobs=args.jobs)
-    report = write_study_report(
-        study,
-        " ".join(["bigbatch reproduce", args.config, *(f"--set {o}" for o in args.overrides)]),
-    )
+    report = write_study_report(study, _made_by("reproduce", args))
     print(f"report: {report}")
     return 0
 
@@ -116,8 +126,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"sweep {sweep.name}: {len(sweep.cells())} cells under {sweep.output_dir}/", flush=True)
     if not args.report_only:
         run_sweep(sweep, jobs=args.jobs)
-    command = " ".join(["bigbatch sweep", args.config, *(f"--set {o}" for o in args.overrides)])
-    print(f"report: {write_report(sweep, command)}")
+    print(f"report: {write_report(sweep, _made_by('sweep', args))}")
     return 0
 
 
