@@ -121,3 +121,23 @@ class Index:
         small = self.get(optimizer, small_batch, smoothing)
         large = self.get(optimizer, large_batch, smoothing)
         return SmallLarge(small, large) if small and large else None
+
+
+def best_small_and_large(
+    summaries: list[dict[str, Any]], large_batch_from: int
+) -> tuple[SmallLarge, int, int] | None:
+    """The config of highest mean final test accuracy below ``large_batch_from`` and the one at or
+    above it, with how many configs each side chose from; None when a side has none."""
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for s in summaries:
+        by_label.setdefault(s["label"], []).append(s)
+    groups = [RunGroup(label, runs) for label, runs in by_label.items()]
+    small = [g for g in groups if g.batch_size < large_batch_from]
+    large = [g for g in groups if g.batch_size >= large_batch_from]
+    if not small or not large:
+        return None
+
+    def best(side: list[RunGroup]) -> RunGroup:
+        return max(side, key=lambda g: g.mean_std("final_test_acc")[0])
+
+    return SmallLarge(best(small), best(large)), len(small), len(large)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bigbatch.report.claims import claims_section, evaluate_claims
+from bigbatch.report.configs import best_small_and_large
 from bigbatch.report.figures import X_AXES, Figure, figure_runs, plot_comparison
 from bigbatch.report.plots import plot_noise_scale
 from bigbatch.report.results import RunResult, aggregate, degradation, load_run, summarize
@@ -184,6 +186,8 @@ def write_report(
             )
         )
         md.append("")
+    if large_batch_from is not None:
+        md += best_against_best(summaries, large_batch_from)
     if any("hessian_top_eigenvalue" in s or "loss_rise_1d" in s for s in summaries):
         md += ["## Flatness", ""]
         md += [flatness_table(agg, "label"), ""]
@@ -208,3 +212,49 @@ def write_report(
             ("claims.csv", "each claim's settings: difference, interval, verdict", claims_rows),
         ],
     )
+
+
+def best_against_best(summaries: list[dict[str, Any]], large_batch_from: int) -> list[str]:
+    """The section comparing the best large-batch config with the best small-batch one."""
+    found = best_small_and_large(summaries, large_batch_from)
+    if found is None:
+        return []
+    pair, n_small, n_large = found
+    rows = []
+    for side, group in (("small", pair.small), ("large", pair.large)):
+        cells = [
+            fmt(mean, True, std)
+            for mean, std in (group.mean_std(k) for k in ("final_test_acc", "best_test_acc"))
+        ]
+        cells += [fmt(group.mean_std(key)[0]) for key in ("train_time_s", "time_to_target_s")]
+        rows.append([side, group.label, str(group.batch_size), str(len(group.runs)), *cells])
+    gap, half = pair.difference("final_test_acc")
+    best_gap, best_half = pair.difference("best_test_acc")
+    time_ratio = pair.large.mean_std("train_time_s")[0] / pair.small.mean_std("train_time_s")[0]
+    return [
+        "## Best large batch against best small batch",
+        "",
+        f"The config of highest mean final test accuracy below batch {large_batch_from} (of "
+        f"{n_small}) and at or above it (of {n_large}). They are chosen on the test set, so "
+        "each winner's accuracy is read with that selection in mind.",
+        "",
+        markdown_table(
+            [
+                "side",
+                "run",
+                "batch",
+                "seeds",
+                "final test acc %",
+                "best test acc %",
+                "train time s",
+                "time to target s",
+            ],
+            rows,
+        ),
+        "",
+        f"Gap (small minus large batch), final test accuracy: {fmt(gap, True, half)} points; "
+        f"best epoch: {fmt(best_gap, True, best_half)} (± the half-width of a 95% Welch "
+        f"interval where both have two or more seeds). The large batch trains in "
+        f"{fmt(time_ratio)}x the small batch's wall time.",
+        "",
+    ]
