@@ -6,6 +6,7 @@ time: ``bigbatch reproduce CONFIG --report-only``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -230,7 +231,8 @@ def best_against_best(summaries: list[dict[str, Any]], large_batch_from: int) ->
         rows.append([side, group.label, str(group.batch_size), str(len(group.runs)), *cells])
     gap, half = pair.difference("final_test_acc")
     best_gap, best_half = pair.difference("best_test_acc")
-    time_ratio = pair.large.mean_std("train_time_s")[0] / pair.small.mean_std("train_time_s")[0]
+    small_time, large_time = (g.mean_std("train_time_s")[0] for g in (pair.small, pair.large))
+    time_ratio = large_time / small_time if small_time > 0 else math.nan
     return [
         "## Best large batch against best small batch",
         "",
