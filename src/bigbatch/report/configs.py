@@ -17,6 +17,14 @@ def kind(smoothing: str) -> str:
     return "Mixup" if smoothing.startswith("Mixup a=") and "," not in smoothing else smoothing
 
 
+def by_label(summaries: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The per-seed ``summaries`` grouped by run label, in first-seen order."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for s in summaries:
+        groups.setdefault(s["label"], []).append(s)
+    return groups
+
+
 @dataclass
 class RunGroup:
     """One config of the study: a run label and its runs (``summarize`` rows), one per seed."""
@@ -82,11 +90,8 @@ class Index:
     share is ambiguous and left out, named in ``ambiguous``."""
 
     def __init__(self, summaries: list[dict[str, Any]]):
-        by_label: dict[str, list[dict[str, Any]]] = {}
-        for s in summaries:
-            by_label.setdefault(s["label"], []).append(s)
         keyed: dict[tuple[str, int, str], list[RunGroup]] = {}
-        for label, runs in by_label.items():
+        for label, runs in by_label(summaries).items():
             first = runs[0]
             key = (first["optimizer"], first["batch_size"], kind(first["smoothing"]))
             keyed.setdefault(key, []).append(RunGroup(label, runs))
@@ -128,10 +133,7 @@ def best_small_and_large(
 ) -> tuple[SmallLarge, int, int] | None:
     """The config of highest mean final test accuracy below ``large_batch_from`` and the one at or
     above it, with how many configs each side chose from; None when a side has none."""
-    by_label: dict[str, list[dict[str, Any]]] = {}
-    for s in summaries:
-        by_label.setdefault(s["label"], []).append(s)
-    groups = [RunGroup(label, runs) for label, runs in by_label.items()]
+    groups = [RunGroup(label, runs) for label, runs in by_label(summaries).items()]
     small = [g for g in groups if g.batch_size < large_batch_from]
     large = [g for g in groups if g.batch_size >= large_batch_from]
     if not small or not large:

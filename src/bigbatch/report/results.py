@@ -13,7 +13,7 @@ from typing import Any
 
 from bigbatch.analysis.flatness import FLATNESS_FILE
 from bigbatch.io import read_jsonl
-from bigbatch.report.configs import Index
+from bigbatch.report.configs import Index, by_label
 from bigbatch.report.scaling import welch_interval
 
 
@@ -128,11 +128,8 @@ NUMERIC = (
 
 def aggregate(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per label: the mean over seeds, with the sample std and seed count beside it."""
-    by_label: dict[str, list[dict[str, Any]]] = {}
-    for s in summaries:
-        by_label.setdefault(s["label"], []).append(s)
     out = []
-    for group in by_label.values():
+    for group in by_label(summaries).values():
         row = {
             k: group[0][k]
             for k in ("label", "optimizer", "batch_size", "smoothing", "lr", "epochs", "updates")
