@@ -229,6 +229,7 @@ def test_report_omits_the_noise_scale_when_no_run_logs_it(tmp_path):
         _fake(run, [(0.3, 100), (0.7, 200)])
     text = write_report(sweep).read_text()
     assert "B_simple" not in text and "Flatness" not in text
+    assert "Hardware: not recorded by these runs" in text  # the fake rows do not record it
 
 
 def test_report_shows_the_chosen_runs_flatness(tmp_path):

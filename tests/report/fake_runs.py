@@ -21,9 +21,11 @@ def fake_run(
     accs: list[float],
     seed: int = 0,
     loss_rise: float | None = None,
+    hardware: list[str] | None = None,
 ) -> Path:
     """config.json, one metrics row per test accuracy in ``accs`` (50000 // batch steps an
-    epoch) and, with ``loss_rise``, a flatness_1d.json holding it."""
+    epoch), with ``hardware`` the machine of each epoch, and, with ``loss_rise``, a
+    flatness_1d.json holding it."""
     cfg = Config()
     cfg.run.name, cfg.run.seed = name, seed
     cfg.optimizer.name, cfg.train.batch_size, cfg.augment.mixup_alpha = optimizer, batch, mixup
@@ -44,6 +46,8 @@ def fake_run(
         }
         for e, a in enumerate(accs)
     ]
+    for row, machine in zip(rows, hardware or []):
+        row["hardware"] = machine
     write_jsonl(run / "metrics.jsonl", rows)
     if loss_rise is not None:
         flatness = {"settings": {"distance": 0.1}, "train_loss_rise": loss_rise}

@@ -17,6 +17,7 @@ def _runs(label, batch, accs, train_time):
             "best_test_acc": acc + 0.01,
             "train_time_s": train_time,
             "time_to_target_s": math.nan,
+            "hardware": "CPU A",
         }
         for acc in accs
     ]

@@ -88,6 +88,11 @@ def test_run_directory_contents(tmp_path, synthetic):
         "lr",
     ):
         assert key in rows[0]
+    with open("/proc/cpuinfo") as f:  # the CPU model Linux reports, read independently
+        model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    assert {r["hardware"] for r in rows} == {
+        f"{model}, {torch.get_num_threads()} of {len(os.sched_getaffinity(0))} cores"
+    }
     assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 3
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]

@@ -15,8 +15,21 @@ from bigbatch.report.claims import claims_section, evaluate_claims
 from bigbatch.report.configs import best_small_and_large
 from bigbatch.report.figures import X_AXES, Figure, figure_runs, plot_comparison
 from bigbatch.report.plots import plot_noise_scale
-from bigbatch.report.results import RunResult, aggregate, degradation, load_run, summarize
-from bigbatch.report.tables import finish_report, flatness_table, fmt, markdown_table
+from bigbatch.report.results import (
+    UNRECORDED,
+    RunResult,
+    aggregate,
+    degradation,
+    load_run,
+    summarize,
+)
+from bigbatch.report.tables import (
+    finish_report,
+    flatness_table,
+    fmt,
+    hardware_note,
+    markdown_table,
+)
 
 __all__ = [
     "Figure",
@@ -75,6 +88,7 @@ def write_report(
         md += [f"Made by `{command}`.", ""]
     if notes:
         md += [notes, ""]
+    md += hardware_note([s["hardware"] for s in summaries])
     md += claims_md
     md += ["## Runs", ""]
     if multi_seed:
@@ -233,6 +247,13 @@ def best_against_best(summaries: list[dict[str, Any]], large_batch_from: int) ->
     best_gap, best_half = pair.difference("best_test_acc")
     small_time, large_time = (g.mean_std("train_time_s")[0] for g in (pair.small, pair.large))
     time_ratio = large_time / small_time if small_time > 0 else math.nan
+    small_hw, large_hw = ({r["hardware"] for r in g.runs} for g in (pair.small, pair.large))
+    machines = (
+        ""
+        if small_hw == large_hw and len(small_hw) == 1 and UNRECORDED not in small_hw
+        else f" (small batch on {' / '.join(sorted(small_hw))}, large batch on "
+        f"{' / '.join(sorted(large_hw))}: not one machine, or not known to be)"
+    )
     return [
         "## Best large batch against best small batch",
         "",
@@ -257,6 +278,6 @@ def best_against_best(summaries: list[dict[str, Any]], large_batch_from: int) ->
         f"Gap (small minus large batch), final test accuracy: {fmt(gap, True, half)} points; "
         f"best epoch: {fmt(best_gap, True, best_half)} (± the half-width of a 95% Welch "
         f"interval where both have two or more seeds). The large batch trains in "
-        f"{fmt(time_ratio)}x the small batch's wall time.",
+        f"{fmt(time_ratio)}x the small batch's wall time{machines}.",
         "",
     ]

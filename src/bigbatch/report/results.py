@@ -72,6 +72,16 @@ def first_reaching(rows: list[dict[str, Any]], target: float) -> dict[str, Any] 
     return next((r for r in rows if r["test_acc"] >= target), None)
 
 
+UNRECORDED = "not recorded"
+
+
+def hardware_of(rows: list[dict[str, Any]]) -> str:
+    """The hardware a run's epochs trained on, in order, ``" + "`` between machines; epochs of
+    runs older than the ``hardware`` field count as ``not recorded``."""
+    names = dict.fromkeys(str(r.get("hardware", UNRECORDED)) for r in rows)
+    return " + ".join(names)
+
+
 def summarize(run: RunResult, target: float) -> dict[str, Any]:
     last = run.rows[-1]
     best = max(run.rows, key=lambda r: r["test_acc"])
@@ -96,6 +106,7 @@ def summarize(run: RunResult, target: float) -> dict[str, Any]:
         "epochs_to_target": hit["epoch"] if hit else math.nan,
         "updates_to_target": hit["step"] if hit else math.nan,
         "time_to_target_s": hit["train_time"] if hit else math.nan,
+        "hardware": hardware_of(run.rows),
     }
     if "sharpness" in run.extra:
         s = run.extra["sharpness"]
@@ -135,6 +146,7 @@ def aggregate(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for k in ("label", "optimizer", "batch_size", "smoothing", "lr", "epochs", "updates")
         }
         row["seeds"] = len(group)
+        row["hardware"] = " + ".join(dict.fromkeys(g["hardware"] for g in group))
         row["seeds_reaching_target"] = sum(not math.isnan(g["updates_to_target"]) for g in group)
         for key in NUMERIC:
             values = [g[key] for g in group if key in g and not math.isnan(g[key])]

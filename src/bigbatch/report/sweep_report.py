@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bigbatch.report.results import hardware_of
 from bigbatch.report.sweep_figures import plot_panels, plot_to_target, plot_tuned_lr
 from bigbatch.report.sweep_numbers import (
     NOISE_SCALE_EPOCHS,
@@ -16,7 +17,14 @@ from bigbatch.report.sweep_numbers import (
     group_summaries,
     tuning_rows,
 )
-from bigbatch.report.tables import FLATNESS, finish_report, flatness_table, fmt, markdown_table
+from bigbatch.report.tables import (
+    FLATNESS,
+    finish_report,
+    flatness_table,
+    fmt,
+    hardware_note,
+    markdown_table,
+)
 
 
 @dataclass
@@ -60,6 +68,7 @@ def _budget_lines(cells: list[CellRuns], budget: Budget, target: float) -> list[
         "once overlap).",
         *[f"- {n}" for n in budget.notes],
         "",
+        *hardware_note([hardware_of(r.rows) for r in runs.values()]),
     ]
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bigbatch.io import atomic_write_text
+from bigbatch.report.results import UNRECORDED
 
 
 def fmt(value: Any, pct: bool = False, std: float | None = None) -> str:
@@ -27,6 +28,31 @@ def fmt(value: Any, pct: bool = False, std: float | None = None) -> str:
 def _plain(value: float, digits: int) -> str:
     # Whole numbers from 100 up: "2.3e+02" is harder to read than "230".
     return f"{value:.0f}" if abs(value) >= 100 else f"{value:.{digits}g}"
+
+
+def hardware_note(hardware: list[str]) -> list[str]:
+    """A paragraph saying which hardware the runs (``hardware``: one name per run, as
+    results.hardware_of gives it) trained on, and warning when their times mix machines."""
+    counts: dict[str, int] = {}
+    for name in hardware:
+        counts[name] = counts.get(name, 0) + 1
+    if not counts:
+        return []
+    if len(counts) == 1:
+        (name,) = counts
+        if name == UNRECORDED:
+            return [
+                "Hardware: not recorded by these runs (made before bigbatch recorded it); "
+                "compare their times only if they trained on one machine.",
+                "",
+            ]
+        return [f"Hardware: all {len(hardware)} runs trained on {name}.", ""]
+    listed = "; ".join(f"{name} ({n} run{'s' * (n > 1)})" for name, n in counts.items())
+    return [
+        f"Hardware: **the runs' times come from different machines**: {listed}. Compare train "
+        "times only between runs of one machine (the `hardware` column of summary.csv).",
+        "",
+    ]
 
 
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:

@@ -30,6 +30,7 @@ from bigbatch.train.checkpoint import (
     read_checkpoint,
 )
 from bigbatch.train.distributed import ParallelContext, resolve_device
+from bigbatch.train.hardware import hardware_name
 from bigbatch.train.health import epoch_summary, progress_enabled, unhealthy
 from bigbatch.train.noise_scale import NoiseScaleProbe, split_keeps_the_maths
 from bigbatch.train.rundir import RunDirectory
@@ -294,6 +295,7 @@ class Trainer:
             wall_time += time.perf_counter() - wall_start
             row["wall_time"] = wall_time
             row["max_rss_mib"] = peak_rss_mib()
+            row["hardware"] = hardware_name(self.device)
             if self.device.type == "cuda":
                 row["max_gpu_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
             if changes:
