@@ -31,11 +31,13 @@ def test_a_run_resumed_on_another_machine_is_flagged(tmp_path):
     assert summaries[1]["hardware"] == "CPU A + GPU B"
     assert "**the runs' times come from different machines**" in text
     assert "CPU A (1 run); CPU A + GPU B (1 run)" in text
-    assert "(small batch on CPU A, large batch on CPU A + GPU B: not one machine" in text
+    caveat = "(hardware of the small batch: CPU A; of the large: CPU A + GPU B; not one machine"
+    assert caveat in text
 
 
 def test_runs_older_than_the_field_are_not_recorded(tmp_path):
     text, _ = _report(tmp_path, [None, None])
     assert "Hardware: not recorded by these runs" in text
-    assert "small batch on not recorded" in text  # the ratio is not known to be fair
+    # The time ratio is not known to be fair.
+    assert "the small batch: not recorded; of the large: not recorded;" in text
     assert hardware_of([{"hardware": "X"}, {}]) == "X + not recorded"

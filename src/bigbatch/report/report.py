@@ -251,8 +251,8 @@ def best_against_best(summaries: list[dict[str, Any]], large_batch_from: int) ->
     machines = (
         ""
         if small_hw == large_hw and len(small_hw) == 1 and UNRECORDED not in small_hw
-        else f" (small batch on {' / '.join(sorted(small_hw))}, large batch on "
-        f"{' / '.join(sorted(large_hw))}: not one machine, or not known to be)"
+        else f" (hardware of the small batch: {' / '.join(sorted(small_hw))}; of the large: "
+        f"{' / '.join(sorted(large_hw))}; not one machine, or not known to be)"
     )
     return [
         "## Best large batch against best small batch",
