@@ -3,7 +3,7 @@ from more than one (metrics rows record ``hardware`` per epoch: a run may resume
 
 from fake_runs import fake_run
 
-from bigbatch.report.report import load_run, summarize, write_report
+from bigbatch.report.report import aggregate, load_run, summarize, write_report
 from bigbatch.report.results import hardware_of
 
 GRID = [
@@ -29,6 +29,9 @@ def test_one_machine_is_named_and_not_warned_about(tmp_path):
 def test_a_run_resumed_on_another_machine_is_flagged(tmp_path):
     text, summaries = _report(tmp_path, [["CPU A"] * 3, ["CPU A", "GPU B", "GPU B"]])
     assert summaries[1]["hardware"] == "CPU A + GPU B"
+    # One label over both runs names each machine once.
+    relabelled = [dict(s, label="one") for s in summaries]
+    assert aggregate(relabelled)[0]["hardware"] == "CPU A + GPU B"
     assert "**the runs' times come from different machines**" in text
     assert "CPU A (1 run); CPU A + GPU B (1 run)" in text
     caveat = "(hardware of the small batch: CPU A; of the large: CPU A + GPU B; not one machine"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,8 +78,12 @@ UNRECORDED = "not recorded"
 def hardware_of(rows: list[dict[str, Any]]) -> str:
     """The hardware a run's epochs trained on, in order, ``" + "`` between machines; epochs of
     runs older than the ``hardware`` field count as ``not recorded``."""
-    names = dict.fromkeys(str(r.get("hardware", UNRECORDED)) for r in rows)
-    return " + ".join(names)
+    return joined_hardware(str(r.get("hardware", UNRECORDED)) for r in rows)
+
+
+def joined_hardware(names: Iterable[str]) -> str:
+    """Hardware names (each maybe already ``A + B``) as one, each machine once, in order."""
+    return " + ".join(dict.fromkeys(m for name in names for m in name.split(" + ")))
 
 
 def summarize(run: RunResult, target: float) -> dict[str, Any]:
@@ -146,7 +150,7 @@ def aggregate(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for k in ("label", "optimizer", "batch_size", "smoothing", "lr", "epochs", "updates")
         }
         row["seeds"] = len(group)
-        row["hardware"] = " + ".join(dict.fromkeys(g["hardware"] for g in group))
+        row["hardware"] = joined_hardware(g["hardware"] for g in group)
         row["seeds_reaching_target"] = sum(not math.isnan(g["updates_to_target"]) for g in group)
         for key in NUMERIC:
             values = [g[key] for g in group if key in g and not math.isnan(g[key])]
