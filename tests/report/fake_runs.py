@@ -21,7 +21,7 @@ def fake_run(
     accs: list[float],
     seed: int = 0,
     loss_rise: float | None = None,
-    hardware: list[str] | None = None,
+    hardware: list[str | None] | None = None,
 ) -> Path:
     """config.json, one metrics row per test accuracy in ``accs`` (50000 // batch steps an
     epoch), with ``hardware`` the machine of each epoch, and, with ``loss_rise``, a
@@ -47,7 +47,8 @@ def fake_run(
         for e, a in enumerate(accs)
     ]
     for row, machine in zip(rows, hardware or []):
-        row["hardware"] = machine
+        if machine is not None:  # None: an epoch of a run older than the field
+            row["hardware"] = machine
     write_jsonl(run / "metrics.jsonl", rows)
     if loss_rise is not None:
         flatness = {"settings": {"distance": 0.1}, "train_loss_rise": loss_rise}

@@ -44,3 +44,9 @@ def test_runs_older_than_the_field_are_not_recorded(tmp_path):
     # The time ratio is not known to be fair.
     assert "the small batch: not recorded; of the large: not recorded;" in text
     assert hardware_of([{"hardware": "X"}, {}]) == "X + not recorded"
+
+
+def test_runs_recorded_only_in_part_are_not_one_known_machine(tmp_path):
+    text, _ = _report(tmp_path, [[None, "CPU A", "CPU A"], [None, "CPU A", "CPU A"]])
+    assert "different machines**: not recorded + CPU A (2 runs)" in text
+    assert "of the large: not recorded + CPU A; not one machine" in text

@@ -107,6 +107,7 @@ def _compare(tmp_path, extra, epochs):
     assert len(a) == len(b) == epochs
     for ra, rb in zip(a, b):
         assert rb["world_size"] == 2 and rb["bytes_communicated"] > 0
+        assert rb["hardware"] == f"2 x {ra['hardware']}"  # one process and thread each
         for key in ("train_loss", "train_acc", "test_loss", "test_acc", "train_eval_loss", "step"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), key
     pa = load_checkpoint(tmp_path / "single" / "checkpoint.pt")["model"]

@@ -16,11 +16,11 @@ from bigbatch.report.configs import best_small_and_large
 from bigbatch.report.figures import X_AXES, Figure, figure_runs, plot_comparison
 from bigbatch.report.plots import plot_noise_scale
 from bigbatch.report.results import (
-    UNRECORDED,
     RunResult,
     aggregate,
     degradation,
     load_run,
+    one_known_machine,
     summarize,
 )
 from bigbatch.report.tables import (
@@ -250,7 +250,7 @@ def best_against_best(summaries: list[dict[str, Any]], large_batch_from: int) ->
     small_hw, large_hw = ({r["hardware"] for r in g.runs} for g in (pair.small, pair.large))
     machines = (
         ""
-        if small_hw == large_hw and len(small_hw) == 1 and UNRECORDED not in small_hw
+        if small_hw == large_hw and len(small_hw) == 1 and one_known_machine(*small_hw)
         else f" (hardware of the small batch: {' / '.join(sorted(small_hw))}; of the large: "
         f"{' / '.join(sorted(large_hw))}; not one machine, or not known to be)"
     )

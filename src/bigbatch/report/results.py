@@ -81,6 +81,11 @@ def hardware_of(rows: list[dict[str, Any]]) -> str:
     return joined_hardware(str(r.get("hardware", UNRECORDED)) for r in rows)
 
 
+def one_known_machine(name: str) -> bool:
+    """Whether a run's (or config's) hardware is one machine, recorded for all its epochs."""
+    return name != UNRECORDED and " + " not in name
+
+
 def joined_hardware(names: Iterable[str]) -> str:
     """Hardware names (each maybe already ``A + B``) as one, each machine once, in order."""
     return " + ".join(dict.fromkeys(m for name in names for m in name.split(" + ")))

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bigbatch.io import atomic_write_text
-from bigbatch.report.results import UNRECORDED
+from bigbatch.report.results import UNRECORDED, one_known_machine
 
 
 def fmt(value: Any, pct: bool = False, std: float | None = None) -> str:
@@ -38,19 +38,20 @@ def hardware_note(hardware: list[str]) -> list[str]:
         counts[name] = counts.get(name, 0) + 1
     if not counts:
         return []
-    if len(counts) == 1:
-        (name,) = counts
-        if name == UNRECORDED:
-            return [
-                "Hardware: not recorded by these runs (made before bigbatch recorded it); "
-                "compare their times only if they trained on one machine.",
-                "",
-            ]
-        return [f"Hardware: all {len(hardware)} runs trained on {name}.", ""]
+    if set(counts) == {UNRECORDED}:
+        return [
+            "Hardware: not recorded by these runs (made before bigbatch recorded it); "
+            "compare their times only if they trained on one machine.",
+            "",
+        ]
+    (first, n), *others = counts.items()
+    if not others and one_known_machine(first):
+        return [f"Hardware: all {n} runs trained on {first}.", ""]
     listed = "; ".join(f"{name} ({n} run{'s' * (n > 1)})" for name, n in counts.items())
     return [
-        f"Hardware: **the runs' times come from different machines**: {listed}. Compare train "
-        "times only between runs of one machine (the `hardware` column of summary.csv).",
+        f"Hardware: **the runs' times come from different machines**: {listed} (A + B: a run "
+        "resumed on another machine). Compare train times only between runs of one machine "
+        "(the `hardware` field of each run's metrics.jsonl rows).",
         "",
     ]
 

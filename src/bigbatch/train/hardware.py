@@ -39,6 +39,8 @@ def _device_name(device_type: str, index: int | None, threads: int) -> str:
     return device_type
 
 
-def hardware_name(device: torch.device) -> str:
-    """``NVIDIA H200``, or ``AMD EPYC, 1 of 2 cores`` (torch's threads of the usable cores)."""
-    return _device_name(device.type, device.index, torch.get_num_threads())
+def hardware_name(device: torch.device, world_size: int = 1) -> str:
+    """``NVIDIA H200``, ``AMD EPYC, 1 of 2 cores`` (torch's threads of the usable cores), or
+    ``8 x NVIDIA H200`` for a run over 8 processes (the main rank's device)."""
+    name = _device_name(device.type, device.index, torch.get_num_threads())
+    return f"{world_size} x {name}" if world_size > 1 else name

@@ -295,7 +295,7 @@ class Trainer:
             wall_time += time.perf_counter() - wall_start
             row["wall_time"] = wall_time
             row["max_rss_mib"] = peak_rss_mib()
-            row["hardware"] = hardware_name(self.device)
+            row["hardware"] = hardware_name(self.device, self.parallel.world_size)
             if self.device.type == "cuda":
                 row["max_gpu_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
             if changes:
