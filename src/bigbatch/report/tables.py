@@ -50,8 +50,8 @@ def hardware_note(hardware: list[str]) -> list[str]:
     listed = "; ".join(f"{name} ({n} run{'s' * (n > 1)})" for name, n in counts.items())
     return [
         f"Hardware: **the runs' times come from different machines**: {listed} (A + B: a run "
-        "with epochs on each, or recorded only in part). Compare train times only between runs of one machine "
-        "(the `hardware` field of each run's metrics.jsonl rows).",
+        "with epochs on each, or recorded only in part). Compare train times only between runs "
+        "of one machine (the `hardware` field of each run's metrics.jsonl rows).",
         "",
     ]
 
