@@ -46,7 +46,8 @@ def hardware_note(hardware: list[str]) -> list[str]:
         ]
     (first, n), *others = counts.items()
     if not others and one_known_machine(first):
-        return [f"Hardware: all {n} runs trained on {first}.", ""]
+        runs = "the run" if n == 1 else f"all {n} runs"
+        return [f"Hardware: {runs} trained on {first}.", ""]
     listed = "; ".join(f"{name} ({n} run{'s' * (n > 1)})" for name, n in counts.items())
     return [
         f"Hardware: **the runs' times come from different machines**: {listed} (A + B: a run "
