@@ -19,6 +19,7 @@ from bigbatch.report.results import (
     RunResult,
     aggregate,
     degradation,
+    joined_hardware,
     load_run,
     one_known_machine,
     summarize,
@@ -247,12 +248,14 @@ def best_against_best(summaries: list[dict[str, Any]], large_batch_from: int) ->
     best_gap, best_half = pair.difference("best_test_acc")
     small_time, large_time = (g.mean_std("train_time_s")[0] for g in (pair.small, pair.large))
     time_ratio = large_time / small_time if small_time > 0 else math.nan
-    small_hw, large_hw = ({r["hardware"] for r in g.runs} for g in (pair.small, pair.large))
+    small_hw, large_hw = (
+        joined_hardware(r["hardware"] for r in g.runs) for g in (pair.small, pair.large)
+    )
     machines = (
         ""
-        if small_hw == large_hw and len(small_hw) == 1 and one_known_machine(*small_hw)
-        else f" (hardware of the small batch: {' / '.join(sorted(small_hw))}; of the large: "
-        f"{' / '.join(sorted(large_hw))}; not one machine, or not known to be)"
+        if small_hw == large_hw and one_known_machine(small_hw)
+        else f" (hardware of the small batch: {small_hw}; of the large: {large_hw}; not one "
+        "machine, or not known to be)"
     )
     return [
         "## Best large batch against best small batch",

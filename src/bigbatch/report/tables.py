@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,7 @@ def _plain(value: float, digits: int) -> str:
 def hardware_note(hardware: list[str]) -> list[str]:
     """A paragraph saying which hardware the runs (``hardware``: one name per run, as
     results.hardware_of gives it) trained on, and warning when their times mix machines."""
-    counts: dict[str, int] = {}
-    for name in hardware:
-        counts[name] = counts.get(name, 0) + 1
+    counts = Counter(hardware)  # in first-seen order
     if not counts:
         return []
     if set(counts) == {UNRECORDED}:
